@@ -1,0 +1,247 @@
+//! The hot path's connection: `eth_sendRawTransaction` over one persistent,
+//! non-blocking WebSocket owned by the broadcast stage's thread.
+//!
+//! Steady state allocates nothing (checked by `tests/broadcast_alloc.rs`):
+//! the request JSON is assembled by hand into a reused `BytesMut` whose
+//! allocation comes back once tungstenite has copied the frame into its
+//! write buffer; replies are decoded from borrowed JSON; the id → tag table
+//! is a preallocated ring.
+
+use std::collections::VecDeque;
+
+use alloy_primitives::B256;
+use bytes::BytesMut;
+use serde::Deserialize;
+use tungstenite::{Message, Utf8Bytes};
+
+use crate::error::VenueError;
+use crate::ws::{self, Flush, Ws};
+
+/// A JSON-RPC error the node returned for one request (e.g. "nonce too
+/// low", "already known"). The connection stays usable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RpcErrorInfo {
+    /// JSON-RPC error code.
+    pub code: i64,
+    /// The node's message, verbatim.
+    pub message: String,
+}
+
+/// Code reported in [`RpcErrorInfo`] when a reply carried neither a
+/// decodable `result` nor an `error` (JSON-RPC "internal error").
+pub const MALFORMED_REPLY_CODE: i64 = -32603;
+
+/// Requests in flight that fit without reallocation.
+const IN_FLIGHT_CAPACITY: usize = 4096;
+
+/// Initial size of the request buffer; a request needs
+/// `2 * raw_tx.len() + ~80` bytes and the buffer grows once if needed.
+const REQUEST_BUFFER: usize = 16 * 1024;
+
+/// Replies are ~110 bytes; a small read buffer keeps tungstenite's per-read
+/// zero-fill of its spare capacity cheap.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Bound on the blocking connect + handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+const REQ_HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
+const REQ_METHOD: &[u8] = br#","method":"eth_sendRawTransaction","params":["0x"#;
+const REQ_TAIL: &[u8] = br#""]}"#;
+
+/// One persistent WebSocket to a node, for `eth_sendRawTransaction`.
+///
+/// Connects blocking (handshake, bounded by 10 s), then switches the socket
+/// to non-blocking. Owned by one thread; nothing here blocks after
+/// [`BroadcastConnection::connect`].
+#[derive(Debug)]
+pub struct BroadcastConnection {
+    ws: Ws,
+    /// Reused request buffer. Invariant: empty between calls.
+    request: BytesMut,
+    next_id: u64,
+    /// `(request id, caller tag)` in send order. Replies on one connection
+    /// normally come back in order, so the match is usually the front.
+    in_flight: VecDeque<(u64, u64)>,
+    /// Bytes are queued in the WebSocket that the kernel did not take yet.
+    write_pending: bool,
+    /// Set after a fatal error; every later call returns `Closed`.
+    closed: bool,
+}
+
+/// A reply to `eth_sendRawTransaction`, decoded without allocating.
+#[derive(Deserialize)]
+struct SendReply {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    result: Option<B256>,
+    #[serde(default)]
+    error: Option<ws::ErrorObject>,
+    /// Present on notifications, which this connection never subscribes to.
+    #[serde(default)]
+    method: Option<serde::de::IgnoredAny>,
+}
+
+impl BroadcastConnection {
+    /// Connects and performs the WebSocket handshake (blocking, bounded),
+    /// then makes the socket non-blocking.
+    pub fn connect(ws_url: &str) -> Result<Self, VenueError> {
+        let ws = ws::connect_blocking(ws_url, READ_BUFFER, HANDSHAKE_TIMEOUT)?;
+        ws::set_nonblocking(&ws)?;
+        Ok(BroadcastConnection {
+            ws,
+            request: BytesMut::with_capacity(REQUEST_BUFFER),
+            next_id: 1,
+            in_flight: VecDeque::with_capacity(IN_FLIGHT_CAPACITY),
+            write_pending: false,
+            closed: false,
+        })
+    }
+
+    /// Registers the socket with `registry` for read and write readiness
+    /// (edge-triggered). On each event for `token`, call
+    /// [`BroadcastConnection::poll_responses`] (it drains the socket).
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> Result<(), VenueError> {
+        ws::register(&self.ws, registry, token)
+    }
+
+    /// Sends `raw_tx` (EIP-2718 bytes) as `eth_sendRawTransaction`; `tag` comes
+    /// back with the reply. Never blocks: if the socket is full, the rest of
+    /// the frame stays queued and goes out on the next send or poll.
+    pub fn send_raw_transaction(&mut self, raw_tx: &[u8], tag: u64) -> Result<(), VenueError> {
+        if self.closed {
+            return Err(VenueError::Closed);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+
+        debug_assert!(self.request.is_empty());
+        let needed = REQ_HEAD.len() + 20 + REQ_METHOD.len() + 2 * raw_tx.len() + REQ_TAIL.len();
+        // Reclaims the whole buffer once the previous frame's bytes are dropped.
+        self.request.reserve(needed);
+        self.request.extend_from_slice(REQ_HEAD);
+        ws::push_decimal(&mut self.request, id);
+        self.request.extend_from_slice(REQ_METHOD);
+        let start = self.request.len();
+        self.request.resize(start + 2 * raw_tx.len(), 0);
+        hex::encode_to_slice(raw_tx, &mut self.request[start..])
+            .expect("the slice is exactly twice the input");
+        self.request.extend_from_slice(REQ_TAIL);
+        let payload = self.request.split().freeze();
+        let text = Utf8Bytes::try_from(payload)
+            .map_err(|_| VenueError::Protocol("request is not UTF-8"))?;
+
+        self.in_flight.push_back((id, tag));
+        match self.ws.write(Message::Text(text)) {
+            Ok(()) => {}
+            // The frame is queued; the flush below or a later poll sends it.
+            Err(e) if ws::is_would_block(&e) => {}
+            Err(e) => {
+                self.in_flight.pop_back();
+                return Err(self.fail(e.into()));
+            }
+        }
+        self.flush()
+    }
+
+    /// Reads every complete frame available without blocking and reports
+    /// each reply as `f(tag, Ok(tx_hash))` or `f(tag, Err(info))`. Also
+    /// flushes queued writes. Returns how many replies were handled.
+    ///
+    /// Drains until the socket would block, as edge-triggered readiness
+    /// requires. `Err(Closed)` (or another error) means the connection is
+    /// gone: requests still in flight have unknown outcome and should be
+    /// resent on a new connection (sending is idempotent by tx hash).
+    pub fn poll_responses(
+        &mut self,
+        mut f: impl FnMut(u64, Result<B256, RpcErrorInfo>),
+    ) -> Result<usize, VenueError> {
+        if self.closed {
+            return Err(VenueError::Closed);
+        }
+        if self.write_pending {
+            self.flush()?;
+        }
+        let mut handled = 0;
+        loop {
+            let msg = match self.ws.read() {
+                Ok(m) => m,
+                Err(e) if ws::is_would_block(&e) => break,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            let bytes: &[u8] = match &msg {
+                Message::Text(t) => t.as_ref(),
+                Message::Binary(b) => b,
+                // tungstenite queues the pong itself; flushed below.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                Message::Close(_) => return Err(self.fail(VenueError::Closed)),
+            };
+            let reply: SendReply = match serde_json::from_slice(bytes) {
+                Ok(r) => r,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            if reply.method.is_some() {
+                continue;
+            }
+            let Some(tag) = reply.id.and_then(|id| self.take_tag(id)) else {
+                // A reply to nothing we sent: ignore rather than misattribute.
+                continue;
+            };
+            let outcome = match (reply.result, reply.error) {
+                (_, Some(err)) => Err(RpcErrorInfo { code: err.code, message: err.message }),
+                (Some(hash), None) => Ok(hash),
+                (None, None) => Err(RpcErrorInfo {
+                    code: MALFORMED_REPLY_CODE,
+                    message: "reply carried neither a result nor an error".to_owned(),
+                }),
+            };
+            f(tag, outcome);
+            handled += 1;
+        }
+        // Pong replies queued by reads, or bytes left from a full socket.
+        // Costs no syscall when nothing is queued.
+        self.flush()?;
+        Ok(handled)
+    }
+
+    /// Requests sent whose reply has not been handled yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether bytes are queued that the kernel has not accepted yet.
+    pub fn write_pending(&self) -> bool {
+        self.write_pending
+    }
+
+    fn take_tag(&mut self, id: u64) -> Option<u64> {
+        if let Some(&(front, tag)) = self.in_flight.front() {
+            if front == id {
+                self.in_flight.pop_front();
+                return Some(tag);
+            }
+        }
+        let pos = self.in_flight.iter().position(|&(i, _)| i == id)?;
+        self.in_flight.remove(pos).map(|(_, tag)| tag)
+    }
+
+    fn flush(&mut self) -> Result<(), VenueError> {
+        match ws::flush(&mut self.ws) {
+            Ok(Flush::Done) => {
+                self.write_pending = false;
+                Ok(())
+            }
+            Ok(Flush::Pending) => {
+                self.write_pending = true;
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn fail(&mut self, e: VenueError) -> VenueError {
+        self.closed = true;
+        e
+    }
+}

@@ -1,0 +1,91 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong on the network side.
+///
+/// Messages from the node (JSON-RPC error objects) are carried verbatim in
+/// [`VenueError::Rpc`]; every other variant is typed.
+#[derive(Debug, thiserror::Error)]
+pub enum VenueError {
+    /// No anvil binary was found. `searched` lists every path that was tried,
+    /// in the order they were tried.
+    #[error("anvil not found; searched: {}", display_paths(.searched))]
+    AnvilNotFound {
+        /// Every candidate path that was checked.
+        searched: Vec<PathBuf>,
+    },
+    /// The anvil process could not be started.
+    #[error("failed to start anvil: {0}")]
+    AnvilSpawn(#[source] std::io::Error),
+    /// The anvil process exited (before it was ready, or while supervised).
+    #[error("anvil exited ({status}); last output:\n{output}")]
+    AnvilExited {
+        /// The exit status, as the OS reports it.
+        status: String,
+        /// The last lines anvil wrote to stdout/stderr.
+        output: String,
+    },
+    /// A WebSocket URL this crate cannot use (not `ws://host:port[/path]`).
+    #[error("invalid WebSocket URL {0:?} (expected ws://host:port[/path]; TLS is not supported)")]
+    InvalidUrl(String),
+    /// The TCP connection to a node could not be made.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL that was dialled.
+        url: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A WebSocket protocol or handshake failure.
+    #[error("websocket: {0}")]
+    WebSocket(#[source] Box<tungstenite::Error>),
+    /// A socket or process I/O failure.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The node answered with a JSON-RPC error object.
+    #[error("node returned JSON-RPC error {code}: {message}")]
+    Rpc {
+        /// The JSON-RPC error code.
+        code: i64,
+        /// The node's message, verbatim.
+        message: String,
+    },
+    /// A frame from the node could not be decoded as the expected JSON.
+    #[error("cannot decode node reply: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// The node sent something the JSON-RPC protocol does not allow here.
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    /// A bounded wait ran out; the payload names what was awaited.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The connection is closed (by the node, or after an earlier fatal error).
+    #[error("connection closed")]
+    Closed,
+}
+
+impl From<tungstenite::Error> for VenueError {
+    fn from(e: tungstenite::Error) -> Self {
+        match e {
+            tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+                VenueError::Closed
+            }
+            tungstenite::Error::Io(io) => VenueError::Io(io),
+            other => VenueError::WebSocket(Box::new(other)),
+        }
+    }
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return "(nothing)".to_owned();
+    }
+    let mut s = String::new();
+    for p in paths {
+        s.push_str("\n  ");
+        s.push_str(&p.display().to_string());
+    }
+    s
+}
