@@ -119,7 +119,10 @@ pub struct AnvilConfig {
 impl AnvilConfig {
     /// A config with a fixed block time.
     pub fn with_block_time(block_time: Duration) -> Self {
-        Self { block_time: Some(block_time), ..Self::default() }
+        Self {
+            block_time: Some(block_time),
+            ..Self::default()
+        }
     }
 
     /// The command-line arguments this config adds after `--host/--port`.
@@ -158,12 +161,20 @@ pub fn locate_anvil(explicit: Option<&Path>) -> Result<PathBuf, VenueError> {
     if let Ok(cwd) = std::env::current_dir() {
         starts.push(cwd);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         starts.push(dir);
     }
     starts.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     let path_var = std::env::var_os("PATH");
-    locate_in(explicit, env.as_deref().map(Path::new), &starts, path_var.as_deref())
+    locate_in(
+        explicit,
+        env.as_deref().map(Path::new),
+        &starts,
+        path_var.as_deref(),
+    )
 }
 
 /// [`locate_anvil`] with every input explicit, for tests.
@@ -212,12 +223,16 @@ fn check_configured(p: &Path) -> Result<PathBuf, VenueError> {
     if is_executable(p) {
         Ok(p.to_path_buf())
     } else {
-        Err(VenueError::AnvilNotFound { searched: vec![p.to_path_buf()] })
+        Err(VenueError::AnvilNotFound {
+            searched: vec![p.to_path_buf()],
+        })
     }
 }
 
 fn is_executable(p: &Path) -> bool {
-    let Ok(meta) = std::fs::metadata(p) else { return false };
+    let Ok(meta) = std::fs::metadata(p) else {
+        return false;
+    };
     if !meta.is_file() {
         return false;
     }
@@ -290,7 +305,12 @@ impl Anvil {
         let (tx, rx) = mpsc::channel::<(String, u16)>();
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        spawn_drain(format!("anvil-{pid}-out"), stdout, Arc::clone(&tail), Some(tx))?;
+        spawn_drain(
+            format!("anvil-{pid}-out"),
+            stdout,
+            Arc::clone(&tail),
+            Some(tx),
+        )?;
         spawn_drain(format!("anvil-{pid}-err"), stderr, Arc::clone(&tail), None)?;
 
         let mut anvil = Anvil {
@@ -313,7 +333,10 @@ impl Anvil {
                 // stdout closed without the listening line: the process is
                 // gone or about to be.
                 let status = anvil.wait_exit(Duration::from_secs(5));
-                return Err(VenueError::AnvilExited { status, output: anvil.output_tail() });
+                return Err(VenueError::AnvilExited {
+                    status,
+                    output: anvil.output_tail(),
+                });
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 return Err(VenueError::Timeout("anvil to print its listening address"));
@@ -333,11 +356,16 @@ impl Anvil {
                 Ok(_) => return Err(VenueError::Protocol("anvil reports an unexpected chain id")),
                 Err(e) => {
                     if let Some(status) = self.exited() {
-                        return Err(VenueError::AnvilExited { status, output: self.output_tail() });
+                        return Err(VenueError::AnvilExited {
+                            status,
+                            output: self.output_tail(),
+                        });
                     }
                     if Instant::now() >= deadline {
                         return Err(match e {
-                            VenueError::Timeout(_) => VenueError::Timeout("anvil to answer eth_chainId"),
+                            VenueError::Timeout(_) => {
+                                VenueError::Timeout("anvil to answer eth_chainId")
+                            }
                             other => other,
                         });
                     }
@@ -402,7 +430,10 @@ impl Anvil {
     /// diagnostics.
     pub fn output_tail(&self) -> String {
         let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+        tail.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Supervision: `Some(status)` once the process has exited (never
@@ -465,10 +496,11 @@ fn spawn_drain(
                 }
                 let line = String::from_utf8_lossy(&buf);
                 let line = line.trim_end();
-                if let Some(addr) = listening.as_ref().and(parse_listening(line)) {
-                    if let Some(tx) = listening.take() {
-                        let _ = tx.send(addr);
-                    }
+                if listening.is_some()
+                    && let Some(addr) = parse_listening(line)
+                    && let Some(tx) = listening.take()
+                {
+                    let _ = tx.send(addr);
                 }
                 if line.is_empty() {
                     continue;
@@ -508,7 +540,10 @@ mod tests {
     #[test]
     fn block_time_is_fractional_seconds() {
         let cfg = AnvilConfig::with_block_time(Duration::from_millis(500));
-        assert_eq!(cfg.args(), vec![OsString::from("--block-time"), OsString::from("0.5")]);
+        assert_eq!(
+            cfg.args(),
+            vec![OsString::from("--block-time"), OsString::from("0.5")]
+        );
         let cfg = AnvilConfig::with_block_time(Duration::from_secs(1));
         assert_eq!(cfg.args()[1], OsString::from("1"));
     }
@@ -531,7 +566,10 @@ mod tests {
         let explicit = dir.path().join("my-anvil");
         make_exe(&explicit);
         let starts = vec![dir.path().to_path_buf()];
-        assert_eq!(locate_in(Some(&explicit), None, &starts, None).unwrap(), explicit);
+        assert_eq!(
+            locate_in(Some(&explicit), None, &starts, None).unwrap(),
+            explicit
+        );
 
         let missing = dir.path().join("nope");
         match locate_in(Some(&missing), None, &starts, None) {
@@ -547,7 +585,10 @@ mod tests {
         let from_env = dir.path().join("env-anvil");
         make_exe(&from_env);
         let starts = vec![dir.path().to_path_buf()];
-        assert_eq!(locate_in(None, Some(&from_env), &starts, None).unwrap(), from_env);
+        assert_eq!(
+            locate_in(None, Some(&from_env), &starts, None).unwrap(),
+            from_env
+        );
     }
 
     #[test]
@@ -558,14 +599,20 @@ mod tests {
         std::fs::create_dir_all(&sub).unwrap();
         let local = project_local_anvil(&root);
         make_exe(&local);
-        assert_eq!(locate_in(None, None, &[sub.clone()], None).unwrap(), local);
+        assert_eq!(
+            locate_in(None, None, std::slice::from_ref(&sub), None).unwrap(),
+            local
+        );
 
         // Without the project-local copy, PATH is used.
         std::fs::remove_file(&local).unwrap();
         let bin = root.join("bin");
         make_exe(&bin.join("anvil"));
         let path_var = std::env::join_paths([root.join("empty"), bin.clone()]).unwrap();
-        assert_eq!(locate_in(None, None, &[sub], Some(&path_var)).unwrap(), bin.join("anvil"));
+        assert_eq!(
+            locate_in(None, None, &[sub], Some(&path_var)).unwrap(),
+            bin.join("anvil")
+        );
     }
 
     #[test]
@@ -577,8 +624,10 @@ mod tests {
         let local = project_local_anvil(&root);
         std::fs::create_dir_all(local.parent().unwrap()).unwrap();
         std::fs::write(&local, "").unwrap();
-        let err = locate_in(None, None, &[root.clone()], Some(&path_var)).unwrap_err();
-        let VenueError::AnvilNotFound { searched } = &err else { panic!("{err:?}") };
+        let err = locate_in(None, None, std::slice::from_ref(&root), Some(&path_var)).unwrap_err();
+        let VenueError::AnvilNotFound { searched } = &err else {
+            panic!("{err:?}")
+        };
         assert!(searched.contains(&local), "{searched:?}");
         assert!(searched.contains(&root.join("p1").join("anvil")));
         assert!(searched.contains(&root.join("p2").join("anvil")));

@@ -60,8 +60,10 @@ pub struct BroadcastConnection {
     /// Reused request buffer. Invariant: empty between calls.
     request: BytesMut,
     next_id: u64,
-    /// `(request id, caller tag)` in send order. Replies on one connection
-    /// normally come back in order, so the match is usually the front.
+    /// `(request id, caller tag)` in send order. anvil serves the requests
+    /// of one connection concurrently, so replies can overtake each other,
+    /// but only by a little: the lookup scans from the front and the removal
+    /// shifts the short side, so both cost the reply's displacement.
     in_flight: VecDeque<(u64, u64)>,
     /// Bytes are queued in the WebSocket that the kernel did not take yet.
     write_pending: bool,
@@ -102,7 +104,11 @@ impl BroadcastConnection {
     /// Registers the socket with `registry` for read and write readiness
     /// (edge-triggered). On each event for `token`, call
     /// [`BroadcastConnection::poll_responses`] (it drains the socket).
-    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> Result<(), VenueError> {
+    pub fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+    ) -> Result<(), VenueError> {
         ws::register(&self.ws, registry, token)
     }
 
@@ -189,7 +195,10 @@ impl BroadcastConnection {
                 continue;
             };
             let outcome = match (reply.result, reply.error) {
-                (_, Some(err)) => Err(RpcErrorInfo { code: err.code, message: err.message }),
+                (_, Some(err)) => Err(RpcErrorInfo {
+                    code: err.code,
+                    message: err.message,
+                }),
                 (Some(hash), None) => Ok(hash),
                 (None, None) => Err(RpcErrorInfo {
                     code: MALFORMED_REPLY_CODE,
@@ -216,11 +225,11 @@ impl BroadcastConnection {
     }
 
     fn take_tag(&mut self, id: u64) -> Option<u64> {
-        if let Some(&(front, tag)) = self.in_flight.front() {
-            if front == id {
-                self.in_flight.pop_front();
-                return Some(tag);
-            }
+        if let Some(&(front, tag)) = self.in_flight.front()
+            && front == id
+        {
+            self.in_flight.pop_front();
+            return Some(tag);
         }
         let pos = self.in_flight.iter().position(|&(i, _)| i == id)?;
         self.in_flight.remove(pos).map(|(_, tag)| tag)

@@ -69,9 +69,11 @@ pub enum VenueError {
 impl From<tungstenite::Error> for VenueError {
     fn from(e: tungstenite::Error) -> Self {
         match e {
-            tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-                VenueError::Closed
-            }
+            tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed
+            | tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ) => VenueError::Closed,
             tungstenite::Error::Io(io) => VenueError::Io(io),
             other => VenueError::WebSocket(Box::new(other)),
         }

@@ -53,7 +53,10 @@ pub struct FeeView {
 impl std::fmt::Debug for FeeView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.snapshot();
-        f.debug_struct("FeeView").field("fees", &s.fees).field("block", &s.block).finish()
+        f.debug_struct("FeeView")
+            .field("fees", &s.fees)
+            .field("block", &s.block)
+            .finish()
     }
 }
 
@@ -85,14 +88,23 @@ impl FeeView {
                 std::hint::spin_loop();
                 continue;
             }
-            let base = join(slot.base_lo.load(Ordering::Relaxed), slot.base_hi.load(Ordering::Relaxed));
-            let tip = join(slot.tip_lo.load(Ordering::Relaxed), slot.tip_hi.load(Ordering::Relaxed));
+            let base = join(
+                slot.base_lo.load(Ordering::Relaxed),
+                slot.base_hi.load(Ordering::Relaxed),
+            );
+            let tip = join(
+                slot.tip_lo.load(Ordering::Relaxed),
+                slot.tip_hi.load(Ordering::Relaxed),
+            );
             let block = slot.block.load(Ordering::Relaxed);
             // Orders the data loads above before the re-check below.
             fence(Ordering::Acquire);
             if slot.seq.load(Ordering::Relaxed) == s1 {
                 return FeeSnapshot {
-                    fees: FeeEstimate { base_fee_per_gas: base, max_priority_fee_per_gas: tip },
+                    fees: FeeEstimate {
+                        base_fee_per_gas: base,
+                        max_priority_fee_per_gas: tip,
+                    },
                     block,
                 };
             }
@@ -171,20 +183,38 @@ mod tests {
 
     #[test]
     fn store_and_partial_updates() {
-        let v = FeeView::new(FeeEstimate { base_fee_per_gas: 7, max_priority_fee_per_gas: 1 });
+        let v = FeeView::new(FeeEstimate {
+            base_fee_per_gas: 7,
+            max_priority_fee_per_gas: 1,
+        });
         assert_eq!(v.updated_block(), 0);
         v.update_base_fee(u128::MAX - 3, 12);
         assert_eq!(
             v.load(),
-            FeeEstimate { base_fee_per_gas: u128::MAX - 3, max_priority_fee_per_gas: 1 }
+            FeeEstimate {
+                base_fee_per_gas: u128::MAX - 3,
+                max_priority_fee_per_gas: 1
+            }
         );
         assert_eq!(v.updated_block(), 12);
         v.update_priority_fee(1 << 70);
         assert_eq!(v.load().max_priority_fee_per_gas, 1 << 70);
         assert_eq!(v.updated_block(), 12);
         v.store(FeeEstimate::default());
-        assert_eq!(v.snapshot(), FeeSnapshot { fees: FeeEstimate::default(), block: 12 });
-        v.store_at(FeeEstimate { base_fee_per_gas: 3, max_priority_fee_per_gas: 4 }, 13);
+        assert_eq!(
+            v.snapshot(),
+            FeeSnapshot {
+                fees: FeeEstimate::default(),
+                block: 12
+            }
+        );
+        v.store_at(
+            FeeEstimate {
+                base_fee_per_gas: 3,
+                max_priority_fee_per_gas: 4,
+            },
+            13,
+        );
         assert_eq!(v.updated_block(), 13);
         assert!(format!("{v:?}").contains("block: 13"));
     }
@@ -217,7 +247,13 @@ mod tests {
             .collect();
         for n in 1..=200_000u64 {
             let x = (u128::from(n) << 64) | u128::from(n);
-            v.store_at(FeeEstimate { base_fee_per_gas: x, max_priority_fee_per_gas: x }, n);
+            v.store_at(
+                FeeEstimate {
+                    base_fee_per_gas: x,
+                    max_priority_fee_per_gas: x,
+                },
+                n,
+            );
         }
         stop.store(true, Ordering::Relaxed);
         for r in readers {

@@ -103,7 +103,11 @@ impl HeadFollower {
             r#"{{"jsonrpc":"2.0","id":{SUBSCRIBE_ID},"method":"eth_subscribe","params":["newHeads"]}}"#
         );
         ws.send(Message::Text(req.into())).map_err(|e| {
-            if ws::is_would_block(&e) { VenueError::Timeout("eth_subscribe write") } else { e.into() }
+            if ws::is_would_block(&e) {
+                VenueError::Timeout("eth_subscribe write")
+            } else {
+                e.into()
+            }
         })?;
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let subscription = loop {
@@ -122,9 +126,14 @@ impl HeadFollower {
             let env: Envelope<'_> = serde_json::from_str(&text)?;
             if env.id == Some(SUBSCRIBE_ID) {
                 if let Some(err) = env.error {
-                    return Err(VenueError::Rpc { code: err.code, message: err.message });
+                    return Err(VenueError::Rpc {
+                        code: err.code,
+                        message: err.message,
+                    });
                 }
-                let raw = env.result.ok_or(VenueError::Protocol("eth_subscribe returned null"))?;
+                let raw = env
+                    .result
+                    .ok_or(VenueError::Protocol("eth_subscribe returned null"))?;
                 break serde_json::from_str::<String>(raw.get())?;
             }
             if Instant::now() >= deadline {
@@ -147,7 +156,11 @@ impl HeadFollower {
     /// (edge-triggered). Call [`HeadFollower::poll`] once right after
     /// registering (frames may already be buffered from `connect`), then on
     /// every event for `token`.
-    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> Result<(), VenueError> {
+    pub fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+    ) -> Result<(), VenueError> {
         ws::register(&self.ws, registry, token)
     }
 
@@ -193,7 +206,9 @@ impl HeadFollower {
                 Message::Text(t) => t.as_str(),
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 Message::Binary(_) => {
-                    return Err(self.fail(VenueError::Protocol("binary frame on a JSON-RPC socket")));
+                    return Err(
+                        self.fail(VenueError::Protocol("binary frame on a JSON-RPC socket"))
+                    );
                 }
                 Message::Close(_) => return Err(self.fail(VenueError::Closed)),
             };
@@ -220,7 +235,9 @@ impl HeadFollower {
     ) -> Result<usize, VenueError> {
         let env: Envelope<'_> = serde_json::from_str(text)?;
         if env.method == Some("eth_subscription") {
-            let params = env.params.ok_or(VenueError::Protocol("notification without params"))?;
+            let params = env
+                .params
+                .ok_or(VenueError::Protocol("notification without params"))?;
             let params: SubscriptionParams<'_> = serde_json::from_str(params.get())?;
             if params.subscription != self.subscription {
                 return Ok(0);
@@ -229,20 +246,31 @@ impl HeadFollower {
             return self.on_head(head, f).map(|()| 1);
         }
         let Some(id) = env.id else { return Ok(0) };
-        let Some(pending) = self.take_pending(id) else { return Ok(0) };
+        let Some(pending) = self.take_pending(id) else {
+            return Ok(0);
+        };
         if let Some(err) = env.error {
-            return Err(VenueError::Rpc { code: err.code, message: err.message });
+            return Err(VenueError::Rpc {
+                code: err.code,
+                message: err.message,
+            });
         }
         match pending {
             Pending::Receipts { number, hash } => {
                 let Some(raw) = env.result else { return Ok(0) };
                 let receipts: Vec<ReceiptJson> = serde_json::from_str(raw.get())?;
                 let receipts = receipts.into_iter().map(ReceiptSummary::from).collect();
-                f(HeadEvent::BlockReceipts { number, hash, receipts });
+                f(HeadEvent::BlockReceipts {
+                    number,
+                    hash,
+                    receipts,
+                });
                 Ok(1)
             }
             Pending::PriorityFee => {
-                let raw = env.result.ok_or(VenueError::Protocol("eth_maxPriorityFeePerGas null"))?;
+                let raw = env
+                    .result
+                    .ok_or(VenueError::Protocol("eth_maxPriorityFeePerGas null"))?;
                 let tip: U128 = serde_json::from_str(raw.get())?;
                 self.fees.update_priority_fee(tip.to());
                 Ok(0)
@@ -250,7 +278,11 @@ impl HeadFollower {
         }
     }
 
-    fn on_head(&mut self, head: HeaderJson, f: &mut impl FnMut(HeadEvent)) -> Result<(), VenueError> {
+    fn on_head(
+        &mut self,
+        head: HeaderJson,
+        f: &mut impl FnMut(HeadEvent),
+    ) -> Result<(), VenueError> {
         let number: u64 = head.number.to();
         let base_fee = head.base_fee_per_gas.map(|b| b.to::<u128>());
         if let Some(base) = base_fee {
@@ -260,7 +292,13 @@ impl HeadFollower {
             r#"{{"jsonrpc":"2.0","id":{},"method":"eth_getBlockReceipts","params":["{}"]}}"#,
             self.next_id, head.hash
         );
-        self.queue(receipts_req, Pending::Receipts { number, hash: head.hash })?;
+        self.queue(
+            receipts_req,
+            Pending::Receipts {
+                number,
+                hash: head.hash,
+            },
+        )?;
         let tip_req = format!(
             r#"{{"jsonrpc":"2.0","id":{},"method":"eth_maxPriorityFeePerGas","params":[]}}"#,
             self.next_id

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tungstenite::Message;
 
-pub use crate::types::{FeeEstimate, ReceiptSummary, TxView};
 use crate::error::VenueError;
+pub use crate::types::{FeeEstimate, ReceiptSummary, TxView};
 use crate::types::{HeaderJson, ReceiptJson, TxJson};
 use crate::ws::{self, Envelope, Ws};
 
@@ -41,7 +41,11 @@ impl RpcClient {
     /// Connects; `timeout` bounds the handshake and every later call.
     pub fn connect_with_timeout(ws_url: &str, timeout: Duration) -> Result<RpcClient, VenueError> {
         let ws = ws::connect_blocking(ws_url, READ_BUFFER, timeout)?;
-        Ok(RpcClient { ws, next_id: 1, timeout })
+        Ok(RpcClient {
+            ws,
+            next_id: 1,
+            timeout,
+        })
     }
 
     /// Changes the per-call timeout.
@@ -64,13 +68,15 @@ impl RpcClient {
         let id = self.next_id;
         self.next_id += 1;
         let req = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        self.ws.send(Message::Text(req.to_string().into())).map_err(|e| {
-            if ws::is_would_block(&e) {
-                VenueError::Timeout("rpc request write")
-            } else {
-                e.into()
-            }
-        })?;
+        self.ws
+            .send(Message::Text(req.to_string().into()))
+            .map_err(|e| {
+                if ws::is_would_block(&e) {
+                    VenueError::Timeout("rpc request write")
+                } else {
+                    e.into()
+                }
+            })?;
 
         let deadline = Instant::now() + self.timeout;
         loop {
@@ -91,7 +97,10 @@ impl RpcClient {
             let env: Envelope<'_> = serde_json::from_str(&text)?;
             if env.id == Some(id) {
                 if let Some(err) = env.error {
-                    return Err(VenueError::Rpc { code: err.code, message: err.message });
+                    return Err(VenueError::Rpc {
+                        code: err.code,
+                        message: err.message,
+                    });
                 }
                 let raw = env.result.map_or("null", |r| r.get());
                 return Ok(serde_json::from_str(raw)?);
@@ -111,7 +120,9 @@ impl RpcClient {
 
     /// `eth_getTransactionCount` at `block` (`"pending"`, `"latest"`, or a hex number).
     pub fn transaction_count(&mut self, addr: Address, block: &str) -> Result<u64, VenueError> {
-        Ok(self.call::<U64>("eth_getTransactionCount", json!([addr, block]))?.to())
+        Ok(self
+            .call::<U64>("eth_getTransactionCount", json!([addr, block]))?
+            .to())
     }
 
     /// `eth_getBalance` at `latest`, in wei.
@@ -149,7 +160,10 @@ impl RpcClient {
     }
 
     /// `eth_getBlockReceipts` for a block number; `None` if the block is unknown.
-    pub fn block_receipts(&mut self, number: u64) -> Result<Option<Vec<ReceiptSummary>>, VenueError> {
+    pub fn block_receipts(
+        &mut self,
+        number: u64,
+    ) -> Result<Option<Vec<ReceiptSummary>>, VenueError> {
         let r: Option<Vec<ReceiptJson>> =
             self.call("eth_getBlockReceipts", json!([U64::from(number)]))?;
         Ok(r.map(|v| v.into_iter().map(Into::into).collect()))
@@ -158,6 +172,9 @@ impl RpcClient {
     /// `eth_sendRawTransaction` with EIP-2718 encoded bytes; returns the hash
     /// the node computed.
     pub fn send_raw_transaction(&mut self, raw: &[u8]) -> Result<B256, VenueError> {
-        self.call("eth_sendRawTransaction", json!([alloy_primitives::hex::encode_prefixed(raw)]))
+        self.call(
+            "eth_sendRawTransaction",
+            json!([alloy_primitives::hex::encode_prefixed(raw)]),
+        )
     }
 }

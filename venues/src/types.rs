@@ -21,7 +21,9 @@ impl FeeEstimate {
     /// The usual EIP-1559 cap: twice the base fee plus the tip (survives six
     /// consecutive full blocks of base-fee growth).
     pub fn suggested_max_fee_per_gas(&self) -> u128 {
-        self.base_fee_per_gas.saturating_mul(2).saturating_add(self.max_priority_fee_per_gas)
+        self.base_fee_per_gas
+            .saturating_mul(2)
+            .saturating_add(self.max_priority_fee_per_gas)
     }
 }
 
@@ -169,10 +171,12 @@ mod tests {
         assert_eq!(r.from, crate::anvil::DEV_ADDRESSES[0]);
         assert_eq!(r.to, Some(crate::anvil::DEV_ADDRESSES[1]));
 
-        let failed = json.replace(r#""status":"0x1""#, r#""status":"0x0""#).replace(
-            r#""to":"0x70997970c51812dc3a010c7d01b50e0d17dc79c8""#,
-            r#""to":null"#,
-        );
+        let failed = json
+            .replace(r#""status":"0x1""#, r#""status":"0x0""#)
+            .replace(
+                r#""to":"0x70997970c51812dc3a010c7d01b50e0d17dc79c8""#,
+                r#""to":null"#,
+            );
         let r: ReceiptSummary = serde_json::from_str::<ReceiptJson>(&failed).unwrap().into();
         assert!(!r.success);
         assert_eq!(r.to, None);
@@ -193,7 +197,10 @@ mod tests {
 
     #[test]
     fn suggested_cap() {
-        let f = FeeEstimate { base_fee_per_gas: 10, max_priority_fee_per_gas: 3 };
+        let f = FeeEstimate {
+            base_fee_per_gas: 10,
+            max_priority_fee_per_gas: 3,
+        };
         assert_eq!(f.suggested_max_fee_per_gas(), 23);
     }
 }

@@ -53,8 +53,13 @@ pub(crate) fn connect_blocking(
     io_timeout: Duration,
 ) -> Result<Ws, VenueError> {
     let (host, port) = host_port(url)?;
-    let connect_err = |source| VenueError::Connect { url: url.to_owned(), source };
-    let addrs = (host.as_str(), port).to_socket_addrs().map_err(connect_err)?;
+    let connect_err = |source| VenueError::Connect {
+        url: url.to_owned(),
+        source,
+    };
+    let addrs = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(connect_err)?;
     let mut last = std::io::Error::new(ErrorKind::NotFound, "host resolved to no address");
     let mut stream = None;
     for addr in addrs {
@@ -171,14 +176,32 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        assert_eq!(host_port("ws://127.0.0.1:8545").unwrap(), ("127.0.0.1".into(), 8545));
-        assert_eq!(host_port("ws://localhost:1/x/y").unwrap(), ("localhost".into(), 1));
+        assert_eq!(
+            host_port("ws://127.0.0.1:8545").unwrap(),
+            ("127.0.0.1".into(), 8545)
+        );
+        assert_eq!(
+            host_port("ws://localhost:1/x/y").unwrap(),
+            ("localhost".into(), 1)
+        );
         assert_eq!(host_port("ws://node").unwrap(), ("node".into(), 80));
         assert_eq!(host_port("ws://[::1]:9000/").unwrap(), ("::1".into(), 9000));
-        assert!(matches!(host_port("wss://a:1"), Err(VenueError::InvalidUrl(_))));
-        assert!(matches!(host_port("http://a:1"), Err(VenueError::InvalidUrl(_))));
-        assert!(matches!(host_port("ws://a:port"), Err(VenueError::InvalidUrl(_))));
-        assert!(matches!(host_port("ws:///x"), Err(VenueError::InvalidUrl(_))));
+        assert!(matches!(
+            host_port("wss://a:1"),
+            Err(VenueError::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            host_port("http://a:1"),
+            Err(VenueError::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            host_port("ws://a:port"),
+            Err(VenueError::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            host_port("ws:///x"),
+            Err(VenueError::InvalidUrl(_))
+        ));
     }
 
     #[test]
