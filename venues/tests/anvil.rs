@@ -22,7 +22,11 @@ fn pid_alive(pid: u32) -> bool {
 fn locates_spawns_and_answers_chain_id() {
     let bin = locate_anvil(None).expect("anvil is installed by scripts/setup.sh");
     let version = anvil_version(&bin).unwrap();
-    assert!(version.contains(ANVIL_VERSION), "{} is {version:?}", bin.display());
+    assert!(
+        version.contains(ANVIL_VERSION),
+        "{} is {version:?}",
+        bin.display()
+    );
 
     let a = spawn_anvil(&AnvilConfig::default());
     let b = spawn_anvil(&AnvilConfig::default());
@@ -39,13 +43,21 @@ fn locates_spawns_and_answers_chain_id() {
 
 #[test]
 fn config_reaches_the_process() {
-    let cfg = AnvilConfig { chain_id: Some(4242), accounts: Some(3), ..AnvilConfig::default() };
+    let cfg = AnvilConfig {
+        chain_id: Some(4242),
+        accounts: Some(3),
+        ..AnvilConfig::default()
+    };
     let mut anvil = spawn_anvil(&cfg);
     let mut rpc = anvil.rpc().unwrap();
     assert_eq!(rpc.chain_id().unwrap(), 4242);
     assert_eq!(anvil.chain_id(), 4242);
     assert!(rpc.balance(dev_address(2)).unwrap() > U256::ZERO);
-    assert_eq!(rpc.balance(dev_address(3)).unwrap(), U256::ZERO, "only 3 accounts funded");
+    assert_eq!(
+        rpc.balance(dev_address(3)).unwrap(),
+        U256::ZERO,
+        "only 3 accounts funded"
+    );
     assert_eq!(anvil.exited(), None);
 }
 
@@ -57,7 +69,10 @@ fn drop_kills_and_reaps_the_process() {
     assert!(pid_alive(pid));
     drop(anvil);
     assert!(!pid_alive(pid), "anvil pid {pid} still exists after drop");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still open");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} still open"
+    );
 }
 
 #[test]
@@ -74,7 +89,10 @@ fn exited_reports_a_crash_and_kill_is_idempotent() {
         if let Some(r) = anvil.exited() {
             break r;
         }
-        assert!(Instant::now() < deadline, "exit of a killed anvil not observed within 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "exit of a killed anvil not observed within 10 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     assert!(reason.contains("9") || reason.contains("KILL"), "{reason}");
@@ -88,13 +106,18 @@ fn bad_explicit_path_is_named_in_the_error() {
     let bad = Path::new("/nonexistent/dir/anvil");
     match locate_anvil(Some(bad)) {
         Err(e @ VenueError::AnvilNotFound { .. }) => {
-            let VenueError::AnvilNotFound { searched } = &e else { unreachable!() };
+            let VenueError::AnvilNotFound { searched } = &e else {
+                unreachable!()
+            };
             assert_eq!(searched.as_slice(), [bad.to_path_buf()]);
             assert!(e.to_string().contains("/nonexistent/dir/anvil"), "{e}");
         }
         other => panic!("expected AnvilNotFound, got {other:?}"),
     }
-    let cfg = AnvilConfig { binary: Some(bad.to_path_buf()), ..AnvilConfig::default() };
+    let cfg = AnvilConfig {
+        binary: Some(bad.to_path_buf()),
+        ..AnvilConfig::default()
+    };
     let err = Anvil::spawn(&cfg).unwrap_err();
     assert!(matches!(err, VenueError::AnvilNotFound { .. }), "{err:?}");
 }

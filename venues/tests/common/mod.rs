@@ -11,13 +11,16 @@ use alloy_primitives::{Address, B256, TxKind, U256};
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use mio::{Events, Poll, Token};
-use venues::{Anvil, AnvilConfig, BroadcastConnection, DEV_PRIVATE_KEYS, FeeEstimate, RpcErrorInfo};
+use venues::{
+    Anvil, AnvilConfig, BroadcastConnection, DEV_PRIVATE_KEYS, FeeEstimate, RpcErrorInfo,
+};
 
 /// Bound on every wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub fn spawn_anvil(cfg: &AnvilConfig) -> Anvil {
-    Anvil::spawn(cfg).unwrap_or_else(|e| panic!("cannot start anvil (did scripts/setup.sh run?): {e}"))
+    Anvil::spawn(cfg)
+        .unwrap_or_else(|e| panic!("cannot start anvil (did scripts/setup.sh run?): {e}"))
 }
 
 /// A signed EIP-1559 transfer of `value` wei from dev account `key` to `to`,
@@ -59,9 +62,14 @@ pub fn await_replies(
     // Replies may already be readable before the first wait.
     conn.poll_responses(|tag, r| out.push((tag, r))).unwrap();
     while out.len() < n {
-        let left = deadline.checked_duration_since(Instant::now()).unwrap_or_else(|| {
-            panic!("timed out after {WAIT:?}: {} of {n} replies, got {out:?}", out.len())
-        });
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| {
+                panic!(
+                    "timed out after {WAIT:?}: {} of {n} replies, got {out:?}",
+                    out.len()
+                )
+            });
         poll.poll(&mut events, Some(left)).unwrap();
         conn.poll_responses(|tag, r| out.push((tag, r))).unwrap();
     }
@@ -74,4 +82,20 @@ pub fn broadcast(anvil: &Anvil) -> (BroadcastConnection, Poll) {
     let mut conn = BroadcastConnection::connect(&anvil.ws_url()).unwrap();
     conn.register(poll.registry(), Token(0)).unwrap();
     (conn, poll)
+}
+
+/// Asks for the receipt until it exists (bounded by [`WAIT`]): anvil answers
+/// `eth_sendRawTransaction` before automine has sealed the block.
+pub fn wait_receipt(rpc: &mut venues::RpcClient, hash: B256) -> venues::ReceiptSummary {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(r) = rpc.receipt(hash).unwrap() {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no receipt for {hash} within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
