@@ -1,0 +1,239 @@
+//! Engine configuration: accounts and their policy, the node, the thread layout.
+//!
+//! Loaded from a TOML file (`engine run --config FILE`) or built by dev mode.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use alloy_primitives::{Address, U256};
+use serde::Deserialize;
+
+use crate::error::EngineError;
+
+/// How the CPU-bound stages (intake, policy, signing) map onto threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// Decide from the cores this process may use: fused below
+    /// [`Layout::PER_STAGE_MIN_CORES`], one thread per stage otherwise.
+    #[default]
+    Auto,
+    /// Intake, policy and signing fused on one thread as direct calls.
+    Fused,
+    /// One thread per stage, joined by rings.
+    PerStage,
+}
+
+impl Layout {
+    /// Cores needed before `auto` gives each stage its own thread: the five pipeline
+    /// threads, the status thread and the desk I/O threads.
+    pub const PER_STAGE_MIN_CORES: usize = 8;
+}
+
+/// Where an account's key lives.
+#[derive(Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum KeyConfig {
+    /// A key in process memory (hex), for development and hot wallets.
+    Local {
+        /// 32-byte secret, hex.
+        secret_hex: String,
+    },
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyConfig::Local { .. } => f.write_str("Local { secret_hex: <redacted> }"),
+        }
+    }
+}
+
+/// One signing account and its first-cut policy.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AccountConfig {
+    /// Name desks use (`account` field).
+    pub name: String,
+    /// Key custody.
+    pub key: KeyConfig,
+    /// Destinations allowed (deny by default: an empty list allows nothing).
+    #[serde(default)]
+    pub allowlist: Vec<Address>,
+    /// Largest `value_wei` of one intent.
+    pub max_value_wei: U256,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Desk listener (WebSocket and HTTP on one port).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// HS256 secret for desk JWTs.
+    pub jwt_secret: String,
+    /// Node WebSocket URL (`ws://…`).
+    pub node_ws_url: String,
+    /// Name of the node provider in `broadcast` events.
+    #[serde(default = "default_provider_name")]
+    pub provider_name: String,
+    /// Blocks on top of the inclusion block before `confirmed`.
+    #[serde(default = "default_confirmations")]
+    pub confirmations: u32,
+    /// Signing accounts.
+    pub accounts: Vec<AccountConfig>,
+    /// Thread layout.
+    #[serde(default)]
+    pub layout: Layout,
+    /// Capacity of each ring (power of two).
+    #[serde(default = "default_ring")]
+    pub ring_capacity: usize,
+    /// Capacity of the status fan-out ring (power of two).
+    #[serde(default = "default_status_ring")]
+    pub status_ring_capacity: usize,
+    /// Byte slots for calldata and raw transactions.
+    #[serde(default = "default_blobs")]
+    pub blob_slots: usize,
+    /// Threads of the desk I/O runtime (WebSocket connections, HTTP).
+    #[serde(default = "default_io_threads")]
+    pub io_threads: usize,
+    /// Pin pipeline threads to these cores, in thread order (empty = no pinning).
+    #[serde(default)]
+    pub pin_cores: Vec<usize>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7300))
+}
+fn default_provider_name() -> String {
+    "node-0".into()
+}
+fn default_confirmations() -> u32 {
+    2
+}
+fn default_ring() -> usize {
+    4096
+}
+fn default_status_ring() -> usize {
+    65536
+}
+fn default_blobs() -> usize {
+    4 * 4096 + 1024
+}
+fn default_io_threads() -> usize {
+    1
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Config {
+            what: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| EngineError::Config {
+            what: format!("{}: {e}", path.display()),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |what: String| Err(EngineError::Config { what });
+        if self.jwt_secret.len() < 16 {
+            return bad("jwt_secret: must be at least 16 bytes".into());
+        }
+        if self.accounts.is_empty() {
+            return bad("accounts: at least one account is required".into());
+        }
+        if self.accounts.len() >= u16::MAX as usize {
+            return bad("accounts: too many".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for a in &self.accounts {
+            if a.name.is_empty() || a.name.len() > 64 {
+                return bad(format!(
+                    "accounts.{}: name must be 1 to 64 characters",
+                    a.name
+                ));
+            }
+            if !names.insert(a.name.as_str()) {
+                return bad(format!("accounts.{}: duplicate name", a.name));
+            }
+        }
+        for (field, v) in [
+            ("ring_capacity", self.ring_capacity),
+            ("status_ring_capacity", self.status_ring_capacity),
+        ] {
+            if !v.is_power_of_two() || v < 2 {
+                return bad(format!("{field}: must be a power of two >= 2, got {v}"));
+            }
+        }
+        // Every in-flight intent holds at most one slot from intake to broadcast, and at
+        // most two for the instant signing swaps calldata for the raw transaction.
+        let need = 4 * self.ring_capacity + 64;
+        if self.blob_slots < need {
+            return bad(format!(
+                "blob_slots: {} is too few for ring_capacity {}; need at least {need}",
+                self.blob_slots, self.ring_capacity
+            ));
+        }
+        if self.confirmations == 0 {
+            return bad("confirmations: must be at least 1".into());
+        }
+        if self.io_threads == 0 {
+            return bad("io_threads: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Index of the account called `name`.
+    pub fn account_index(&self, name: &str) -> Option<u16> {
+        self.accounts
+            .iter()
+            .position(|a| a.name == name)
+            .map(|i| i as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_toml_and_validates() {
+        let text = r#"
+            jwt_secret = "0123456789abcdef0123"
+            node_ws_url = "ws://127.0.0.1:8545"
+            confirmations = 3
+            [[accounts]]
+            name = "treasury-1"
+            max_value_wei = "100000000000000000000"
+            allowlist = ["0x9965507d1a55bcc2695c58ba16fb37d819b0a4dc"]
+            key = { backend = "local", secret_hex = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80" }
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("engine.toml");
+        std::fs::write(&p, text).unwrap();
+        let cfg = Config::load(&p).unwrap();
+        assert_eq!(cfg.confirmations, 3);
+        assert_eq!(cfg.account_index("treasury-1"), Some(0));
+        assert_eq!(cfg.layout, Layout::Auto);
+        assert!(
+            !format!("{cfg:?}").contains("ac0974"),
+            "secret leaked into Debug"
+        );
+
+        std::fs::write(
+            &p,
+            text.replace("confirmations = 3", "confirmations = 3\nbogus = 1"),
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+
+        std::fs::write(&p, text.replace("0123456789abcdef0123", "short")).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("jwt_secret"), "{e}");
+    }
+}

@@ -1,0 +1,92 @@
+//! Dev mode: a dev chain started and supervised by the engine, the well-known dev
+//! accounts, and a JWT secret kept in a local state folder so that `engine token` signs
+//! tokens this engine accepts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alloy_primitives::U256;
+use venues::{Anvil, AnvilConfig, DEV_ADDRESSES, DEV_PRIVATE_KEYS};
+
+use crate::config::{AccountConfig, Config, KeyConfig, Layout};
+use crate::error::EngineError;
+
+/// Per-intent cap of the dev accounts: 100 ETH.
+pub fn dev_cap() -> U256 {
+    U256::from(100u64) * U256::from(10u64).pow(U256::from(18u64))
+}
+
+/// The dev configuration for a node at `node_ws_url`: accounts `dev0`…`dev4` sign with the
+/// chain's first five well-known keys and may send to its accounts 5–9 only, up to
+/// 100 ETH per intent.
+pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> Config {
+    let accounts = (0..5)
+        .map(|i| AccountConfig {
+            name: format!("dev{i}"),
+            key: KeyConfig::Local {
+                secret_hex: DEV_PRIVATE_KEYS[i].to_owned(),
+            },
+            allowlist: DEV_ADDRESSES[5..10].to_vec(),
+            max_value_wei: dev_cap(),
+        })
+        .collect();
+    Config {
+        listen,
+        jwt_secret,
+        node_ws_url: node_ws_url.to_owned(),
+        provider_name: "anvil".into(),
+        confirmations: 2,
+        accounts,
+        layout: Layout::Auto,
+        ring_capacity: 4096,
+        status_ring_capacity: 65536,
+        blob_slots: 4 * 4096 + 1024,
+        io_threads: 1,
+        pin_cores: Vec::new(),
+    }
+}
+
+/// Folder for dev-mode state (the JWT secret): `$ENGINE_DEV_DIR`, else `.engine-dev` in
+/// the current directory.
+pub fn dev_dir() -> PathBuf {
+    std::env::var_os("ENGINE_DEV_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".engine-dev"))
+}
+
+/// Reads the dev JWT secret, creating it (random, mode 0600) on first use.
+pub fn dev_secret(dir: &Path) -> Result<String, EngineError> {
+    let path = dir.join("jwt.secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_owned();
+        if s.len() >= 16 {
+            return Ok(s);
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let secret: [u8; 32] = rand::random();
+    let text = hex::encode(secret);
+    {
+        use std::io::Write;
+        #[cfg(unix)]
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        opts.mode(0o600);
+        opts.open(&path)?.write_all(text.as_bytes())?;
+    }
+    Ok(text)
+}
+
+/// Starts the dev chain: anvil on a free loopback port with a fixed one-second block time
+/// (under automine, anvil stops mining under sustained load).
+pub fn start_chain(anvil_path: Option<&Path>, block_time: Duration) -> Result<Anvil, EngineError> {
+    let cfg = AnvilConfig {
+        binary: anvil_path.map(Path::to_path_buf),
+        block_time: Some(block_time),
+        ..AnvilConfig::default()
+    };
+    Ok(Anvil::spawn(&cfg)?)
+}

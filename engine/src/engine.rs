@@ -1,0 +1,364 @@
+//! Assembly: builds the rings, the stages and their threads, the desk listener, and owns
+//! them until shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pipeline::{
+    CoreBudget, Input, LatencyRegistry, Output, Pipeline, PipelineBuilder, ThreadConfig, WaitKind,
+    fuse, many_to_one, one_to_one,
+};
+use signers::{LocalCurve, LocalSigner, Signer};
+use venues::{FeeView, RpcClient};
+
+use crate::auth::JwtAuth;
+use crate::blob::BlobPool;
+use crate::config::{Config, KeyConfig, Layout};
+use crate::error::EngineError;
+use crate::msg::{IntentMsg, StatusMsg, TxMsg};
+use crate::server::{self, Health, ServerCtx};
+use crate::stages::StatusSink;
+use crate::stages::broadcast::{BroadcastRecorders, BroadcastStage};
+use crate::stages::intake::IntakeStage;
+use crate::stages::policy::PolicyStage;
+use crate::stages::receipts::ReceiptsStage;
+use crate::stages::signing::{SigningAccount, SigningStage};
+use crate::stages::status::{Counters, StatusStage};
+
+/// How the engine laid its stages out on threads, for reports.
+#[derive(Clone, Debug)]
+pub struct LayoutReport {
+    /// Cores the process may use.
+    pub usable_cores: usize,
+    /// Whether intake, policy and signing run fused on one thread.
+    pub fused: bool,
+    /// Wait strategy of the stage threads.
+    pub wait: WaitKind,
+    /// Thread names, in pipeline order.
+    pub threads: Vec<String>,
+}
+
+/// A running engine.
+pub struct Engine {
+    pipeline: Arc<Mutex<Option<Pipeline>>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: tokio::sync::watch::Sender<bool>,
+    addr: SocketAddr,
+    latency: LatencyRegistry,
+    health: Arc<Health>,
+    dead: Arc<AtomicBool>,
+    layout: LayoutReport,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("addr", &self.addr)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn build_signer(name: &str, key: &KeyConfig) -> Result<Arc<dyn Signer>, EngineError> {
+    match key {
+        KeyConfig::Local { secret_hex } => {
+            let s = LocalSigner::from_hex(name, secret_hex, LocalCurve::Secp256k1).map_err(
+                |source| EngineError::Signer {
+                    account: name.to_owned(),
+                    source,
+                },
+            )?;
+            Ok(Arc::new(s))
+        }
+    }
+}
+
+impl Engine {
+    /// Starts everything: reads chain id, fees and nonces from the node, spawns the stage
+    /// threads, binds the desk listener.
+    pub fn start(cfg: Config) -> Result<Engine, EngineError> {
+        cfg.validate()?;
+
+        // Warm state, read once, off the hot path.
+        let mut rpc = RpcClient::connect(&cfg.node_ws_url)?;
+        let chain_id = rpc.chain_id()?;
+        let fees = Arc::new(FeeView::new(rpc.fee_estimate()?));
+        let mut accounts = Vec::with_capacity(cfg.accounts.len());
+        for a in &cfg.accounts {
+            let signer = build_signer(&a.name, &a.key)?;
+            let from = signer.address();
+            let next_nonce = rpc.transaction_count(from, "pending")?;
+            accounts.push(SigningAccount {
+                signer,
+                from,
+                next_nonce,
+            });
+        }
+        drop(rpc);
+
+        let blobs = Arc::new(BlobPool::new(cfg.blob_slots));
+        let dead = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let cap = cfg.ring_capacity;
+
+        let (intake_tx, intake_rx) = many_to_one::<IntentMsg>(cap);
+        let (status_tx, status_rx) = many_to_one::<StatusMsg>(cfg.status_ring_capacity);
+        let (bc_tx, bc_rx) = one_to_one::<TxMsg>(cap);
+        let (rc_tx, rc_rx) = one_to_one::<TxMsg>(cap);
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let status = StatusSink::new(status_tx, Arc::clone(&dead));
+
+        let mut builder = PipelineBuilder::new();
+        let latency = builder.latency().clone();
+        let budget: CoreBudget = builder.core_budget().clone();
+        let fused = match cfg.layout {
+            Layout::Auto => budget.usable_cores() < Layout::PER_STAGE_MIN_CORES,
+            Layout::Fused => true,
+            Layout::PerStage => false,
+        };
+        // Threads that want a core: the CPU stages (1 fused or 3), broadcast, receipts,
+        // status.
+        let stage_threads = if fused { 4 } else { 6 };
+        let wait = budget.default_wait(stage_threads);
+        let intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 16);
+        let policy = PolicyStage::new(&cfg, status.clone(), Arc::clone(&blobs));
+        let signing = SigningStage::new(
+            accounts,
+            chain_id,
+            Arc::clone(&fees),
+            Arc::clone(&blobs),
+            status.clone(),
+            latency.recorder("signing.sign_call"),
+        );
+        let broadcast = BroadcastStage::connect(
+            &cfg.node_ws_url,
+            Arc::clone(&blobs),
+            status.clone(),
+            BroadcastRecorders {
+                ws_to_wire: latency.recorder("e2e.ws_to_wire"),
+                ws_to_node: latency.recorder("e2e.ws_to_node"),
+                node_rtt: latency.recorder("broadcast.node_rtt"),
+            },
+            cap,
+        )?;
+        let receipts = ReceiptsStage::connect(
+            &cfg.node_ws_url,
+            Arc::clone(&fees),
+            cfg.confirmations,
+            status.clone(),
+            latency.recorder("e2e.ws_to_included"),
+            cap,
+        )?;
+        let status_stage =
+            StatusStage::new(control_rx, cfg.provider_name.clone(), Arc::clone(&counters));
+
+        let mut threads: Vec<String> = Vec::new();
+        let mut next = |name: &str| {
+            threads.push(name.to_owned());
+            ThreadConfig {
+                name: name.to_owned(),
+                core: cfg.pin_cores.get(threads.len() - 1).copied(),
+                wait,
+            }
+        };
+        if fused {
+            let cpu = fuse(fuse(intake, policy), signing);
+            builder.spawn(
+                next("cpu"),
+                Input::ManyToOne(intake_rx),
+                cpu,
+                Output::OneToOne(bc_tx),
+            )?;
+        } else {
+            let (p_tx, p_rx) = one_to_one::<IntentMsg>(cap);
+            let (s_tx, s_rx) = one_to_one::<IntentMsg>(cap);
+            builder.spawn(
+                next("intake"),
+                Input::ManyToOne(intake_rx),
+                intake,
+                Output::OneToOne(p_tx),
+            )?;
+            builder.spawn(
+                next("policy"),
+                Input::OneToOne(p_rx),
+                policy,
+                Output::OneToOne(s_tx),
+            )?;
+            builder.spawn(
+                next("signing"),
+                Input::OneToOne(s_rx),
+                signing,
+                Output::OneToOne(bc_tx),
+            )?;
+        }
+        builder.spawn(
+            next("broadcast"),
+            Input::OneToOne(bc_rx),
+            broadcast,
+            Output::OneToOne(rc_tx),
+        )?;
+        builder.spawn(
+            next("receipts"),
+            Input::OneToOne(rc_rx),
+            receipts,
+            Output::Discard,
+        )?;
+        builder.spawn(
+            next("status"),
+            Input::ManyToOne(status_rx),
+            status_stage,
+            Output::Discard,
+        )?;
+        let pipeline = Arc::new(Mutex::new(Some(builder.start())));
+
+        // Desk listener.
+        let health = Arc::new(Health {
+            chain_id,
+            ..Health::default()
+        });
+        let std_listener =
+            std::net::TcpListener::bind(cfg.listen).map_err(|source| EngineError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.io_threads)
+            .thread_name("desk-io")
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _g = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener)?
+        };
+        let account_index: HashMap<String, u16> = cfg
+            .accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.clone(), i as u16))
+            .collect();
+        let ctx = Arc::new(ServerCtx::new(
+            JwtAuth::new(cfg.jwt_secret.as_bytes()),
+            intake_tx,
+            status.clone(),
+            control_tx,
+            Arc::clone(&blobs),
+            account_index,
+            latency.clone(),
+            Arc::clone(&counters),
+            Arc::clone(&health),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        runtime.spawn(server::serve(listener, ctx, stop_rx.clone()));
+        // Supervision: a failed pipeline is visible on /health and unblocks waiting stages.
+        {
+            let pipeline = Arc::clone(&pipeline);
+            let health = Arc::clone(&health);
+            let dead = Arc::clone(&dead);
+            let mut stop = stop_rx;
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let failure = pipeline
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .as_ref()
+                        .and_then(Pipeline::failure);
+                    if let Some(f) = failure {
+                        dead.store(true, Ordering::Relaxed);
+                        *health
+                            .failure
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(f.to_string());
+                        break;
+                    }
+                }
+            });
+        }
+
+        Ok(Engine {
+            pipeline,
+            runtime: Some(runtime),
+            stop: stop_tx,
+            addr,
+            latency,
+            health,
+            dead,
+            layout: LayoutReport {
+                usable_cores: budget.usable_cores(),
+                fused,
+                wait,
+                threads,
+            },
+            counters,
+        })
+    }
+
+    /// Where desks connect (`ws://ADDR/v1/ws`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The latency histograms.
+    pub fn latency(&self) -> &LatencyRegistry {
+        &self.latency
+    }
+
+    /// How stages were laid out.
+    pub fn layout(&self) -> &LayoutReport {
+        &self.layout
+    }
+
+    /// Event counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Why the pipeline failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        let from_pipeline = self
+            .pipeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .and_then(Pipeline::failure)
+            .map(|e| e.to_string());
+        from_pipeline.or_else(|| {
+            self.health
+                .failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    /// Stops accepting desks, closes their connections, drains and joins the stages.
+    pub fn shutdown(mut self) -> Result<(), EngineError> {
+        self.health.stopping.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+        let p = self
+            .pipeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let res = match p {
+            Some(p) => p.shutdown().map_err(EngineError::from),
+            None => Ok(()),
+        };
+        self.dead.store(true, Ordering::Relaxed);
+        res
+    }
+}

@@ -1,0 +1,42 @@
+//! The engine crate's error type.
+
+/// Everything that stops the engine from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration is invalid; `what` names the field.
+    #[error("configuration: {what}")]
+    Config {
+        /// What is wrong, naming the field or file.
+        what: String,
+    },
+    /// A signer could not be built.
+    #[error("account `{account}`: {source}")]
+    Signer {
+        /// Account name.
+        account: String,
+        /// Cause.
+        #[source]
+        source: signers::SignerError,
+    },
+    /// The node could not be reached or answered wrongly at start-up.
+    #[error("node: {0}")]
+    Venue(#[from] venues::VenueError),
+    /// The pipeline failed (a stage panicked, a thread could not start).
+    #[error("pipeline: {0}")]
+    Pipeline(#[from] pipeline::PipelineError),
+    /// The desk listener could not be set up.
+    #[error("listener on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Other I/O.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The dev chain process failed.
+    #[error("dev chain: {0}")]
+    DevChain(String),
+}

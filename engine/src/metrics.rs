@@ -1,0 +1,124 @@
+//! `/metrics` (Prometheus text) and `/v1/latency` (JSON) from the live histograms and the
+//! status thread's counters. Rendered on request, off the hot path.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use pipeline::LatencyRegistry;
+use serde_json::{Value, json};
+
+use crate::msg::{Reason, State};
+use crate::stages::status::Counters;
+
+const STATES: [State; 7] = [
+    State::Accepted,
+    State::Rejected,
+    State::Signed,
+    State::Broadcast,
+    State::Included,
+    State::Confirmed,
+    State::Failed,
+];
+const REASONS: [Reason; 10] = [
+    Reason::None,
+    Reason::UnknownAccount,
+    Reason::NotAllowlisted,
+    Reason::ValueCap,
+    Reason::UnsupportedKind,
+    Reason::RouteUnavailable,
+    Reason::SignerError,
+    Reason::Overloaded,
+    Reason::NodeRejected,
+    Reason::VenueUnavailable,
+];
+
+/// Prometheus exposition text: latency quantiles per recorder (cumulative since start) and
+/// event counters.
+pub fn prometheus(latency: &LatencyRegistry, counters: &Counters) -> String {
+    let mut s = String::with_capacity(4096);
+    s.push_str(
+        "# HELP engine_latency_seconds Latency per stage recorder (cumulative since start).\n",
+    );
+    s.push_str("# TYPE engine_latency_seconds summary\n");
+    for snap in latency.snapshot() {
+        let p = snap.percentiles();
+        for (q, v) in [
+            ("0.5", p.p50_ns),
+            ("0.9", p.p90_ns),
+            ("0.99", p.p99_ns),
+            ("0.999", p.p999_ns),
+        ] {
+            let _ = writeln!(
+                s,
+                "engine_latency_seconds{{recorder=\"{}\",quantile=\"{q}\"}} {:.9}",
+                snap.name,
+                v as f64 / 1e9
+            );
+        }
+        let _ = writeln!(
+            s,
+            "engine_latency_seconds_count{{recorder=\"{}\"}} {}",
+            snap.name, p.count
+        );
+    }
+    s.push_str(
+        "# HELP engine_events_total Intent events by state.\n# TYPE engine_events_total counter\n",
+    );
+    for st in STATES {
+        let _ = writeln!(
+            s,
+            "engine_events_total{{state=\"{}\"}} {}",
+            st.as_str(),
+            counters.events[st as usize].load(Ordering::Relaxed)
+        );
+    }
+    s.push_str("# HELP engine_refusals_total Rejected and failed intents by reason.\n# TYPE engine_refusals_total counter\n");
+    for r in REASONS.iter().skip(1) {
+        let _ = writeln!(
+            s,
+            "engine_refusals_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            counters.reasons[*r as usize].load(Ordering::Relaxed)
+        );
+    }
+    for (name, help, v) in [
+        ("engine_acks_total", "Intents acknowledged.", &counters.acks),
+        (
+            "engine_duplicates_total",
+            "Resubmissions answered from state.",
+            &counters.duplicates,
+        ),
+        (
+            "engine_slow_desk_disconnects_total",
+            "Desk connections closed for not reading.",
+            &counters.slow_desks,
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    s
+}
+
+/// `/v1/latency`: percentiles in microseconds per recorder.
+pub fn latency_json(latency: &LatencyRegistry) -> Value {
+    let mut recorders = serde_json::Map::new();
+    for snap in latency.snapshot() {
+        let p = snap.percentiles();
+        recorders.insert(
+            snap.name.clone(),
+            json!({
+                "count": p.count,
+                "p50_us": p.p50_ns as f64 / 1e3,
+                "p90_us": p.p90_ns as f64 / 1e3,
+                "p99_us": p.p99_ns as f64 / 1e3,
+                "p999_us": p.p999_ns as f64 / 1e3,
+                "max_us": p.max_ns as f64 / 1e3,
+            }),
+        );
+    }
+    json!({ "recorders": recorders })
+}

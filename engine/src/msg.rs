@@ -1,0 +1,424 @@
+//! The fixed-size messages that travel through the engine's rings.
+//!
+//! Every message is `Copy`, has no heap pointer, and carries its hop timestamps
+//! ([`Hops`]). Variable-length bytes (calldata, the raw signed transaction) live in the
+//! [`BlobPool`](crate::blob::BlobPool) and travel as a [`BlobRef`].
+
+use alloy_primitives::{Address, B256, U256};
+use pipeline::{Hops, Message, assert_message_size};
+
+use crate::blob::BlobRef;
+
+/// Longest desk idempotency key (`id`) the engine accepts, in bytes.
+pub const MAX_INTENT_ID: usize = 64;
+
+/// A desk's intent id, inline and fixed-size.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IntentId {
+    len: u8,
+    bytes: [u8; MAX_INTENT_ID],
+}
+
+impl IntentId {
+    /// Copies `s` in; `None` if it is empty or longer than [`MAX_INTENT_ID`] bytes.
+    pub fn new(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.is_empty() || b.len() > MAX_INTENT_ID {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_INTENT_ID];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Self {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Built only from a `&str` in `new`, so always valid UTF-8; fall back defensively.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl Default for IntentId {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            bytes: [0; MAX_INTENT_ID],
+        }
+    }
+}
+
+impl std::fmt::Debug for IntentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// What an intent asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum IntentKind {
+    /// Plain value transfer.
+    #[default]
+    Transfer,
+    /// Contract call with calldata.
+    Call,
+    /// Validator deposit (decoded, not yet executable by this engine).
+    StakeDeposit,
+    /// Validator exit request (decoded, not yet executable by this engine).
+    StakeExit,
+}
+
+impl IntentKind {
+    /// Protocol name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            IntentKind::Transfer => "transfer",
+            IntentKind::Call => "call",
+            IntentKind::StakeDeposit => "stake_deposit",
+            IntentKind::StakeExit => "stake_exit",
+        }
+    }
+}
+
+/// Where the transaction may be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Route {
+    /// Policy decides.
+    #[default]
+    Auto,
+    /// Public mempool through RPC providers.
+    Public,
+    /// Private relays only.
+    Private,
+}
+
+impl Route {
+    /// Protocol name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Route::Auto => "auto",
+            Route::Public => "public",
+            Route::Private => "private",
+        }
+    }
+}
+
+/// Index of a configured account; [`AccountIdx::UNKNOWN`] when the desk named none we know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AccountIdx(pub u16);
+
+impl AccountIdx {
+    /// The desk named an account that is not configured; policy rejects it.
+    pub const UNKNOWN: AccountIdx = AccountIdx(u16::MAX);
+}
+
+/// Identifies a desk connection (for routing replies) and its principal (for idempotency).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Origin {
+    /// Connection id, unique for the process lifetime.
+    pub conn: u32,
+    /// Interned principal (`sub` of the JWT).
+    pub principal: u32,
+}
+
+/// A desk intent on its way from intake to signing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IntentMsg {
+    /// Engine sequence number, assigned by the intake stage (0 before that).
+    pub seq: u64,
+    /// Who sent it.
+    pub origin: Origin,
+    /// Desk idempotency key.
+    pub id: IntentId,
+    /// Signing account.
+    pub account: AccountIdx,
+    /// What it asks for.
+    pub kind: IntentKind,
+    /// Requested route.
+    pub route: Route,
+    /// Destination.
+    pub to: Address,
+    /// Value in wei.
+    pub value: U256,
+    /// Gas limit.
+    pub gas_limit: u64,
+    /// Desk's cap on `max_fee_per_gas` (0 = none).
+    pub max_fee_cap: u128,
+    /// Calldata, if any.
+    pub data: BlobRef,
+    /// Hop timestamps; the first is when the desk frame was read.
+    pub hops: Hops,
+}
+
+impl Message for IntentMsg {
+    fn hops(&self) -> &Hops {
+        &self.hops
+    }
+    fn hops_mut(&mut self) -> &mut Hops {
+        &mut self.hops
+    }
+}
+assert_message_size!(IntentMsg, 256);
+
+/// A signed transaction on its way to the network and the receipt watcher.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TxMsg {
+    /// Engine sequence number of the intent.
+    pub seq: u64,
+    /// Who sent the intent.
+    pub origin: Origin,
+    /// Signing account.
+    pub account: AccountIdx,
+    /// Nonce used.
+    pub nonce: u64,
+    /// Hash of the signed transaction.
+    pub tx_hash: B256,
+    /// The raw EIP-2718 bytes (owned by this message until broadcast releases them).
+    pub raw: BlobRef,
+    /// From broadcast to receipts: stop watching this hash (the node refused it).
+    pub forget: bool,
+    /// Hop timestamps carried over from the intent.
+    pub hops: Hops,
+}
+
+impl Message for TxMsg {
+    fn hops(&self) -> &Hops {
+        &self.hops
+    }
+    fn hops_mut(&mut self) -> &mut Hops {
+        &mut self.hops
+    }
+}
+assert_message_size!(TxMsg, 192);
+
+/// Lifecycle states of an intent, as named by the desk protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum State {
+    /// Passed policy.
+    #[default]
+    Accepted,
+    /// Refused by policy.
+    Rejected,
+    /// Signed; nonce assigned.
+    Signed,
+    /// Accepted by a venue.
+    Broadcast,
+    /// In a block.
+    Included,
+    /// Enough blocks on top.
+    Confirmed,
+    /// Could not be completed.
+    Failed,
+}
+
+impl State {
+    /// Protocol name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Accepted => "accepted",
+            State::Rejected => "rejected",
+            State::Signed => "signed",
+            State::Broadcast => "broadcast",
+            State::Included => "included",
+            State::Confirmed => "confirmed",
+            State::Failed => "failed",
+        }
+    }
+
+    /// No further event follows.
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, State::Rejected | State::Confirmed | State::Failed)
+    }
+}
+
+/// Machine-readable reason attached to `rejected` and `failed` events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Reason {
+    /// No reason (non-error states).
+    #[default]
+    None,
+    /// The account is not configured.
+    UnknownAccount,
+    /// Destination not on the account's allowlist.
+    NotAllowlisted,
+    /// Value above the account's per-intent cap.
+    ValueCap,
+    /// Intent kind not executable by this engine's configuration.
+    UnsupportedKind,
+    /// No venue for the requested route.
+    RouteUnavailable,
+    /// The signer failed.
+    SignerError,
+    /// The engine has no buffer space to build the transaction.
+    Overloaded,
+    /// The node refused the transaction.
+    NodeRejected,
+    /// The connection to the node was lost before it answered.
+    VenueUnavailable,
+}
+
+impl Reason {
+    /// Protocol name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::None => "",
+            Reason::UnknownAccount => "unknown_account",
+            Reason::NotAllowlisted => "not_allowlisted",
+            Reason::ValueCap => "value_cap",
+            Reason::UnsupportedKind => "unsupported_kind",
+            Reason::RouteUnavailable => "route_unavailable",
+            Reason::SignerError => "signer_error",
+            Reason::Overloaded => "overloaded",
+            Reason::NodeRejected => "node_rejected",
+            Reason::VenueUnavailable => "venue_unavailable",
+        }
+    }
+}
+
+/// Longest free-text detail a status message carries inline (e.g. a node's error).
+pub const MAX_DETAIL: usize = 96;
+
+/// Short inline text, truncated at a character boundary.
+#[derive(Clone, Copy)]
+pub struct Detail {
+    len: u8,
+    bytes: [u8; MAX_DETAIL],
+}
+
+impl Detail {
+    /// Copies at most [`MAX_DETAIL`] bytes of `s`, cut at a character boundary.
+    pub fn new(s: &str) -> Self {
+        let mut end = s.len().min(MAX_DETAIL);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; MAX_DETAIL];
+        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self {
+            len: end as u8,
+            bytes,
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl Default for Detail {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            bytes: [0; MAX_DETAIL],
+        }
+    }
+}
+
+impl std::fmt::Debug for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// What a [`StatusMsg`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum StatusKind {
+    /// The intent entered the pipeline under `seq` (the `ack`).
+    #[default]
+    Ack,
+    /// The intent reached a new state.
+    Event,
+    /// A desk resubmitted an id it already used: answer with the existing intent.
+    Duplicate,
+    /// A desk asked for the latest state of `id` (`status` op).
+    Query,
+}
+
+/// A status update for the fan-out thread: one per state change, from every stage.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatusMsg {
+    /// What this is.
+    pub kind: StatusKind,
+    /// State reached (for [`StatusKind::Event`]).
+    pub state: State,
+    /// Reason for `rejected` / `failed`.
+    pub reason: Reason,
+    /// Engine sequence number of the intent (0 for a query).
+    pub seq: u64,
+    /// Who sent it (or who asks).
+    pub origin: Origin,
+    /// Desk idempotency key (set on `Ack`, `Duplicate` and `Query`).
+    pub id: IntentId,
+    /// When it happened (raw clock ticks).
+    pub at_raw: u64,
+    /// Transaction hash (signed onwards).
+    pub tx_hash: B256,
+    /// Sender address (signed).
+    pub from: Address,
+    /// Nonce (signed).
+    pub nonce: u64,
+    /// Block number (included).
+    pub block_number: u64,
+    /// Block hash (included).
+    pub block_hash: B256,
+    /// Gas used (included).
+    pub gas_used: u64,
+    /// Execution success (included).
+    pub success: bool,
+    /// Blocks on top of the inclusion block (confirmed).
+    pub depth: u32,
+    /// Route taken (broadcast).
+    pub route: Route,
+    /// Free-text detail (rejection message, node error).
+    pub detail: Detail,
+    /// Hop timestamps of the intent when the event was made.
+    pub hops: Hops,
+}
+
+impl Message for StatusMsg {
+    fn hops(&self) -> &Hops {
+        &self.hops
+    }
+    fn hops_mut(&mut self) -> &mut Hops {
+        &mut self.hops
+    }
+}
+assert_message_size!(StatusMsg, 512);
+
+impl StatusMsg {
+    /// A state-change event for intent `seq`.
+    pub fn event(seq: u64, origin: Origin, state: State, at_raw: u64) -> Self {
+        Self {
+            kind: StatusKind::Event,
+            state,
+            seq,
+            origin,
+            at_raw,
+            ..Self::default()
+        }
+    }
+
+    /// A `rejected` or `failed` event with a reason and message.
+    pub fn refusal(
+        seq: u64,
+        origin: Origin,
+        state: State,
+        reason: Reason,
+        detail: &str,
+        at_raw: u64,
+    ) -> Self {
+        Self {
+            reason,
+            detail: Detail::new(detail),
+            ..Self::event(seq, origin, state, at_raw)
+        }
+    }
+}

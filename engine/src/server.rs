@@ -1,0 +1,534 @@
+//! The desk-facing side: one port for the WebSocket protocol (`/v1/ws`, JWT on the
+//! upgrade) and the HTTP endpoints (`/health`, `/metrics`, `/v1/latency`).
+//!
+//! Each desk connection is a task on the desk I/O runtime. It decodes frames (off the hot
+//! path), places calldata in a blob slot, and pushes a fixed-size intent into the intake
+//! ring with `try_push`: a full ring is answered with `overloaded`, never queued.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full as Body;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request as HttpRequest, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use pipeline::{Full, Hops, LatencyRegistry, ManyToOneProducer, now_raw};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
+
+use crate::auth::{JwtAuth, Principal, Role};
+use crate::blob::{BlobPool, BlobRef};
+use crate::msg::{AccountIdx, IntentId, IntentMsg, Origin, StatusKind, StatusMsg};
+use crate::protocol::{self, ErrorCode, Request, RequestError};
+use crate::stages::StatusSink;
+use crate::stages::status::{ConnControl, Counters, Outbound};
+
+/// Largest desk frame accepted.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Replies queued per connection before the desk counts as not reading.
+pub const OUTBOUND_QUEUE: usize = 16 * 1024;
+
+/// Liveness as `/health` reports it.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Set once the pipeline failed; holds why.
+    pub failure: Mutex<Option<String>>,
+    /// Chain id of the node.
+    pub chain_id: u64,
+    /// Set when the engine is stopping.
+    pub stopping: AtomicBool,
+}
+
+/// Everything a connection task needs; shared read-only (plus lock-free handles).
+pub struct ServerCtx {
+    /// Token verifier.
+    pub auth: JwtAuth,
+    /// Producer side of the intake ring.
+    pub intake: ManyToOneProducer<IntentMsg>,
+    /// Producer side of the status ring (for `status` queries).
+    pub status: StatusSink,
+    /// Connection notices for the status thread.
+    pub control: crossbeam_channel::Sender<ConnControl>,
+    /// Calldata slots.
+    pub blobs: Arc<BlobPool>,
+    /// Account name → index.
+    pub accounts: HashMap<String, u16>,
+    /// Latency histograms.
+    pub latency: LatencyRegistry,
+    /// Event counters.
+    pub counters: Arc<Counters>,
+    /// Health.
+    pub health: Arc<Health>,
+    principals: Mutex<HashMap<String, u32>>,
+    next_conn: AtomicU32,
+}
+
+impl std::fmt::Debug for ServerCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCtx").finish_non_exhaustive()
+    }
+}
+
+impl ServerCtx {
+    /// Builds the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        auth: JwtAuth,
+        intake: ManyToOneProducer<IntentMsg>,
+        status: StatusSink,
+        control: crossbeam_channel::Sender<ConnControl>,
+        blobs: Arc<BlobPool>,
+        accounts: HashMap<String, u16>,
+        latency: LatencyRegistry,
+        counters: Arc<Counters>,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            auth,
+            intake,
+            status,
+            control,
+            blobs,
+            accounts,
+            latency,
+            counters,
+            health,
+            principals: Mutex::new(HashMap::new()),
+            next_conn: AtomicU32::new(1),
+        }
+    }
+
+    /// Interns a principal name (once per connection, never per message).
+    fn principal_id(&self, sub: &str) -> u32 {
+        let mut map = self
+            .principals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = map.len() as u32 + 1;
+        *map.entry(sub.to_owned()).or_insert(next)
+    }
+}
+
+/// Accepts connections until `stop` flips.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<ServerCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let ctx = Arc::clone(&ctx);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let ctx = Arc::clone(&ctx);
+                        let stop = stop.clone();
+                        async move { Ok::<_, Infallible>(route(req, ctx, stop)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body<Bytes>> {
+    let mut r = Response::new(Body::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, v: Value) -> Response<Body<Bytes>> {
+    respond(status, "application/json", v.to_string())
+}
+
+fn route(
+    req: HttpRequest<Incoming>,
+    ctx: Arc<ServerCtx>,
+    stop: watch::Receiver<bool>,
+) -> Response<Body<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => health(&ctx),
+        (&Method::GET, "/metrics") => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            crate::metrics::prometheus(&ctx.latency, &ctx.counters),
+        ),
+        (&Method::GET, "/v1/latency") => {
+            json_response(StatusCode::OK, crate::metrics::latency_json(&ctx.latency))
+        }
+        (&Method::GET, "/v1/ws") => upgrade(req, ctx, stop),
+        (_, "/health" | "/metrics" | "/v1/latency" | "/v1/ws") => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method not allowed"}),
+        ),
+        _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    }
+}
+
+fn health(ctx: &ServerCtx) -> Response<Body<Bytes>> {
+    let failure = ctx
+        .health
+        .failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let stopping = ctx.health.stopping.load(Ordering::Relaxed);
+    let (code, status) = match (&failure, stopping) {
+        (Some(_), _) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
+        (None, true) => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        (None, false) => (StatusCode::OK, "ok"),
+    };
+    json_response(
+        code,
+        json!({
+            "status": status,
+            "failure": failure,
+            "chain_id": ctx.health.chain_id,
+            "intake_capacity": ctx.intake.capacity(),
+            "blob_slots_free": ctx.blobs.available(),
+        }),
+    )
+}
+
+fn unauthorized(message: String) -> Response<Body<Bytes>> {
+    let mut r = json_response(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "unauthorized", "message": message}),
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+fn upgrade(
+    mut req: HttpRequest<Incoming>,
+    ctx: Arc<ServerCtx>,
+    stop: watch::Receiver<bool>,
+) -> Response<Body<Bytes>> {
+    let h = req.headers();
+    let principal = match ctx
+        .auth
+        .verify_header(h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
+    {
+        Ok(p) => p,
+        Err(e) => return unauthorized(e.to_string()),
+    };
+    let is_upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = h
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "bad_request", "message": "missing Sec-WebSocket-Key"}),
+        );
+    };
+    if !is_upgrade || !version_ok {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "bad_request", "message": "expected a WebSocket (version 13) upgrade"}),
+        );
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let cfg = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(cfg))
+                .await;
+        session(ws, principal, ctx, stop).await;
+    });
+    let mut r = Response::new(Body::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = r.headers_mut();
+    hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        hs.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// `req` tokens waiting for the reply to a submit or a status query, per intent id.
+#[derive(Default)]
+struct PendingReqs {
+    submit: HashMap<IntentId, VecDeque<Option<String>>>,
+    status: HashMap<IntentId, VecDeque<Option<String>>>,
+}
+
+impl PendingReqs {
+    fn push(
+        map: &mut HashMap<IntentId, VecDeque<Option<String>>>,
+        id: IntentId,
+        req: Option<String>,
+    ) {
+        map.entry(id).or_default().push_back(req);
+    }
+    fn pop(map: &mut HashMap<IntentId, VecDeque<Option<String>>>, id: &IntentId) -> Option<String> {
+        let q = map.get_mut(id)?;
+        let r = q.pop_front().flatten();
+        if q.is_empty() {
+            map.remove(id);
+        }
+        r
+    }
+    fn unpush(map: &mut HashMap<IntentId, VecDeque<Option<String>>>, id: &IntentId) {
+        if let Some(q) = map.get_mut(id) {
+            q.pop_back();
+            if q.is_empty() {
+                map.remove(id);
+            }
+        }
+    }
+}
+
+async fn session<S>(
+    ws: WebSocketStream<S>,
+    principal: Principal,
+    ctx: Arc<ServerCtx>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    let origin = Origin {
+        conn,
+        principal: ctx.principal_id(&principal.sub),
+    };
+    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
+    if ctx.control.send(ConnControl::Open { conn, tx }).is_err() {
+        return;
+    }
+    let (mut sink, mut stream) = ws.split();
+    let mut reqs = PendingReqs::default();
+    loop {
+        tokio::select! {
+            biased;
+            out = rx.recv() => {
+                let Some(out) = out else {
+                    let _ = sink.send(Message::Close(Some(CloseFrame {
+                        code: 1008.into(),
+                        reason: "replies not read fast enough; reconnect and use status".into(),
+                    }))).await;
+                    break;
+                };
+                let mut ok = true;
+                for text in render(out, &mut reqs) {
+                    if sink.feed(Message::text(text)).await.is_err() { ok = false; break; }
+                }
+                if !ok || sink.flush().await.is_err() { break; }
+            }
+            frame = stream.next() => {
+                let t_raw = now_raw();
+                let reply = match frame {
+                    Some(Ok(Message::Text(t))) => handle_text(t.as_str(), t_raw, origin, &principal, &ctx, &mut reqs),
+                    Some(Ok(Message::Binary(_))) => Some(RequestError::new(
+                        ErrorCode::BadRequest,
+                        "frame: binary frames are not accepted; send one JSON object per text frame",
+                    ).to_json()),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => None, // ping/pong are answered by the WebSocket layer
+                };
+                if let Some(text) = reply
+                    && sink.send(Message::text(text)).await.is_err() { break; }
+            }
+            _ = stop.changed() => {
+                let _ = sink.send(Message::Close(Some(CloseFrame {
+                    code: 1001.into(),
+                    reason: "engine stopping".into(),
+                }))).await;
+                break;
+            }
+        }
+    }
+    let _ = ctx.control.send(ConnControl::Close { conn });
+}
+
+/// Handles one text frame; returns an immediate reply, if any (acks and events come later
+/// from the status thread).
+fn handle_text(
+    text: &str,
+    t_raw: u64,
+    origin: Origin,
+    principal: &Principal,
+    ctx: &ServerCtx,
+    reqs: &mut PendingReqs,
+) -> Option<String> {
+    let request = match protocol::decode(text) {
+        Ok(r) => r,
+        Err(e) => return Some(e.to_json()),
+    };
+    match request {
+        Request::Ping { req } => Some(protocol::pong(req.as_deref())),
+        Request::NotSupported { req, op } => Some(
+            RequestError::new(
+                ErrorCode::NotSupported,
+                format!("op `{op}` is not offered by this engine yet"),
+            )
+            .with_context(req.as_deref(), None)
+            .to_json(),
+        ),
+        Request::Status { req, id } => {
+            if !(principal.roles.has(Role::Trader)
+                || principal.roles.has(Role::Auditor)
+                || principal.roles.has(Role::Approver)
+                || principal.roles.has(Role::Admin))
+            {
+                return Some(forbidden("status", req.as_deref(), Some(id.as_str())));
+            }
+            PendingReqs::push(&mut reqs.status, id, req.clone());
+            let q = StatusMsg {
+                kind: StatusKind::Query,
+                origin,
+                id,
+                ..StatusMsg::default()
+            };
+            match ctx.status.try_send(q) {
+                true => None,
+                false => {
+                    PendingReqs::unpush(&mut reqs.status, &id);
+                    Some(
+                        RequestError::new(ErrorCode::Overloaded, "status queue is full; retry")
+                            .with_context(req.as_deref(), Some(id.as_str()))
+                            .to_json(),
+                    )
+                }
+            }
+        }
+        Request::Submit { req, intent } => {
+            let id_s = intent.id.as_str();
+            if !principal.roles.has(Role::Trader) {
+                return Some(forbidden("submit", req.as_deref(), Some(id_s)));
+            }
+            let data = if intent.data.is_empty() {
+                BlobRef::NONE
+            } else {
+                match ctx.blobs.claim_with(&intent.data) {
+                    Some(b) => b,
+                    None => {
+                        return Some(
+                            RequestError::new(
+                                ErrorCode::Overloaded,
+                                "engine buffers are full; retry later",
+                            )
+                            .with_context(req.as_deref(), Some(id_s))
+                            .to_json(),
+                        );
+                    }
+                }
+            };
+            let mut hops = Hops::default();
+            hops.stamp(t_raw);
+            let msg = IntentMsg {
+                seq: 0,
+                origin,
+                id: intent.id,
+                account: ctx
+                    .accounts
+                    .get(&intent.account)
+                    .map_or(AccountIdx::UNKNOWN, |&i| AccountIdx(i)),
+                kind: intent.kind,
+                route: intent.route,
+                to: intent.to,
+                value: intent.value,
+                gas_limit: intent.gas_limit,
+                max_fee_cap: intent.max_fee_cap,
+                data,
+                hops,
+            };
+            PendingReqs::push(&mut reqs.submit, intent.id, req.clone());
+            match ctx.intake.try_push(msg) {
+                Ok(()) => None,
+                Err(Full(m)) => {
+                    ctx.blobs.release(m.data);
+                    PendingReqs::unpush(&mut reqs.submit, &intent.id);
+                    Some(
+                        RequestError::new(
+                            ErrorCode::Overloaded,
+                            "intake ring is full; the intent was not accepted, retry later",
+                        )
+                        .with_context(req.as_deref(), Some(id_s))
+                        .to_json(),
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn forbidden(op: &str, req: Option<&str>, id: Option<&str>) -> String {
+    RequestError::new(
+        ErrorCode::Forbidden,
+        format!("op `{op}` needs a role this principal does not have"),
+    )
+    .with_context(req, id)
+    .to_json()
+}
+
+/// Turns what the status thread sent into frames, echoing the `req` of the request that
+/// caused it.
+fn render(out: Outbound, reqs: &mut PendingReqs) -> Vec<String> {
+    match out {
+        Outbound::Ack { id, seq } => {
+            let req = PendingReqs::pop(&mut reqs.submit, &id);
+            vec![protocol::ack(id.as_str(), seq, req.as_deref())]
+        }
+        Outbound::Event(text) => vec![text],
+        Outbound::Duplicate { id, seq, latest } => {
+            let req = PendingReqs::pop(&mut reqs.submit, &id);
+            let ack = protocol::with_req(
+                json!({"op": "ack", "id": id.as_str(), "seq": seq, "duplicate": true}),
+                req.as_deref(),
+            );
+            let mut v = vec![ack];
+            v.extend(latest);
+            v
+        }
+        Outbound::StatusReply {
+            id,
+            latest,
+            known,
+            seq,
+        } => {
+            let req = PendingReqs::pop(&mut reqs.status, &id);
+            match (latest, known) {
+                (Some(text), _) => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    vec![protocol::with_req(v, req.as_deref())]
+                }
+                (None, true) => vec![protocol::ack(id.as_str(), seq, req.as_deref())],
+                (None, false) => vec![
+                    RequestError::new(ErrorCode::NotFound, "no intent with this id")
+                        .with_context(req.as_deref(), Some(id.as_str()))
+                        .to_json(),
+                ],
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Broadcast: writes each signed transaction to the node over a persistent WebSocket
+//! (`eth_sendRawTransaction`), reads the node's answers, and hands every hash to the
+//! receipt watcher.
+//!
+//! An I/O stage: it waits in `mio::Poll` on the node socket and on a `mio::Waker` that the
+//! input ring's producer triggers (only when this stage is asleep), so neither a message
+//! nor a reply waits for a timer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::B256;
+use pipeline::{Emit, Recorder, Signal, Stage, Waker, now_raw, ticks_to_ns};
+use venues::{BroadcastConnection, RpcErrorInfo};
+
+use crate::blob::{BlobPool, BlobRef};
+use crate::msg::{Origin, Reason, Route, State, StatusMsg, TxMsg};
+use crate::stages::StatusSink;
+
+const SOCKET: mio::Token = mio::Token(0);
+const WAKE: mio::Token = mio::Token(1);
+
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    origin: Origin,
+    tx_hash: B256,
+    account: crate::msg::AccountIdx,
+    nonce: u64,
+    first_raw: u64,
+    sent_raw: u64,
+}
+
+/// Latency recorders owned by the broadcast stage.
+#[derive(Debug)]
+pub struct BroadcastRecorders {
+    /// Desk frame read → request bytes handed to the kernel.
+    pub ws_to_wire: Recorder,
+    /// Desk frame read → node's acceptance read back (the end-to-end budget).
+    pub ws_to_node: Recorder,
+    /// Request written → node's answer read (the node's round trip).
+    pub node_rtt: Recorder,
+}
+
+/// The broadcast stage.
+#[derive(Debug)]
+pub struct BroadcastStage {
+    conn: BroadcastConnection,
+    poll: mio::Poll,
+    events: mio::Events,
+    waker: Arc<mio::Waker>,
+    in_flight: HashMap<u64, InFlight>,
+    blobs: Arc<BlobPool>,
+    status: StatusSink,
+    rec: BroadcastRecorders,
+    lost: bool,
+    /// Answers parked by `poll_responses` until they can be emitted.
+    answers: Vec<(u64, Result<B256, RpcErrorInfo>)>,
+}
+
+impl BroadcastStage {
+    /// Connects to the node.
+    pub fn connect(
+        node_ws_url: &str,
+        blobs: Arc<BlobPool>,
+        status: StatusSink,
+        rec: BroadcastRecorders,
+        capacity: usize,
+    ) -> Result<Self, venues::VenueError> {
+        let mut conn = BroadcastConnection::connect(node_ws_url)?;
+        let poll = mio::Poll::new()?;
+        conn.register(poll.registry(), SOCKET)?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        Ok(Self {
+            conn,
+            poll,
+            events: mio::Events::with_capacity(64),
+            waker,
+            in_flight: HashMap::with_capacity(capacity),
+            blobs,
+            status,
+            rec,
+            lost: false,
+            answers: Vec::with_capacity(capacity),
+        })
+    }
+
+    fn handle_answer<E: Emit<TxMsg>>(
+        &mut self,
+        tag: u64,
+        res: Result<B256, RpcErrorInfo>,
+        now: u64,
+        out: &mut E,
+    ) {
+        let Some(f) = self.in_flight.remove(&tag) else {
+            return;
+        };
+        match res {
+            Ok(_) => self.accepted(tag, f, now),
+            Err(e) if is_already_known(&e) => self.accepted(tag, f, now),
+            Err(e) => {
+                self.status.send(StatusMsg::refusal(
+                    tag,
+                    f.origin,
+                    State::Failed,
+                    Reason::NodeRejected,
+                    &e.message,
+                    now,
+                ));
+                out.emit(TxMsg {
+                    seq: tag,
+                    origin: f.origin,
+                    account: f.account,
+                    nonce: f.nonce,
+                    tx_hash: f.tx_hash,
+                    forget: true,
+                    ..TxMsg::default()
+                });
+            }
+        }
+    }
+
+    fn accepted(&mut self, seq: u64, f: InFlight, now: u64) {
+        self.rec.ws_to_node.record(ticks_to_ns(f.first_raw, now));
+        self.rec.node_rtt.record(ticks_to_ns(f.sent_raw, now));
+        self.status.send(StatusMsg {
+            tx_hash: f.tx_hash,
+            route: Route::Public,
+            ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
+        });
+    }
+
+    fn fail_all_in_flight(&mut self, detail: &str) {
+        let now = now_raw();
+        for (seq, f) in self.in_flight.drain() {
+            self.status.send(StatusMsg::refusal(
+                seq,
+                f.origin,
+                State::Failed,
+                Reason::VenueUnavailable,
+                detail,
+                now,
+            ));
+        }
+    }
+}
+
+/// The node already has this exact transaction: the send succeeded (idempotent by hash).
+fn is_already_known(e: &RpcErrorInfo) -> bool {
+    let m = e.message.to_ascii_lowercase();
+    m.contains("already known") || m.contains("already imported")
+}
+
+impl Stage for BroadcastStage {
+    type In = TxMsg;
+    type Out = TxMsg;
+
+    fn name(&self) -> &'static str {
+        "broadcast"
+    }
+
+    fn on_start(&mut self, input: &Arc<Signal>) {
+        let w = Arc::clone(&self.waker);
+        input.set_waker(Waker::Custom(Arc::new(move || {
+            let _ = w.wake();
+        })));
+    }
+
+    #[inline]
+    fn on_message<E: Emit<TxMsg>>(&mut self, msg: TxMsg, out: &mut E) {
+        let first_raw = msg.hops.first().unwrap_or(0);
+        let sent = if self.lost {
+            Err(venues::VenueError::Closed)
+        } else {
+            // SAFETY: this stage holds the message, hence owns its raw-transaction slot.
+            let bytes = unsafe { self.blobs.bytes(msg.raw) };
+            self.conn.send_raw_transaction(bytes, msg.seq)
+        };
+        self.blobs.release(msg.raw);
+        let now = now_raw();
+        match sent {
+            Ok(()) => {
+                self.rec.ws_to_wire.record(ticks_to_ns(first_raw, now));
+                self.in_flight.insert(
+                    msg.seq,
+                    InFlight {
+                        origin: msg.origin,
+                        tx_hash: msg.tx_hash,
+                        account: msg.account,
+                        nonce: msg.nonce,
+                        first_raw,
+                        sent_raw: now,
+                    },
+                );
+                // Watch the hash now; the block holding it may be announced before the
+                // node's answer to the send arrives (the receipt watcher also keeps recent
+                // blocks' receipts for exactly that race).
+                out.emit(TxMsg {
+                    raw: BlobRef::NONE,
+                    ..msg
+                });
+            }
+            Err(_) => {
+                self.lost = true;
+                self.status.send(StatusMsg::refusal(
+                    msg.seq,
+                    msg.origin,
+                    State::Failed,
+                    Reason::VenueUnavailable,
+                    "the node connection is lost; the transaction was not sent",
+                    now,
+                ));
+            }
+        }
+    }
+
+    fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+        if self.in_flight.is_empty() && !self.conn.write_pending() {
+            return 0;
+        }
+        let mut answers = std::mem::take(&mut self.answers);
+        let res = self.conn.poll_responses(|tag, r| answers.push((tag, r)));
+        let now = now_raw();
+        let n = answers.len();
+        for (tag, r) in answers.drain(..) {
+            self.handle_answer(tag, r, now, out);
+        }
+        self.answers = answers;
+        if res.is_err() && !self.lost {
+            self.lost = true;
+            self.fail_all_in_flight("the node connection was lost before it answered; the transaction may still be included");
+        }
+        n
+    }
+
+    fn extra_ready(&mut self) -> bool {
+        false
+    }
+
+    fn park(&mut self, timeout: Option<Duration>) {
+        // Woken by the node socket becoming readable or by the input ring's waker.
+        let _ = self.poll.poll(&mut self.events, timeout);
+    }
+
+    fn on_shutdown<E: Emit<TxMsg>>(&mut self, out: &mut E) {
+        // Give answers already on their way a bounded time to arrive.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.in_flight.is_empty() && !self.lost && std::time::Instant::now() < deadline {
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(20)));
+            self.poll_extra(out);
+        }
+        if !self.in_flight.is_empty() {
+            self.fail_all_in_flight("the engine stopped before the node answered; the transaction may still be included");
+        }
+    }
+}

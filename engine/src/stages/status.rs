@@ -1,0 +1,284 @@
+//! Status fan-out: the one place that knows every intent's latest state. Consumes the
+//! many-to-one status ring fed by every stage and by the desk connections (queries),
+//! renders protocol events and routes them to the connection that submitted the intent.
+//!
+//! Off the hot path by design: rendering JSON and handing it to a connection task happen
+//! here, after the transaction has left for the node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_channel::Receiver;
+use pipeline::{Emit, NoMessage, Stage, ticks_to_ns};
+use serde_json::json;
+use tokio::sync::mpsc::{Sender, error::TrySendError};
+
+use crate::msg::{IntentId, Reason, State, StatusKind, StatusMsg};
+
+/// What the status thread sends to a connection task.
+#[derive(Debug)]
+pub enum Outbound {
+    /// The intent is in the pipeline under `seq`.
+    Ack {
+        /// Intent id.
+        id: IntentId,
+        /// Engine sequence.
+        seq: u64,
+    },
+    /// A rendered `event` frame.
+    Event(String),
+    /// The desk reused an id: the existing intent's sequence and latest event.
+    Duplicate {
+        /// Intent id.
+        id: IntentId,
+        /// Existing sequence.
+        seq: u64,
+        /// Latest event, rendered, if any yet.
+        latest: Option<String>,
+    },
+    /// Answer to `status`.
+    StatusReply {
+        /// Intent id asked about.
+        id: IntentId,
+        /// Latest event, rendered; `None` if no such intent for this principal.
+        latest: Option<String>,
+        /// Whether the intent exists (acked but no event yet still counts).
+        known: bool,
+        /// Engine sequence if known.
+        seq: u64,
+    },
+}
+
+/// Connection lifecycle notices for the status thread (rare; off the ring).
+#[derive(Debug)]
+pub enum ConnControl {
+    /// A desk connected.
+    Open {
+        /// Connection id.
+        conn: u32,
+        /// Where to send its replies.
+        tx: Sender<Outbound>,
+    },
+    /// A desk disconnected.
+    Close {
+        /// Connection id.
+        conn: u32,
+    },
+}
+
+/// Counters for `/metrics`, written by the status thread only.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Events per state, indexed by `State as usize`.
+    pub events: [AtomicU64; 7],
+    /// Refusals per reason, indexed by `Reason as usize`.
+    pub reasons: [AtomicU64; 10],
+    /// Acks.
+    pub acks: AtomicU64,
+    /// Duplicate submissions answered from state.
+    pub duplicates: AtomicU64,
+    /// Desk connections closed for not reading their replies.
+    pub slow_desks: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Record {
+    conn: u32,
+    id: IntentId,
+    latest: Option<String>,
+}
+
+/// The status stage.
+#[derive(Debug)]
+pub struct StatusStage {
+    intents: HashMap<u64, Record>,
+    by_key: HashMap<(u32, IntentId), u64>,
+    conns: HashMap<u32, Sender<Outbound>>,
+    control: Receiver<ConnControl>,
+    base_raw: u64,
+    base_unix_us: u64,
+    provider: String,
+    counters: Arc<Counters>,
+}
+
+impl StatusStage {
+    /// A status stage; `provider` names the venue in `broadcast` events.
+    pub fn new(control: Receiver<ConnControl>, provider: String, counters: Arc<Counters>) -> Self {
+        let base_raw = pipeline::now_raw();
+        let base_unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        Self {
+            intents: HashMap::with_capacity(1 << 16),
+            by_key: HashMap::with_capacity(1 << 16),
+            conns: HashMap::new(),
+            control,
+            base_raw,
+            base_unix_us,
+            provider,
+            counters,
+        }
+    }
+
+    fn drain_control(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(c) = self.control.try_recv() {
+            n += 1;
+            match c {
+                ConnControl::Open { conn, tx } => {
+                    self.conns.insert(conn, tx);
+                }
+                ConnControl::Close { conn } => {
+                    self.conns.remove(&conn);
+                }
+            }
+        }
+        n
+    }
+
+    fn send(&mut self, conn: u32, out: Outbound) {
+        if !self.conns.contains_key(&conn) {
+            self.drain_control();
+        }
+        let Some(tx) = self.conns.get(&conn) else {
+            return; // the desk is gone; the state stays queryable with `status`
+        };
+        match tx.try_send(out) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                // The desk stopped reading: disconnect it rather than queue without bound.
+                // Its intents go on; it can reconnect and ask with `status`.
+                self.conns.remove(&conn);
+                self.counters.slow_desks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.conns.remove(&conn);
+            }
+        }
+    }
+
+    fn ts_us(&self, at_raw: u64) -> u64 {
+        self.base_unix_us + ticks_to_ns(self.base_raw, at_raw) / 1000
+    }
+
+    /// Renders an `event` frame.
+    pub fn render(&self, id: &IntentId, m: &StatusMsg) -> String {
+        let mut v = json!({
+            "op": "event",
+            "id": id.as_str(),
+            "seq": m.seq,
+            "state": m.state.as_str(),
+            "ts_us": self.ts_us(m.at_raw),
+        });
+        match m.state {
+            State::Accepted => {}
+            State::Rejected | State::Failed => {
+                v["reason"] = json!(m.reason.as_str());
+                v["message"] = json!(m.detail.as_str());
+            }
+            State::Signed => {
+                v["tx_hash"] = json!(m.tx_hash);
+                v["nonce"] = json!(m.nonce);
+                v["from"] = json!(m.from);
+            }
+            State::Broadcast => {
+                v["tx_hash"] = json!(m.tx_hash);
+                v["route"] = json!(m.route.as_str());
+                v["venues"] = json!([self.provider]);
+            }
+            State::Included => {
+                v["tx_hash"] = json!(m.tx_hash);
+                v["block_number"] = json!(m.block_number);
+                v["block_hash"] = json!(m.block_hash);
+                v["success"] = json!(m.success);
+                v["gas_used"] = json!(m.gas_used);
+            }
+            State::Confirmed => {
+                v["depth"] = json!(m.depth);
+                v["block_number"] = json!(m.block_number);
+            }
+        }
+        v.to_string()
+    }
+}
+
+impl Stage for StatusStage {
+    type In = StatusMsg;
+    type Out = NoMessage;
+
+    fn name(&self) -> &'static str {
+        "status"
+    }
+
+    fn on_message<E: Emit<NoMessage>>(&mut self, m: StatusMsg, _out: &mut E) {
+        match m.kind {
+            StatusKind::Ack => {
+                self.counters.acks.fetch_add(1, Ordering::Relaxed);
+                self.intents.insert(
+                    m.seq,
+                    Record {
+                        conn: m.origin.conn,
+                        id: m.id,
+                        latest: None,
+                    },
+                );
+                self.by_key.insert((m.origin.principal, m.id), m.seq);
+                self.send(
+                    m.origin.conn,
+                    Outbound::Ack {
+                        id: m.id,
+                        seq: m.seq,
+                    },
+                );
+            }
+            StatusKind::Event => {
+                self.counters.events[m.state as usize].fetch_add(1, Ordering::Relaxed);
+                if m.reason != Reason::None {
+                    self.counters.reasons[m.reason as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                let Some(rec) = self.intents.get(&m.seq) else {
+                    return;
+                };
+                let text = self.render(&rec.id, &m);
+                let conn = rec.conn;
+                if let Some(rec) = self.intents.get_mut(&m.seq) {
+                    rec.latest = Some(text.clone());
+                }
+                self.send(conn, Outbound::Event(text));
+            }
+            StatusKind::Duplicate => {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                let latest = self.intents.get(&m.seq).and_then(|r| r.latest.clone());
+                self.send(
+                    m.origin.conn,
+                    Outbound::Duplicate {
+                        id: m.id,
+                        seq: m.seq,
+                        latest,
+                    },
+                );
+            }
+            StatusKind::Query => {
+                let seq = self.by_key.get(&(m.origin.principal, m.id)).copied();
+                let latest = seq
+                    .and_then(|s| self.intents.get(&s))
+                    .and_then(|r| r.latest.clone());
+                self.send(
+                    m.origin.conn,
+                    Outbound::StatusReply {
+                        id: m.id,
+                        latest,
+                        known: seq.is_some(),
+                        seq: seq.unwrap_or(0),
+                    },
+                );
+            }
+        }
+    }
+
+    fn poll_extra<E: Emit<NoMessage>>(&mut self, _out: &mut E) -> usize {
+        self.drain_control()
+    }
+}
