@@ -532,3 +532,109 @@ fn render(out: Outbound, reqs: &mut PendingReqs) -> Vec<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Roles;
+    use pipeline::many_to_one;
+
+    fn ctx(
+        intake_capacity: usize,
+        blobs: usize,
+    ) -> (Arc<ServerCtx>, pipeline::ManyToOneConsumer<IntentMsg>) {
+        let (intake, intake_rx) = many_to_one::<IntentMsg>(intake_capacity);
+        let (status, _status_rx) = many_to_one::<StatusMsg>(4);
+        let (control, _control_rx) = crossbeam_channel::unbounded();
+        let ctx = ServerCtx::new(
+            JwtAuth::new(b"0123456789abcdef0123"),
+            intake,
+            StatusSink::new(status, Arc::new(AtomicBool::new(false))),
+            control,
+            Arc::new(BlobPool::new(blobs)),
+            HashMap::from([("dev0".to_owned(), 0u16)]),
+            LatencyRegistry::new(),
+            Arc::new(Counters::default()),
+            Arc::new(Health::default()),
+        );
+        (Arc::new(ctx), intake_rx)
+    }
+
+    fn call(i: usize) -> String {
+        format!(
+            r#"{{"op":"submit","req":"r{i}","intent":{{"id":"o-{i}","account":"dev0","kind":"call","to":"0x9965507d1a55bcc2695c58ba16fb37d819b0a4dc","data":"0x01","gas_limit":50000}}}}"#
+        )
+    }
+
+    #[test]
+    fn a_full_intake_ring_is_answered_overloaded_and_nothing_leaks() {
+        let (ctx, mut rx) = ctx(2, 8);
+        let trader = Principal {
+            sub: "t".into(),
+            roles: Roles::all(),
+        };
+        let origin = Origin {
+            conn: 1,
+            principal: 1,
+        };
+        let mut reqs = PendingReqs::default();
+        assert_eq!(
+            handle_text(&call(0), 1, origin, &trader, &ctx, &mut reqs),
+            None
+        );
+        assert_eq!(
+            handle_text(&call(1), 1, origin, &trader, &ctx, &mut reqs),
+            None
+        );
+        let reply = handle_text(&call(2), 1, origin, &trader, &ctx, &mut reqs).expect("a reply");
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(v["code"], "overloaded");
+        assert_eq!(v["id"], "o-2");
+        assert_eq!(v["req"], "r2");
+        // The refused intent's calldata slot went back; the accepted two hold theirs.
+        assert_eq!(ctx.blobs.available(), 8 - 2);
+        // The two accepted ones are intact, in order, with their hop stamp.
+        let a = rx.pop().unwrap();
+        let b = rx.pop().unwrap();
+        assert_eq!((a.id.as_str(), b.id.as_str()), ("o-0", "o-1"));
+        assert_eq!(a.hops.len(), 1);
+        assert!(rx.pop().is_none());
+        // Once there is room, the same desk is served again.
+        assert_eq!(
+            handle_text(&call(3), 1, origin, &trader, &ctx, &mut reqs),
+            None
+        );
+    }
+
+    #[test]
+    fn exhausted_calldata_slots_are_overloaded_and_roles_are_checked() {
+        let (ctx, _rx) = ctx(8, 1);
+        let origin = Origin {
+            conn: 1,
+            principal: 1,
+        };
+        let mut reqs = PendingReqs::default();
+        let trader = Principal {
+            sub: "t".into(),
+            roles: Roles::all(),
+        };
+        assert_eq!(
+            handle_text(&call(0), 1, origin, &trader, &ctx, &mut reqs),
+            None
+        );
+        let v: Value = serde_json::from_str(
+            &handle_text(&call(1), 1, origin, &trader, &ctx, &mut reqs).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["code"], "overloaded");
+        let auditor = Principal {
+            sub: "a".into(),
+            roles: Roles::default().with(Role::Auditor),
+        };
+        let v: Value = serde_json::from_str(
+            &handle_text(&call(2), 1, origin, &auditor, &ctx, &mut reqs).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["code"], "forbidden");
+    }
+}

@@ -1,0 +1,147 @@
+//! Shared set-up for the engine's integration tests: a real anvil and a real engine.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use engine::auth::{JwtAuth, Roles};
+use engine::config::Layout;
+use engine::desk::Desk;
+use engine::{Config, Engine, dev};
+use serde_json::{Value, json};
+use venues::{Anvil, AnvilConfig};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+pub struct Harness {
+    pub anvil: Anvil,
+    pub engine: Option<Engine>,
+    pub url: String,
+    pub token: String,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Harness {
+    pub fn start(layout: Layout) -> Harness {
+        Self::start_with(layout, |_| {})
+    }
+
+    pub fn start_with(layout: Layout, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let anvil = Anvil::spawn(&AnvilConfig::with_block_time(Duration::from_millis(250)))
+            .expect("anvil starts (run scripts/setup.sh)");
+        let mut cfg = dev::dev_config(
+            &anvil.ws_url(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SECRET.into(),
+        );
+        cfg.layout = layout;
+        cfg.confirmations = 2;
+        tweak(&mut cfg);
+        let engine = Engine::start(cfg).expect("engine starts");
+        let url = format!("ws://{}/v1/ws", engine.local_addr());
+        let token = JwtAuth::new(SECRET.as_bytes()).issue("desk-a", Roles::all(), 3600);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Harness {
+            anvil,
+            engine: Some(engine),
+            url,
+            token,
+            rt,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.engine.as_ref().unwrap()
+    }
+
+    pub fn token_for(&self, sub: &str, roles: Roles) -> String {
+        JwtAuth::new(SECRET.as_bytes()).issue(sub, roles, 3600)
+    }
+
+    pub fn desk(&self) -> Desk {
+        self.rt
+            .block_on(Desk::connect(&self.url, Some(&self.token)))
+            .expect("desk connects")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.engine().local_addr()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(e) = self.engine.take() {
+            let failure = e.failure();
+            let res = e.shutdown();
+            if !std::thread::panicking() {
+                assert!(failure.is_none(), "pipeline failed: {failure:?}");
+                res.expect("clean shutdown");
+            }
+        }
+    }
+}
+
+pub fn submit(intent: Value) -> Value {
+    let id = intent["id"].clone();
+    json!({"op": "submit", "req": id, "intent": intent})
+}
+
+pub fn transfer(id: &str, account: &str, to_index: usize, wei: u128) -> Value {
+    json!({"id": id, "account": account, "kind": "transfer",
+           "to": venues::DEV_ADDRESSES[to_index], "value_wei": wei.to_string()})
+}
+
+/// Reads frames until every id in `ids` reached a final state (or `timeout`); returns each
+/// id's frames in arrival order.
+pub async fn collect_until_final(
+    desk: &mut Desk,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, Vec<Value>> {
+    let mut frames: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut done = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while done.len() < ids.len() {
+        let f = tokio::time::timeout_at(deadline, desk.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out: {} of {} final; pending e.g. {:?}",
+                    done.len(),
+                    ids.len(),
+                    ids.iter()
+                        .find(|i| !done.contains(*i))
+                        .map(|i| frames.get(i))
+                )
+            })
+            .expect("frame");
+        let id = f["id"].as_str().unwrap_or_default().to_owned();
+        let fin = f["op"] == "error"
+            || matches!(
+                f["state"].as_str(),
+                Some("confirmed" | "rejected" | "failed")
+            );
+        if fin {
+            done.insert(id.clone());
+        }
+        frames.entry(id).or_default().push(f);
+    }
+    frames
+}
+
+/// The sequence of (op or state) names of an intent's frames.
+pub fn states(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| match f["op"].as_str() {
+            Some("event") => f["state"].as_str().unwrap_or("?").to_owned(),
+            Some(op) => op.to_owned(),
+            None => "?".into(),
+        })
+        .collect()
+}

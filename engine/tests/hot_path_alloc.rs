@@ -1,0 +1,186 @@
+//! The hot path allocates nothing in steady state: a desk intent pushed into the intake
+//! ring, decided by policy, signed and encoded by the signing stage (the three CPU stages
+//! fused as the 2-core layout runs them), with every status event going through the
+//! status ring. Checked with a counting global allocator; this file holds one test so no
+//! other test thread allocates meanwhile.
+
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use alloy_primitives::U256;
+use engine::blob::{BlobPool, BlobRef};
+use engine::msg::{AccountIdx, IntentId, IntentKind, IntentMsg, Origin, Route, StatusMsg, TxMsg};
+use engine::stages::StatusSink;
+use engine::stages::intake::IntakeStage;
+use engine::stages::policy::PolicyStage;
+use engine::stages::signing::{SigningAccount, SigningStage};
+use pipeline::{Emit, Hops, LatencyRegistry, Stage, fuse, many_to_one, now_raw};
+use signers::{LocalCurve, LocalSigner, Signer};
+use venues::{DEV_ADDRESSES, DEV_PRIVATE_KEYS, FeeEstimate, FeeView};
+
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: AllocLayout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: AllocLayout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: AllocLayout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+struct Collect<'a> {
+    out: &'a mut Vec<TxMsg>,
+}
+
+impl Emit<TxMsg> for Collect<'_> {
+    fn emit(&mut self, msg: TxMsg) {
+        self.out.push(msg);
+    }
+}
+
+#[test]
+fn intake_policy_signing_allocate_nothing_in_steady_state() {
+    const ROUND: usize = 256;
+    let cfg = engine::dev::dev_config(
+        "ws://unused",
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        "x".repeat(32),
+    );
+    let blobs = Arc::new(BlobPool::new(4 * ROUND));
+    let (status_tx, mut status_rx) = many_to_one::<StatusMsg>(4 * ROUND);
+    let status = StatusSink::new(status_tx, Arc::new(AtomicBool::new(false)));
+    let (intake_tx, mut intake_rx) = many_to_one::<IntentMsg>(ROUND);
+    let registry = LatencyRegistry::new();
+    let accounts = (0..5)
+        .map(|i| {
+            let signer: Arc<dyn Signer> = Arc::new(
+                LocalSigner::from_hex(
+                    format!("dev{i}"),
+                    DEV_PRIVATE_KEYS[i],
+                    LocalCurve::Secp256k1,
+                )
+                .unwrap(),
+            );
+            SigningAccount {
+                from: signer.address(),
+                signer,
+                next_nonce: 0,
+            }
+        })
+        .collect();
+    let fees = Arc::new(FeeView::new(FeeEstimate {
+        base_fee_per_gas: 1_000_000_000,
+        max_priority_fee_per_gas: 1,
+    }));
+    let mut chain = fuse(
+        fuse(
+            IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 14),
+            PolicyStage::new(&cfg, status.clone(), Arc::clone(&blobs)),
+        ),
+        SigningStage::new(
+            accounts,
+            31337,
+            fees,
+            Arc::clone(&blobs),
+            status,
+            registry.recorder("sign"),
+        ),
+    );
+    let calldata = [0xa9u8, 0x05, 0x9c, 0xbb, 0, 0, 0, 1];
+    let mut out = Vec::with_capacity(ROUND);
+    let mut statuses = 0usize;
+    let mut signed = 0usize;
+    let mut seq = 0u64;
+
+    let mut round = |chain: &mut _, out: &mut Vec<TxMsg>| {
+        for i in 0..ROUND {
+            seq += 1;
+            let mut id_text = [b'0'; 12];
+            let mut n = seq;
+            for b in id_text.iter_mut().rev() {
+                *b = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            // SAFETY-free: ASCII digits are valid UTF-8.
+            let id = IntentId::new(std::str::from_utf8(&id_text).unwrap()).unwrap();
+            let call = i % 4 == 0;
+            let reject = i % 7 == 0;
+            let mut hops = Hops::default();
+            hops.stamp(now_raw());
+            let msg = IntentMsg {
+                origin: Origin {
+                    conn: 1,
+                    principal: 1,
+                },
+                id,
+                account: AccountIdx((i % 5) as u16),
+                kind: if call {
+                    IntentKind::Call
+                } else {
+                    IntentKind::Transfer
+                },
+                route: Route::Auto,
+                to: if reject {
+                    alloy_primitives::Address::ZERO
+                } else {
+                    DEV_ADDRESSES[5 + i % 5]
+                },
+                value: U256::from(i),
+                gas_limit: if call { 60_000 } else { 21_000 },
+                data: if call {
+                    blobs.claim_with(&calldata).unwrap()
+                } else {
+                    BlobRef::NONE
+                },
+                hops,
+                ..IntentMsg::default()
+            };
+            assert!(intake_tx.try_push(msg).is_ok());
+        }
+        let mut collect = Collect { out };
+        while let Some(m) = intake_rx.pop() {
+            Stage::on_message(chain, m, &mut collect);
+        }
+        for tx in out.drain(..) {
+            // What broadcast does with the raw bytes once written.
+            blobs.release(tx.raw);
+            signed += 1;
+        }
+        statuses += status_rx.pop_batch(usize::MAX, |_| {});
+    };
+
+    // Warm up: first-touch growth of tables, lazy statics, the signer's context.
+    for _ in 0..4 {
+        round(&mut chain, &mut out);
+    }
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        round(&mut chain, &mut out);
+    }
+    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    assert!(signed > 20 * ROUND / 2, "the path really signed ({signed})");
+    assert!(statuses > 20 * ROUND * 2, "and reported ({statuses})");
+    assert_eq!(
+        allocs,
+        0,
+        "allocations on the hot path over {} intents",
+        20 * ROUND
+    );
+    assert_eq!(blobs.available(), blobs.capacity(), "every slot returned");
+}
