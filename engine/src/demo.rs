@@ -147,6 +147,8 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     let period = Duration::from_secs_f64(1.0 / f64::from(opts.rate_per_sec.max(1)));
     let timeout = opts.settle_timeout;
     let prefix = format!("demo{}", std::process::id());
+    // What the engine costs while no desk sends anything (all its threads, this process).
+    let idle = report::idle_cpu_share(Duration::from_secs(3));
     let started = Instant::now();
     let results = rt.block_on(async {
         let mut handles = Vec::new();
@@ -215,6 +217,13 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
         layout.wait,
         layout.threads
     );
+    if let Some(share) = idle {
+        let _ = writeln!(
+            text,
+            "idle engine: {:.2}% of one core over 3 s (all engine threads)\n",
+            share * 100.0
+        );
+    }
     let _ = writeln!(
         text,
         "Engine, per stage and end to end (engine clock):\n{}",

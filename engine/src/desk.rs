@@ -72,17 +72,7 @@ impl Desk {
 
     /// Next JSON frame from the engine.
     pub async fn recv(&mut self) -> Result<Value, DeskError> {
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str())
-                        .map_err(|_| DeskError::NotJson(t.to_string()));
-                }
-                Some(Ok(Message::Close(_))) | None => return Err(DeskError::Closed),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
-            }
-        }
+        next_json(&mut self.ws).await
     }
 
     /// Next JSON frame, or `None` after `timeout`.
@@ -133,16 +123,24 @@ pub struct DeskReceiver {
 impl DeskReceiver {
     /// Next JSON frame from the engine.
     pub async fn recv(&mut self) -> Result<Value, DeskError> {
-        loop {
-            match self.stream.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str())
-                        .map_err(|_| DeskError::NotJson(t.to_string()));
-                }
-                Some(Ok(Message::Close(_))) | None => return Err(DeskError::Closed),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
+        next_json(&mut self.stream).await
+    }
+}
+
+/// Next text frame of `stream`, parsed; control frames are skipped.
+async fn next_json<S>(stream: &mut S) -> Result<Value, DeskError>
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return serde_json::from_str(t.as_str())
+                    .map_err(|_| DeskError::NotJson(t.to_string()));
             }
+            Some(Ok(Message::Close(_))) | None => return Err(DeskError::Closed),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
         }
     }
 }

@@ -92,6 +92,30 @@ pub fn machine_description(extra: &str) -> String {
     )
 }
 
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat`.
+pub fn process_cpu_time() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions; _SC_CLK_TCK is a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(std::time::Duration::from_micros(
+        (utime + stime) * 1_000_000 / hz,
+    ))
+}
+
+/// Share of one core this process used while idle for `window`.
+pub fn idle_cpu_share(window: std::time::Duration) -> Option<f64> {
+    let a = process_cpu_time()?;
+    std::thread::sleep(window);
+    let b = process_cpu_time()?;
+    Some((b - a).as_secs_f64() / window.as_secs_f64())
+}
+
 /// A new run folder `latency-reports/<UTC time>-<kind>` under `root`.
 pub fn run_dir(root: &Path, kind: &str) -> std::io::Result<PathBuf> {
     let secs = std::time::SystemTime::now()
