@@ -131,7 +131,8 @@ impl<T: Copy + Send> ManyToOneProducer<T> {
                 // The slot still holds the value from the previous lap: full.
                 return Err(Full(value));
             } else {
-                // Another producer claimed `pos` already.
+                // Another producer claimed `pos` already (and we saw it publish): catch up.
+                crate::sync::spin_loop();
                 pos = shared.tail.load(Ordering::Relaxed);
             }
         }

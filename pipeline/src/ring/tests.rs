@@ -127,9 +127,15 @@ fn one_to_one_two_threads_in_order() {
 
 #[test]
 fn many_to_one_no_loss_no_duplication_per_producer_order() {
+    for cap in [2usize, 16] {
+        many_to_one_three_producers(cap);
+    }
+}
+
+fn many_to_one_three_producers(cap: usize) {
     const PRODUCERS: u64 = 3;
     let per = N / PRODUCERS;
-    let (p, mut c) = many_to_one::<(u64, u64)>(16);
+    let (p, mut c) = many_to_one::<(u64, u64)>(cap);
     let handles: Vec<_> = (0..PRODUCERS)
         .map(|id| {
             let p = p.clone();
