@@ -21,7 +21,7 @@ use venues::DEV_ADDRESSES;
 
 use crate::desk::{Desk, DeskError};
 use crate::engine::Engine;
-use crate::report;
+use pipeline::report;
 
 /// What the demo does.
 #[derive(Clone, Debug)]
@@ -79,13 +79,7 @@ const STATES: [&str; 6] = [
 ];
 
 fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable_hist()))
-}
-
-fn unreachable_hist() -> Histogram<u64> {
-    // `new(3)` only fails for a significant-figure count above 5.
-    Histogram::new(2).unwrap_or_else(|_| std::process::abort())
+    report::ns_histogram()
 }
 
 /// The `i`-th intent of the mix: mostly transfers and calls that policy allows, and about
@@ -152,7 +146,7 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     let timeout = opts.settle_timeout;
     let prefix = format!("demo{}", std::process::id());
     // What the engine costs while no desk sends anything (all its threads, this process).
-    let idle = report::idle_cpu_share(Duration::from_secs(3));
+    let idle = Some(report::cpu_share_over(Duration::from_secs(3)));
     let started = Instant::now();
     let results = rt.block_on(async {
         let mut handles = Vec::new();
@@ -257,11 +251,17 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     if let Some(root) = &opts.report_root
         && let Ok(dir) = report::run_dir(root, "demo")
     {
-        let machine = report::machine_description(&format!(
-            "layout: fused={} wait={:?} threads={:?}\ndemo: intents={} desks={} rate={}/s\n",
-            layout.fused, layout.wait, layout.threads, opts.intents, opts.desks, opts.rate_per_sec
-        ));
-        let _ = std::fs::write(dir.join("machine.txt"), machine);
+        let machine = format!(
+            "{}- layout: CPU stages {}, wait {}, threads {:?}\n- demo: {} intents, {} desks, {}/s\n",
+            report::machine_description(),
+            if layout.fused { "fused" } else { "per-stage" },
+            layout.wait,
+            layout.threads,
+            opts.intents,
+            opts.desks,
+            opts.rate_per_sec
+        );
+        let _ = std::fs::write(dir.join("machine.md"), machine);
         let _ = std::fs::write(dir.join("summary.md"), &text);
         for s in &snaps {
             let _ = std::fs::write(

@@ -107,7 +107,6 @@ impl Engine {
 
         let (intake_tx, intake_rx) = many_to_one::<IntentMsg>(cap);
         let (status_tx, status_rx) = many_to_one::<StatusMsg>(cfg.status_ring_capacity);
-        let (bc_tx, bc_rx) = one_to_one::<TxMsg>(cap);
         let (rc_tx, rc_rx) = one_to_one::<TxMsg>(cap);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let status = StatusSink::new(status_tx, Arc::clone(&dead));
@@ -120,9 +119,9 @@ impl Engine {
             Layout::Fused => true,
             Layout::PerStage => false,
         };
-        // Threads that want a core: the CPU stages (1 fused or 3), broadcast, receipts,
+        // Threads that want a core: the CPU stages with broadcast (1 fused, or 4), receipts,
         // status.
-        let stage_threads = if fused { 4 } else { 6 };
+        let stage_threads = if fused { 3 } else { 6 };
         let wait = budget.default_wait(stage_threads);
         let intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 16);
         let policy = PolicyStage::new(&cfg, status.clone(), Arc::clone(&blobs));
@@ -166,16 +165,20 @@ impl Engine {
             }
         };
         if fused {
-            let cpu = fuse(fuse(intake, policy), signing);
+            // Few cores: the CPU stages and the socket write run as one chain of direct
+            // calls; the thread parks on the node socket's poller, which the intake ring
+            // also wakes.
+            let cpu = fuse(fuse(fuse(intake, policy), signing), broadcast);
             builder.spawn(
                 next("cpu"),
                 Input::ManyToOne(intake_rx),
                 cpu,
-                Output::OneToOne(bc_tx),
+                Output::OneToOne(rc_tx),
             )?;
         } else {
             let (p_tx, p_rx) = one_to_one::<IntentMsg>(cap);
             let (s_tx, s_rx) = one_to_one::<IntentMsg>(cap);
+            let (bc_tx, bc_rx) = one_to_one::<TxMsg>(cap);
             builder.spawn(
                 next("intake"),
                 Input::ManyToOne(intake_rx),
@@ -194,13 +197,13 @@ impl Engine {
                 signing,
                 Output::OneToOne(bc_tx),
             )?;
+            builder.spawn(
+                next("broadcast"),
+                Input::OneToOne(bc_rx),
+                broadcast,
+                Output::OneToOne(rc_tx),
+            )?;
         }
-        builder.spawn(
-            next("broadcast"),
-            Input::OneToOne(bc_rx),
-            broadcast,
-            Output::OneToOne(rc_tx),
-        )?;
         builder.spawn(
             next("receipts"),
             Input::OneToOne(rc_rx),

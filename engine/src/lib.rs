@@ -49,7 +49,6 @@ pub mod error;
 pub mod metrics;
 pub mod msg;
 pub mod protocol;
-pub mod report;
 pub mod server;
 pub mod stages;
 pub mod txbuild;

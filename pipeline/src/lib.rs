@@ -6,6 +6,7 @@ mod sync;
 pub mod clock;
 pub mod latency;
 pub mod message;
+pub mod report;
 pub mod ring;
 pub mod runner;
 pub mod slo;
@@ -16,12 +17,12 @@ pub use clock::{clock, now_raw, ticks_to_ns};
 pub use latency::{HistogramSnapshot, LatencyRegistry, Percentiles, Recorder};
 pub use message::{Hops, MAX_HOPS, Message, NoMessage};
 pub use ring::{
-    Full, ManyToOneConsumer, ManyToOneProducer, OneToOneConsumer, OneToOneProducer, Signal,
-    Waker, many_to_one, one_to_one,
+    Full, ManyToOneConsumer, ManyToOneProducer, OneToOneConsumer, OneToOneProducer, Signal, Waker,
+    many_to_one, one_to_one,
 };
 pub use runner::{
-    ConfigError, CoreBudget, Input, Output, Pipeline, PipelineBuilder, PipelineError,
-    ThreadConfig, ThreadStats,
+    ConfigError, CoreBudget, Input, Output, Pipeline, PipelineBuilder, PipelineError, ThreadConfig,
+    ThreadStats,
 };
 pub use slo::{SloBudget, SloState, SloTracker};
 pub use stage::{Emit, Fused, Stage, StageMeter, fuse};

@@ -80,9 +80,17 @@ pub trait Stage: Send + 'static {
         false
     }
 
+    /// Whether this stage parks on a readiness source of its own (overrides
+    /// [`park`](Self::park)). A fused chain parks on the stage that does; at most one
+    /// stage of a chain may. Default `false`.
+    fn owns_park(&self) -> bool {
+        false
+    }
+
     /// Block until woken or `timeout`. Default: `std::thread::park_timeout` / `park`. I/O
-    /// stages override it with their poller (e.g. `mio::Poll::poll`) and set a matching
-    /// `Waker::Custom` on their input signal in [`on_start`](Self::on_start).
+    /// stages override it with their poller (e.g. `mio::Poll::poll`), set a matching
+    /// `Waker::Custom` on their input signal in [`on_start`](Self::on_start), and return
+    /// `true` from [`owns_park`](Self::owns_park).
     fn park(&mut self, timeout: Option<Duration>) {
         match timeout {
             Some(t) => std::thread::park_timeout(t),
@@ -133,7 +141,12 @@ pub trait Stage: Send + 'static {
                 }
             }
             None => {
-                let mut emit = Stamping { out, service: None, t_in, inherit: *msg.hops() };
+                let mut emit = Stamping {
+                    out,
+                    service: None,
+                    t_in,
+                    inherit: *msg.hops(),
+                };
                 self.on_message(msg, &mut emit);
             }
         }
@@ -148,7 +161,12 @@ pub trait Stage: Send + 'static {
         out: &mut E,
     ) -> usize {
         let previous = set_current_stage(self.name());
-        let mut emit = Stamping { out, service: None, t_in: 0, inherit: Hops::default() };
+        let mut emit = Stamping {
+            out,
+            service: None,
+            t_in: 0,
+            inherit: Hops::default(),
+        };
         let n = self.poll_extra(&mut emit);
         set_current_stage(previous);
         n
@@ -157,7 +175,12 @@ pub trait Stage: Send + 'static {
     /// Runs [`on_shutdown`](Self::on_shutdown) with outputs stamped. (Provided.)
     fn process_shutdown<E: Emit<Self::Out>>(&mut self, _meters: &mut [StageMeter], out: &mut E) {
         let previous = set_current_stage(self.name());
-        let mut emit = Stamping { out, service: None, t_in: 0, inherit: Hops::default() };
+        let mut emit = Stamping {
+            out,
+            service: None,
+            t_in: 0,
+            inherit: Hops::default(),
+        };
         self.on_shutdown(&mut emit);
         set_current_stage(previous);
     }
@@ -203,7 +226,11 @@ pub struct Fused<A, B> {
 
 /// Fuses `a` and `b` into one stage (named `"fused"`; see [`Fused::named`]).
 pub fn fuse<A: Stage, B: Stage<In = A::Out>>(a: A, b: B) -> Fused<A, B> {
-    Fused { a, b, name: "fused" }
+    Fused {
+        a,
+        b,
+        name: "fused",
+    }
 }
 
 impl<A, B> Fused<A, B> {
@@ -279,11 +306,20 @@ where
 
     #[inline]
     fn on_message<E: Emit<Self::Out>>(&mut self, msg: Self::In, out: &mut E) {
-        self.a.on_message(msg, &mut Direct { b: &mut self.b, out });
+        self.a.on_message(
+            msg,
+            &mut Direct {
+                b: &mut self.b,
+                out,
+            },
+        );
     }
 
     fn poll_extra<E: Emit<Self::Out>>(&mut self, out: &mut E) -> usize {
-        let n = self.a.poll_extra(&mut Direct { b: &mut self.b, out });
+        let n = self.a.poll_extra(&mut Direct {
+            b: &mut self.b,
+            out,
+        });
         n + self.b.poll_extra(out)
     }
 
@@ -292,7 +328,17 @@ where
     }
 
     fn park(&mut self, timeout: Option<Duration>) {
-        self.a.park(timeout);
+        // Park on the stage that waits on its own readiness source (an I/O poller), if
+        // either does; its `on_start` has made the input ring wake that poller too.
+        if self.b.owns_park() && !self.a.owns_park() {
+            self.b.park(timeout);
+        } else {
+            self.a.park(timeout);
+        }
+    }
+
+    fn owns_park(&self) -> bool {
+        self.a.owns_park() || self.b.owns_park()
     }
 
     fn on_start(&mut self, input_signal: &Arc<Signal>) {
@@ -301,7 +347,10 @@ where
     }
 
     fn on_shutdown<E: Emit<Self::Out>>(&mut self, out: &mut E) {
-        self.a.on_shutdown(&mut Direct { b: &mut self.b, out });
+        self.a.on_shutdown(&mut Direct {
+            b: &mut self.b,
+            out,
+        });
         self.b.on_shutdown(out);
     }
 
@@ -324,20 +373,101 @@ where
     ) {
         let split = self.a.depth().min(meters.len());
         let (ma, mb) = meters.split_at_mut(split);
-        self.a.process(msg, t_in, ma, &mut Bridge { b: &mut self.b, meters: mb, out });
+        self.a.process(
+            msg,
+            t_in,
+            ma,
+            &mut Bridge {
+                b: &mut self.b,
+                meters: mb,
+                out,
+            },
+        );
     }
 
-    fn process_extra<E: Emit<Self::Out>>(&mut self, meters: &mut [StageMeter], out: &mut E) -> usize {
+    fn process_extra<E: Emit<Self::Out>>(
+        &mut self,
+        meters: &mut [StageMeter],
+        out: &mut E,
+    ) -> usize {
         let split = self.a.depth().min(meters.len());
         let (ma, mb) = meters.split_at_mut(split);
-        let n = self.a.process_extra(ma, &mut Bridge { b: &mut self.b, meters: &mut *mb, out });
+        let n = self.a.process_extra(
+            ma,
+            &mut Bridge {
+                b: &mut self.b,
+                meters: &mut *mb,
+                out,
+            },
+        );
         n + self.b.process_extra(mb, out)
     }
 
     fn process_shutdown<E: Emit<Self::Out>>(&mut self, meters: &mut [StageMeter], out: &mut E) {
         let split = self.a.depth().min(meters.len());
         let (ma, mb) = meters.split_at_mut(split);
-        self.a.process_shutdown(ma, &mut Bridge { b: &mut self.b, meters: &mut *mb, out });
+        self.a.process_shutdown(
+            ma,
+            &mut Bridge {
+                b: &mut self.b,
+                meters: &mut *mb,
+                out,
+            },
+        );
         self.b.process_shutdown(mb, out);
+    }
+}
+
+#[cfg(test)]
+mod park_delegation_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::message::NoMessage;
+
+    struct Plain;
+    impl Stage for Plain {
+        type In = NoMessage;
+        type Out = NoMessage;
+        fn name(&self) -> &'static str {
+            "plain"
+        }
+        fn on_message<E: Emit<NoMessage>>(&mut self, msg: NoMessage, out: &mut E) {
+            out.emit(msg);
+        }
+    }
+
+    struct Io(Arc<AtomicUsize>);
+    impl Stage for Io {
+        type In = NoMessage;
+        type Out = NoMessage;
+        fn name(&self) -> &'static str {
+            "io"
+        }
+        fn on_message<E: Emit<NoMessage>>(&mut self, msg: NoMessage, out: &mut E) {
+            out.emit(msg);
+        }
+        fn owns_park(&self) -> bool {
+            true
+        }
+        fn park(&mut self, _timeout: Option<Duration>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_fused_chain_parks_on_its_io_stage_wherever_it_stands() {
+        let parked = Arc::new(AtomicUsize::new(0));
+        let mut tail = fuse(fuse(Plain, Plain), Io(Arc::clone(&parked)));
+        assert!(tail.owns_park());
+        tail.park(Some(Duration::from_millis(1)));
+        assert_eq!(parked.load(Ordering::Relaxed), 1);
+        let mut head = fuse(Io(Arc::clone(&parked)), Plain);
+        head.park(Some(Duration::from_millis(1)));
+        assert_eq!(parked.load(Ordering::Relaxed), 2);
+        let mut none = fuse(Plain, Plain);
+        assert!(!none.owns_park());
+        none.park(Some(Duration::from_millis(1))); // thread park with timeout: returns
+        assert_eq!(parked.load(Ordering::Relaxed), 2);
     }
 }

@@ -237,6 +237,10 @@ impl Stage for BroadcastStage {
         false
     }
 
+    fn owns_park(&self) -> bool {
+        true
+    }
+
     fn park(&mut self, timeout: Option<Duration>) {
         // Woken by the node socket becoming readable or by the input ring's waker.
         let _ = self.poll.poll(&mut self.events, timeout);

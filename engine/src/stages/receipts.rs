@@ -202,6 +202,10 @@ impl Stage for ReceiptsStage {
         n
     }
 
+    fn owns_park(&self) -> bool {
+        true
+    }
+
     fn park(&mut self, timeout: Option<Duration>) {
         let _ = self.poll.poll(&mut self.events, timeout);
     }
