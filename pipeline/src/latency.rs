@@ -79,7 +79,9 @@ struct Counters {
 
 impl Counters {
     fn new() -> Self {
-        Self { counts: (0..COUNTS_LEN).map(|_| AtomicU64::new(0)).collect() }
+        Self {
+            counts: (0..COUNTS_LEN).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 }
 
@@ -98,7 +100,10 @@ impl Recorder {
         debug_assert!(index < COUNTS_LEN);
         if let Some(counter) = self.counters.counts.get(index) {
             // Single writer (`&mut self`): a relaxed load + store is an exact increment.
-            counter.store(counter.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(1),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -110,7 +115,9 @@ impl Recorder {
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Recorder")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -182,8 +189,12 @@ impl LatencyRegistry {
             .map(|series| {
                 let mut interval = new_histogram();
                 for source in &mut series.sources {
-                    for (index, (counter, previous)) in
-                        source.counters.counts.iter().zip(source.previous.iter_mut()).enumerate()
+                    for (index, (counter, previous)) in source
+                        .counters
+                        .counts
+                        .iter()
+                        .zip(source.previous.iter_mut())
+                        .enumerate()
                     {
                         let now = counter.load(Ordering::Relaxed);
                         let delta = now.wrapping_sub(*previous);
@@ -207,7 +218,9 @@ impl LatencyRegistry {
 
 impl std::fmt::Debug for LatencyRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LatencyRegistry").field("names", &self.names()).finish()
+        f.debug_struct("LatencyRegistry")
+            .field("names", &self.names())
+            .finish()
     }
 }
 

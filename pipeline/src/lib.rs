@@ -3,6 +3,8 @@
 
 mod sync;
 
+pub mod barrier;
+
 pub mod clock;
 pub mod latency;
 pub mod message;

@@ -12,8 +12,7 @@ use crate::clock::{now_raw, ticks_to_ns};
 use crate::latency::LatencyRegistry;
 use crate::message::Message;
 use crate::ring::{
-    Full, ManyToOneConsumer, ManyToOneProducer, OneToOneConsumer, OneToOneProducer, Signal,
-    Waker,
+    Full, ManyToOneConsumer, ManyToOneProducer, OneToOneConsumer, OneToOneProducer, Signal, Waker,
 };
 use crate::stage::{Emit, Stage, StageMeter, current_stage};
 use crate::wait::{Idle, WaitKind};
@@ -116,7 +115,11 @@ pub struct ThreadConfig {
 impl ThreadConfig {
     /// An unpinned thread.
     pub fn new(name: impl Into<String>, wait: WaitKind) -> Self {
-        Self { name: name.into(), core: None, wait }
+        Self {
+            name: name.into(),
+            core: None,
+            wait,
+        }
     }
 
     /// Pinned to `core`.
@@ -181,7 +184,8 @@ pub enum PipelineError {
 // Core budget
 // ---------------------------------------------------------------------------------------------
 
-/// The cores this process may really use: its affinity mask, limited by its cgroup CPU quota
+/// The cores this process may really use: its affinity mask (that of the main thread, so a
+/// pinned caller does not narrow it), limited by its cgroup CPU quota
 /// (v2 `cpu.max` along the cgroup path, or v1 `cpu.cfs_quota_us`), not `nproc`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CoreBudget {
@@ -217,7 +221,11 @@ impl CoreBudget {
         }
         let usable = usable.max(1);
         debug_assert!(usable <= core_ids.len());
-        CoreBudget { core_ids, quota_cores, usable }
+        CoreBudget {
+            core_ids,
+            quota_cores,
+            usable,
+        }
     }
 
     /// How many cores' worth of CPU this process may use.
@@ -266,7 +274,8 @@ fn affinity_cores() -> Vec<usize> {
     // SAFETY: `cpu_set_t` is a plain bit array for which all-zeros is a valid value.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: we pass the size of `set` and a valid pointer to it; pid 0 is this thread.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
         return fallback_cores();
     }
@@ -349,9 +358,16 @@ fn parse_cpu_max(text: &str) -> Option<f64> {
 }
 
 fn read_cfs_quota(dir: &str) -> Option<f64> {
-    let quota: f64 = std::fs::read_to_string(format!("{dir}/cpu.cfs_quota_us")).ok()?.trim().parse().ok()?;
-    let period: f64 =
-        std::fs::read_to_string(format!("{dir}/cpu.cfs_period_us")).ok()?.trim().parse().ok()?;
+    let quota: f64 = std::fs::read_to_string(format!("{dir}/cpu.cfs_quota_us"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let period: f64 = std::fs::read_to_string(format!("{dir}/cpu.cfs_period_us"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
@@ -403,7 +419,10 @@ struct Counters {
 impl Counters {
     #[inline]
     fn bump(counter: &AtomicU64, n: u64) {
-        counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -534,8 +553,22 @@ impl<S: Stage> StageThread<S> {
     /// Takes up to one batch off the input and runs it. Returns how many.
     #[inline]
     fn run_batch(&mut self) -> usize {
-        let Self { stage, input, output, meters, ctl, stop, counters, .. } = self;
-        let mut emit = OutputEmit { output, ctl, stop, counters };
+        let Self {
+            stage,
+            input,
+            output,
+            meters,
+            ctl,
+            stop,
+            counters,
+            ..
+        } = self;
+        let mut emit = OutputEmit {
+            output,
+            ctl,
+            stop,
+            counters,
+        };
         let n = input.pop_batch(BATCH, |msg| {
             let t_in = now_raw();
             if let (Some(prev), Some(meter)) = (msg.hops().last(), meters.first_mut()) {
@@ -550,8 +583,21 @@ impl<S: Stage> StageThread<S> {
     }
 
     fn run_extra(&mut self) -> usize {
-        let Self { stage, output, meters, ctl, stop, counters, .. } = self;
-        let mut emit = OutputEmit { output, ctl, stop, counters };
+        let Self {
+            stage,
+            output,
+            meters,
+            ctl,
+            stop,
+            counters,
+            ..
+        } = self;
+        let mut emit = OutputEmit {
+            output,
+            ctl,
+            stop,
+            counters,
+        };
         stage.process_extra(meters, &mut emit)
     }
 
@@ -559,7 +605,10 @@ impl<S: Stage> StageThread<S> {
         if let Some(core) = self.cfg.core
             && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
         {
-            self.ctl.fail(PipelineError::PinFailed { thread: self.cfg.name.clone(), core });
+            self.ctl.fail(PipelineError::PinFailed {
+                thread: self.cfg.name.clone(),
+                core,
+            });
             return;
         }
         let signal = Arc::clone(self.input.signal());
@@ -582,8 +631,21 @@ impl<S: Stage> StageThread<S> {
                         return;
                     }
                 }
-                let Self { stage, output, meters, ctl, stop, counters, .. } = &mut self;
-                let mut emit = OutputEmit { output, ctl, stop, counters };
+                let Self {
+                    stage,
+                    output,
+                    meters,
+                    ctl,
+                    stop,
+                    counters,
+                    ..
+                } = &mut self;
+                let mut emit = OutputEmit {
+                    output,
+                    ctl,
+                    stop,
+                    counters,
+                };
                 stage.process_shutdown(meters, &mut emit);
                 return;
             }
@@ -692,7 +754,11 @@ impl PipelineBuilder {
             });
         });
         let signal = Arc::clone(input.signal());
-        self.ctl.signals.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::clone(&signal));
+        self.ctl
+            .signals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&signal));
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let fallback_name = stage.name();
@@ -721,8 +787,17 @@ impl PipelineBuilder {
                     });
                 }
             })
-            .map_err(|e| PipelineError::Spawn { thread: cfg.name.clone(), source: Arc::new(e) })?;
-        self.threads.push(ThreadHandle { name: cfg.name, stop, signal, counters, join: Some(join) });
+            .map_err(|e| PipelineError::Spawn {
+                thread: cfg.name.clone(),
+                source: Arc::new(e),
+            })?;
+        self.threads.push(ThreadHandle {
+            name: cfg.name,
+            stop,
+            signal,
+            counters,
+            join: Some(join),
+        });
         Ok(())
     }
 
@@ -759,7 +834,10 @@ impl Drop for PipelineBuilder {
 impl std::fmt::Debug for PipelineBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PipelineBuilder")
-            .field("threads", &self.threads.iter().map(|t| &t.name).collect::<Vec<_>>())
+            .field(
+                "threads",
+                &self.threads.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            )
             .field("budget", &self.budget)
             .finish()
     }
@@ -783,7 +861,12 @@ fn stop_and_join(ctl: &Control, threads: &mut [ThreadHandle]) -> Result<(), Pipe
             });
         }
     }
-    match ctl.failure.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+    match ctl
+        .failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+    {
         Some(e) => Err(e),
         None => Ok(()),
     }
@@ -808,7 +891,11 @@ impl Pipeline {
         if !self.ctl.failed() {
             return None;
         }
-        self.ctl.failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.ctl
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Neither failed nor shut down.
@@ -849,7 +936,10 @@ impl Drop for Pipeline {
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
-            .field("threads", &self.threads.iter().map(|t| &t.name).collect::<Vec<_>>())
+            .field(
+                "threads",
+                &self.threads.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            )
             .field("running", &self.is_running())
             .finish()
     }

@@ -154,7 +154,9 @@ impl SloTracker {
     pub fn observe(&mut self, snaps: &[HistogramSnapshot], now: Instant) -> Vec<SloState> {
         let mut out = Vec::new();
         for snap in snaps {
-            let Some(track) = self.tracks.get_mut(&snap.name) else { continue };
+            let Some(track) = self.tracks.get_mut(&snap.name) else {
+                continue;
+            };
             let start = *track.window_start.get_or_insert(now);
             let _ = track.current.add(&snap.interval);
             if now.duration_since(start) >= track.budget.window {
@@ -175,7 +177,9 @@ impl SloTracker {
 
 impl std::fmt::Debug for SloTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SloTracker").field("names", &self.tracks.keys()).finish()
+        f.debug_struct("SloTracker")
+            .field("names", &self.tracks.keys())
+            .finish()
     }
 }
 

@@ -6,7 +6,12 @@
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Used only where the park handshake falls back to symmetric fences (see `barrier`).
+#[cfg(not(loom))]
+#[cfg_attr(all(target_os = "linux", not(miri)), allow(unused_imports))]
+pub(crate) use std::sync::atomic::fence;
 
 /// A hint that we are in a spin loop (under loom: a yield point, or the model never ends).
 #[inline(always)]

@@ -106,13 +106,22 @@ impl SpinYieldPark {
 
     /// Spin `spins` steps, yield `yields` steps, then park for at most `park_timeout`.
     pub fn new(spins: u32, yields: u32, park_timeout: Duration) -> Self {
-        Self { spins, yields, park_timeout, count: 0 }
+        Self {
+            spins,
+            yields,
+            park_timeout,
+            count: 0,
+        }
     }
 }
 
 impl Default for SpinYieldPark {
     fn default() -> Self {
-        Self::new(Self::DEFAULT_SPINS, Self::DEFAULT_YIELDS, Self::DEFAULT_PARK_TIMEOUT)
+        Self::new(
+            Self::DEFAULT_SPINS,
+            Self::DEFAULT_YIELDS,
+            Self::DEFAULT_PARK_TIMEOUT,
+        )
     }
 }
 

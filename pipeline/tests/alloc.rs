@@ -154,14 +154,27 @@ fn steady_state_hot_path_allocates_nothing() {
     let (mid_out, mid_in) = one_to_one::<Msg>(256);
     let mut b = PipelineBuilder::new();
     let w = WaitKind::SpinYieldPark;
-    b.spawn(ThreadConfig::new("add", w), input.into(), fuse(Add("a"), Add("b")), mid_out.into())
-        .unwrap();
-    b.spawn(ThreadConfig::new("count", w), mid_in.into(), Count(Arc::clone(&count)), Output::Discard)
-        .unwrap();
+    b.spawn(
+        ThreadConfig::new("add", w),
+        input.into(),
+        fuse(Add("a"), Add("b")),
+        mid_out.into(),
+    )
+    .unwrap();
+    b.spawn(
+        ThreadConfig::new("count", w),
+        mid_in.into(),
+        Count(Arc::clone(&count)),
+        Output::Discard,
+    )
+    .unwrap();
     let pipeline = b.start();
     let mut send = |n: usize| {
         for _ in 0..n {
-            let mut m = Msg { hops: Hops::starting_at(now_raw()), payload: [0; 4] };
+            let mut m = Msg {
+                hops: Hops::starting_at(now_raw()),
+                payload: [0; 4],
+            };
             while let Err(Full(back)) = src.try_push(m) {
                 m = back;
                 std::hint::spin_loop();

@@ -239,4 +239,3 @@ fn many_to_one_park_handshake_loses_no_wakeup() {
         producer.join().unwrap();
     });
 }
-

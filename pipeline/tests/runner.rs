@@ -50,7 +50,11 @@ impl Stage for Step {
 }
 
 fn step(name: &'static str) -> Step {
-    Step { name, add: 0, panic_on: None }
+    Step {
+        name,
+        add: 0,
+        panic_on: None,
+    }
 }
 
 /// Terminal: collects sequence numbers and hop counts.
@@ -89,7 +93,10 @@ fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 fn push_all(p: &mut pipeline::OneToOneProducer<Msg>, range: std::ops::Range<u64>) {
     for seq in range {
-        let mut m = Msg { hops: Hops::starting_at(now_raw()), seq };
+        let mut m = Msg {
+            hops: Hops::starting_at(now_raw()),
+            seq,
+        };
         while let Err(Full(back)) = p.try_push(m) {
             m = back;
             std::thread::yield_now();
@@ -105,20 +112,44 @@ fn three_threads_deliver_in_order_and_record_each_stage() {
     let sink = Sink::default();
     let mut b = PipelineBuilder::new();
     let w = WaitKind::SpinYieldPark;
-    b.spawn(ThreadConfig::new("a", w), Input::OneToOne(in_a), step("a"), Output::OneToOne(a_out))
-        .unwrap();
-    b.spawn(ThreadConfig::new("b", w), Input::OneToOne(b_in), step("b"), Output::ManyToOne(b_out))
-        .unwrap();
-    b.spawn(ThreadConfig::new("sink", w), Input::ManyToOne(sink_in), sink.clone(), Output::Discard)
-        .unwrap();
+    b.spawn(
+        ThreadConfig::new("a", w),
+        Input::OneToOne(in_a),
+        step("a"),
+        Output::OneToOne(a_out),
+    )
+    .unwrap();
+    b.spawn(
+        ThreadConfig::new("b", w),
+        Input::OneToOne(b_in),
+        step("b"),
+        Output::ManyToOne(b_out),
+    )
+    .unwrap();
+    b.spawn(
+        ThreadConfig::new("sink", w),
+        Input::ManyToOne(sink_in),
+        sink.clone(),
+        Output::Discard,
+    )
+    .unwrap();
     let p = b.start();
     assert!(p.is_running());
     const N: u64 = 20_000;
     push_all(&mut src, 0..N);
-    assert!(wait_until(Duration::from_secs(20), || sink.count.load(Ordering::Acquire) == N as usize));
+    assert!(wait_until(Duration::from_secs(20), || sink
+        .count
+        .load(Ordering::Acquire)
+        == N as usize));
     let snaps = p.latency().snapshot();
     let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
-    for n in ["a.queue_wait", "a.service", "b.service", "sink.queue_wait", "sink.service"] {
+    for n in [
+        "a.queue_wait",
+        "a.service",
+        "b.service",
+        "sink.queue_wait",
+        "sink.service",
+    ] {
         assert!(names.contains(&n), "{names:?}");
     }
     for s in &snaps {
@@ -129,27 +160,50 @@ fn three_threads_deliver_in_order_and_record_each_stage() {
     assert_eq!(stats[2].messages, N);
     p.shutdown().unwrap();
     let seen = sink.seen.lock().unwrap();
-    assert!(seen.iter().enumerate().all(|(i, (seq, hops))| *seq == i as u64 && *hops == 3));
+    assert!(
+        seen.iter()
+            .enumerate()
+            .all(|(i, (seq, hops))| *seq == i as u64 && *hops == 3)
+    );
     assert_eq!(sink.shutdowns.load(Ordering::Relaxed), 1);
 }
 
 #[test]
 fn shutdown_delivers_everything_in_flight() {
-    for wait in [WaitKind::SpinYieldPark, WaitKind::SpinThenYield, WaitKind::BusySpin] {
+    for wait in [
+        WaitKind::SpinYieldPark,
+        WaitKind::SpinThenYield,
+        WaitKind::BusySpin,
+    ] {
         let (mut src, in_a) = one_to_one::<Msg>(4096);
         let (a_out, sink_in) = one_to_one::<Msg>(4);
         let sink = Sink::default();
         let mut b = PipelineBuilder::new();
-        b.spawn(ThreadConfig::new("a", wait), in_a.into(), step("a"), a_out.into()).unwrap();
-        b.spawn(ThreadConfig::new("sink", wait), sink_in.into(), sink.clone(), Output::Discard)
-            .unwrap();
+        b.spawn(
+            ThreadConfig::new("a", wait),
+            in_a.into(),
+            step("a"),
+            a_out.into(),
+        )
+        .unwrap();
+        b.spawn(
+            ThreadConfig::new("sink", wait),
+            sink_in.into(),
+            sink.clone(),
+            Output::Discard,
+        )
+        .unwrap();
         // Fill the input before the threads even start, then shut down at once.
         push_all(&mut src, 0..4000);
         let p = b.start();
         p.shutdown().unwrap();
         assert_eq!(sink.count.load(Ordering::Acquire), 4000, "{wait:?}");
         let seen = sink.seen.lock().unwrap();
-        assert!(seen.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64));
+        assert!(
+            seen.iter()
+                .enumerate()
+                .all(|(i, (seq, _))| *seq == i as u64)
+        );
     }
 }
 
@@ -161,19 +215,37 @@ fn a_panicking_stage_stops_the_pipeline_and_is_reported() {
     let sink = Sink::default();
     let mut b = PipelineBuilder::new();
     let w = WaitKind::SpinYieldPark;
-    b.spawn(ThreadConfig::new("a", w), in_a.into(), step("a"), a_out.into()).unwrap();
+    b.spawn(
+        ThreadConfig::new("a", w),
+        in_a.into(),
+        step("a"),
+        a_out.into(),
+    )
+    .unwrap();
     b.spawn(
         ThreadConfig::new("b", w),
         b_in.into(),
-        Step { name: "boom", add: 0, panic_on: Some(100) },
+        Step {
+            name: "boom",
+            add: 0,
+            panic_on: Some(100),
+        },
         b_out.into(),
     )
     .unwrap();
-    b.spawn(ThreadConfig::new("sink", w), sink_in.into(), sink.clone(), Output::Discard).unwrap();
+    b.spawn(
+        ThreadConfig::new("sink", w),
+        sink_in.into(),
+        sink.clone(),
+        Output::Discard,
+    )
+    .unwrap();
     let p = b.start();
     // Keep pushing: stage "a" ends up blocked on its full output ring when "boom" dies.
     push_all(&mut src, 0..1000);
-    assert!(wait_until(Duration::from_secs(10), || p.failure().is_some()));
+    assert!(wait_until(Duration::from_secs(10), || p
+        .failure()
+        .is_some()));
     assert!(!p.is_running());
     let started = Instant::now();
     match p.shutdown() {
@@ -190,13 +262,30 @@ fn a_panicking_stage_stops_the_pipeline_and_is_reported() {
 #[test]
 fn a_panic_inside_a_fused_chain_names_the_inner_stage() {
     let (mut src, input) = one_to_one::<Msg>(16);
-    let chain = fuse(fuse(step("x"), Step { name: "y", add: 0, panic_on: Some(3) }), Sink::default());
+    let chain = fuse(
+        fuse(
+            step("x"),
+            Step {
+                name: "y",
+                add: 0,
+                panic_on: Some(3),
+            },
+        ),
+        Sink::default(),
+    );
     let mut b = PipelineBuilder::new();
-    b.spawn(ThreadConfig::new("fused", WaitKind::SpinYieldPark), input.into(), chain, Output::Discard)
-        .unwrap();
+    b.spawn(
+        ThreadConfig::new("fused", WaitKind::SpinYieldPark),
+        input.into(),
+        chain,
+        Output::Discard,
+    )
+    .unwrap();
     let p = b.start();
     push_all(&mut src, 0..10);
-    assert!(wait_until(Duration::from_secs(10), || p.failure().is_some()));
+    assert!(wait_until(Duration::from_secs(10), || p
+        .failure()
+        .is_some()));
     match p.shutdown() {
         Err(PipelineError::StagePanicked { stage, .. }) => assert_eq!(stage, "y"),
         other => panic!("{other:?}"),
@@ -208,21 +297,42 @@ fn fused_stages_stamp_one_hop_each_and_keep_their_own_recorders() {
     let (mut src, input) = one_to_one::<Msg>(64);
     let sink = Sink::default();
     let chain = fuse(
-        fuse(fuse(Step { name: "s1", add: 1, panic_on: None }, step("s2")), step("s3")),
+        fuse(
+            fuse(
+                Step {
+                    name: "s1",
+                    add: 1,
+                    panic_on: None,
+                },
+                step("s2"),
+            ),
+            step("s3"),
+        ),
         sink.clone(),
     )
     .named("cpu");
     let mut b = PipelineBuilder::new();
-    b.spawn(ThreadConfig::new("cpu", WaitKind::SpinThenYield), input.into(), chain, Output::Discard)
-        .unwrap();
+    b.spawn(
+        ThreadConfig::new("cpu", WaitKind::SpinThenYield),
+        input.into(),
+        chain,
+        Output::Discard,
+    )
+    .unwrap();
     let p = b.start();
     push_all(&mut src, 0..500);
-    assert!(wait_until(Duration::from_secs(10), || sink.count.load(Ordering::Acquire) == 500));
+    assert!(wait_until(Duration::from_secs(10), || sink
+        .count
+        .load(Ordering::Acquire)
+        == 500));
     let snaps = p.latency().snapshot();
     for name in ["s1", "s2", "s3", "sink"] {
         for kind in ["queue_wait", "service"] {
             let full = format!("{name}.{kind}");
-            let s = snaps.iter().find(|s| s.name == full).unwrap_or_else(|| panic!("{full}"));
+            let s = snaps
+                .iter()
+                .find(|s| s.name == full)
+                .unwrap_or_else(|| panic!("{full}"));
             assert_eq!(s.cumulative.len(), 500, "{full}");
         }
     }
@@ -232,7 +342,11 @@ fn fused_stages_stamp_one_hop_each_and_keep_their_own_recorders() {
     p.shutdown().unwrap();
     let seen = sink.seen.lock().unwrap();
     // Origin stamp + s1 + s2 + s3.
-    assert!(seen.iter().enumerate().all(|(i, &(seq, hops))| seq == i as u64 + 1 && hops == 4));
+    assert!(
+        seen.iter()
+            .enumerate()
+            .all(|(i, &(seq, hops))| seq == i as u64 + 1 && hops == 4)
+    );
 }
 
 /// A stage whose "I/O" wakes it through a custom waker and that parks in its own poller.
@@ -276,19 +390,35 @@ fn a_parked_stage_is_woken_by_its_custom_waker() {
         signal: None,
         sink: Sink::default(),
     };
-    let (woken, parks, count) =
-        (Arc::clone(&stage.woken), Arc::clone(&stage.parks), Arc::clone(&stage.sink.count));
+    let (woken, parks, count) = (
+        Arc::clone(&stage.woken),
+        Arc::clone(&stage.parks),
+        Arc::clone(&stage.sink.count),
+    );
     let mut b = PipelineBuilder::new();
-    b.spawn(ThreadConfig::new("polling", WaitKind::SpinYieldPark), input.into(), stage, Output::Discard)
-        .unwrap();
+    b.spawn(
+        ThreadConfig::new("polling", WaitKind::SpinYieldPark),
+        input.into(),
+        stage,
+        Output::Discard,
+    )
+    .unwrap();
     let p = b.start();
     for i in 0..5u64 {
         // Let it go idle and park.
-        assert!(wait_until(Duration::from_secs(5), || src.signal().is_sleeping()));
+        assert!(wait_until(Duration::from_secs(5), || src
+            .signal()
+            .is_sleeping()));
         push_all(&mut src, i..i + 1);
-        assert!(wait_until(Duration::from_secs(5), || count.load(Ordering::Acquire) == i as usize + 1));
+        assert!(wait_until(Duration::from_secs(5), || count
+            .load(Ordering::Acquire)
+            == i as usize + 1));
     }
-    assert!(woken.load(Ordering::Relaxed) >= 5, "woken {}", woken.load(Ordering::Relaxed));
+    assert!(
+        woken.load(Ordering::Relaxed) >= 5,
+        "woken {}",
+        woken.load(Ordering::Relaxed)
+    );
     assert!(parks.load(Ordering::Relaxed) >= 5);
     p.shutdown().unwrap();
 }
@@ -298,11 +428,24 @@ fn invalid_config_is_rejected() {
     let (_src, input) = one_to_one::<Msg>(2);
     let mut b = PipelineBuilder::new();
     let err = b
-        .spawn(ThreadConfig::new("x", WaitKind::BusySpin).pinned(100_000), input.into(), step("x"), Output::Discard)
+        .spawn(
+            ThreadConfig::new("x", WaitKind::BusySpin).pinned(100_000),
+            input.into(),
+            step("x"),
+            Output::Discard,
+        )
         .unwrap_err();
     assert!(matches!(err, PipelineError::InvalidConfig(_)), "{err}");
     let (_src, input) = one_to_one::<Msg>(2);
-    assert!(b.spawn(ThreadConfig::new("", WaitKind::BusySpin), input.into(), step("x"), Output::Discard).is_err());
+    assert!(
+        b.spawn(
+            ThreadConfig::new("", WaitKind::BusySpin),
+            input.into(),
+            step("x"),
+            Output::Discard
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -310,8 +453,13 @@ fn a_builder_dropped_before_start_joins_its_threads() {
     let (mut src, input) = one_to_one::<Msg>(16);
     let sink = Sink::default();
     let mut b = PipelineBuilder::new();
-    b.spawn(ThreadConfig::new("sink", WaitKind::SpinYieldPark), input.into(), sink.clone(), Output::Discard)
-        .unwrap();
+    b.spawn(
+        ThreadConfig::new("sink", WaitKind::SpinYieldPark),
+        input.into(),
+        sink.clone(),
+        Output::Discard,
+    )
+    .unwrap();
     push_all(&mut src, 0..3);
     drop(b);
     assert_eq!(sink.count.load(Ordering::Acquire), 3);

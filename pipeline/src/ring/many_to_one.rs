@@ -65,7 +65,10 @@ pub fn many_to_one<T: Copy + Send>(
     check_capacity(capacity);
     let capacity = capacity.max(2);
     let slots = (0..capacity)
-        .map(|i| Slot { seq: AtomicUsize::new(i), value: UnsafeCell::new(MaybeUninit::uninit()) })
+        .map(|i| Slot {
+            seq: AtomicUsize::new(i),
+            value: UnsafeCell::new(MaybeUninit::uninit()),
+        })
         .collect();
     let shared = Arc::new(Shared {
         tail: CachePadded::new(AtomicUsize::new(0)),
@@ -74,7 +77,12 @@ pub fn many_to_one<T: Copy + Send>(
         consumer_gone: AtomicBool::new(false),
         signal: Arc::new(Signal::new()),
     });
-    (ManyToOneProducer { shared: Arc::clone(&shared) }, ManyToOneConsumer { shared, head: 0 })
+    (
+        ManyToOneProducer {
+            shared: Arc::clone(&shared),
+        },
+        ManyToOneConsumer { shared, head: 0 },
+    )
 }
 
 /// A producing end of a [`many_to_one`] ring: `Clone`, `Send` and `Sync`.
@@ -84,7 +92,9 @@ pub struct ManyToOneProducer<T> {
 
 impl<T> Clone for ManyToOneProducer<T> {
     fn clone(&self) -> Self {
-        Self { shared: Arc::clone(&self.shared) }
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
@@ -180,12 +190,14 @@ impl<T: Copy + Send> ManyToOneConsumer<T> {
             return None;
         }
         let value = slot.value.with(|v| {
-            // SAFETY: `seq == head + 1`: the producer that claimed `head` wrote the value and
-            // then stored `seq` with Release, which our Acquire load saw. No producer writes
-            // the slot again until we store `head + capacity` below. `T: Copy`.
-            unsafe { (*v).assume_init_read() }
+            // SAFETY: no producer writes the slot until we store `head + capacity` below.
+            unsafe { v.read() }
         });
-        slot.seq.store(head.wrapping_add(shared.capacity()), Ordering::Release);
+        // SAFETY: `seq == head + 1`: the producer that claimed `head` wrote the value and then
+        // stored `seq` with Release, which our Acquire load saw. `T: Copy`: nothing to drop.
+        let value = unsafe { value.assume_init() };
+        slot.seq
+            .store(head.wrapping_add(shared.capacity()), Ordering::Release);
         self.head = head.wrapping_add(1);
         Some(value)
     }

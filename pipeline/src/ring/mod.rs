@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
-use crate::sync::{AtomicBool, Ordering, fence};
+use crate::sync::{AtomicBool, Ordering};
 use crate::wait::Idle;
 
 /// Returned by `try_push` when the ring is full: the value comes back to the producer.
@@ -70,19 +70,22 @@ impl fmt::Debug for Waker {
 
 /// The consumer side's sleeping flag and how to wake it: one per ring, shared by both ends.
 ///
-/// The handshake (a Dekker pair, so it needs the two `SeqCst` fences):
+/// The handshake (a Dekker pair, so each side needs a store→load barrier):
 ///
 /// ```text
 /// consumer (Signal::sleep)             producer (after publishing, Signal::notify)
 ///   sleeping = true                      tail.store(Release)
-///   fence(SeqCst)                        fence(SeqCst)
+///   heavy barrier                        light barrier
 ///   if !ready() { park }                 if sleeping { wake }
 ///   sleeping = false
 /// ```
 ///
 /// Either the producer sees `sleeping == true` and wakes the consumer, or the consumer's
 /// re-check sees the published message and does not park: no lost wakeup, and no syscall on
-/// the producer side while the consumer is awake. `tests/loom.rs` model-checks this.
+/// the producer side while the consumer is awake. The barriers are `fence(SeqCst)` on both
+/// sides (model-checked by `tests/loom.rs`), or on Linux an asymmetric pair: a compiler fence
+/// for the producer and `membarrier(PRIVATE_EXPEDITED)` for the consumer about to park (see
+/// [`crate::barrier`]), so a push costs no fence at all.
 pub struct Signal {
     /// Set by the consumer, only between its last re-check and the end of its park.
     sleeping: CachePadded<AtomicBool>,
@@ -94,7 +97,11 @@ impl Signal {
     /// A signal with no waker yet (a `notify` then wakes nobody; a parked consumer still
     /// returns at its park timeout).
     pub fn new() -> Self {
-        Self { sleeping: CachePadded::new(AtomicBool::new(false)), waker: OnceLock::new() }
+        crate::barrier::init();
+        Self {
+            sleeping: CachePadded::new(AtomicBool::new(false)),
+            waker: OnceLock::new(),
+        }
     }
 
     /// Sets how to wake the consumer. The first waker set wins and later calls are ignored:
@@ -113,7 +120,7 @@ impl Signal {
     /// (or about to park). No syscall while the consumer is awake.
     #[inline]
     pub fn notify(&self) {
-        fence(Ordering::SeqCst);
+        crate::barrier::light();
         if self.sleeping.load(Ordering::Relaxed) {
             self.wake();
         }
@@ -137,7 +144,7 @@ impl Signal {
     /// only if still nothing to do, then clear the flag. Returns whether it parked.
     pub fn sleep(&self, idle: &mut dyn Idle, timeout: Option<Duration>) -> bool {
         self.sleeping.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        crate::barrier::heavy();
         let parked = !idle.ready();
         if parked {
             idle.park(timeout);

@@ -8,6 +8,13 @@ use crossbeam_utils::CachePadded;
 use super::{Full, Signal, check_capacity};
 use crate::sync::{AtomicBool, AtomicUsize, Ordering, UnsafeCell};
 
+/// One slot, aligned to a cache line: a 64-byte message occupies exactly one line (the
+/// allocator would otherwise only align it to 8, so most slots would straddle two lines and
+/// every push and pop would move two), and neighbouring slots never share a line, so the
+/// producer filling slot `i + 1` does not steal the line the consumer is reading slot `i` from.
+#[repr(C, align(64))]
+struct Slot<T>(UnsafeCell<MaybeUninit<T>>);
+
 /// State shared by the two ends.
 ///
 /// Indices run freely (wrapping `usize`) and are reduced with `mask` only to address a slot.
@@ -21,7 +28,7 @@ struct Shared<T> {
     tail: CachePadded<AtomicUsize>,
     /// Slots `head..tail` (mod capacity) hold initialised values owned by the consumer; the
     /// others belong to the producer. `T: Copy`, so nothing is ever dropped in place.
-    slots: Box<[UnsafeCell<MaybeUninit<T>>]>,
+    slots: Box<[Slot<T>]>,
     /// `capacity - 1`; capacity is a power of two.
     mask: usize,
     /// Set when the consumer is dropped, so a producer waiting for space can give up.
@@ -48,7 +55,7 @@ impl<T> Shared<T> {
         debug_assert_eq!(self.slots.len(), self.mask + 1);
         // SAFETY: `slots.len() == mask + 1` (set once in `one_to_one`, never changed), so
         // `index & mask < slots.len()`.
-        unsafe { self.slots.get_unchecked(index & self.mask) }
+        unsafe { &self.slots.get_unchecked(index & self.mask).0 }
     }
 }
 
@@ -58,7 +65,9 @@ impl<T> Shared<T> {
 /// If `capacity` is 0 or not a power of two.
 pub fn one_to_one<T: Copy + Send>(capacity: usize) -> (OneToOneProducer<T>, OneToOneConsumer<T>) {
     check_capacity(capacity);
-    let slots = (0..capacity).map(|_| UnsafeCell::new(MaybeUninit::uninit())).collect();
+    let slots = (0..capacity)
+        .map(|_| Slot(UnsafeCell::new(MaybeUninit::uninit())))
+        .collect();
     let shared = Arc::new(Shared {
         head: CachePadded::new(AtomicUsize::new(0)),
         tail: CachePadded::new(AtomicUsize::new(0)),
@@ -68,8 +77,16 @@ pub fn one_to_one<T: Copy + Send>(capacity: usize) -> (OneToOneProducer<T>, OneT
         signal: Arc::new(Signal::new()),
     });
     (
-        OneToOneProducer { shared: Arc::clone(&shared), tail: 0, cached_head: 0 },
-        OneToOneConsumer { shared, head: 0, cached_tail: 0 },
+        OneToOneProducer {
+            shared: Arc::clone(&shared),
+            tail: 0,
+            cached_head: 0,
+        },
+        OneToOneConsumer {
+            shared,
+            head: 0,
+            cached_tail: 0,
+        },
     )
 }
 
@@ -208,12 +225,14 @@ impl Drop for HeadGuard<'_> {
 /// through an Acquire load of `tail`, not yet released by a store of `head`).
 #[inline(always)]
 unsafe fn read<T: Copy>(shared: &Shared<T>, index: usize) -> T {
-    shared.slot(index).with(|slot| {
-        // SAFETY: by the caller's contract the slot was initialised by the producer, whose
-        // Release store of `tail` happened-before our Acquire load, and the producer will not
-        // write it again until we publish a `head` past it. `T: Copy`: nothing to drop.
-        unsafe { (*slot).assume_init_read() }
-    })
+    let value = shared.slot(index).with(|slot| {
+        // SAFETY: by the caller's contract no one writes the slot while we read it: the
+        // producer will not touch it again until we publish a `head` past it.
+        unsafe { slot.read() }
+    });
+    // SAFETY: the producer initialised the slot before its Release store of `tail`, which
+    // happened-before our Acquire load. `T: Copy`: the copy left behind needs no drop.
+    unsafe { value.assume_init() }
 }
 
 impl<T: Copy + Send> OneToOneConsumer<T> {
@@ -225,7 +244,10 @@ impl<T: Copy + Send> OneToOneConsumer<T> {
             self.cached_tail = self.shared.tail.load(Ordering::Acquire);
             avail = self.cached_tail.wrapping_sub(self.head);
         }
-        debug_assert!(avail <= self.shared.capacity(), "OneToOne: tail - head > capacity");
+        debug_assert!(
+            avail <= self.shared.capacity(),
+            "OneToOne: tail - head > capacity"
+        );
         avail
     }
 
@@ -255,7 +277,10 @@ impl<T: Copy + Send> OneToOneConsumer<T> {
         }
         let start = self.head;
         let shared = &*self.shared;
-        let guard = HeadGuard { head: &shared.head, local: &mut self.head };
+        let guard = HeadGuard {
+            head: &shared.head,
+            local: &mut self.head,
+        };
         for i in 0..n {
             let index = start.wrapping_add(i);
             // SAFETY: `i < n <= cached_tail - head`, so `index` is in `head..cached_tail`.
@@ -270,7 +295,10 @@ impl<T: Copy + Send> OneToOneConsumer<T> {
     /// Values in the ring right now.
     #[inline]
     pub fn len(&self) -> usize {
-        self.shared.tail.load(Ordering::Acquire).wrapping_sub(self.head)
+        self.shared
+            .tail
+            .load(Ordering::Acquire)
+            .wrapping_sub(self.head)
     }
 
     /// Whether the ring is empty right now.

@@ -185,7 +185,8 @@ fn notify_wakes_only_a_sleeping_consumer() {
         w.fetch_add(1, Ordering::Relaxed);
     })));
     // A second waker is ignored: the first one wins.
-    p.signal().set_waker(Waker::Custom(Arc::new(|| panic!("second waker used"))));
+    p.signal()
+        .set_waker(Waker::Custom(Arc::new(|| panic!("second waker used"))));
     p.try_push(1).unwrap();
     assert_eq!(wakes.load(Ordering::Relaxed), 0);
     assert!(!p.signal().is_sleeping());
@@ -269,7 +270,7 @@ proptest! {
             match op {
                 Op::Push(k) => {
                     for _ in 0..k {
-                        let producer = if next % 2 == 0 { &p } else { &p2 };
+                        let producer = if next.is_multiple_of(2) { &p } else { &p2 };
                         match producer.try_push(next) {
                             Ok(()) => { model.push_back(next); next += 1; }
                             Err(Full(v)) => { prop_assert_eq!(v, next); prop_assert_eq!(model.len(), cap); }

@@ -1,0 +1,17 @@
+//! Five-stage pipeline latency run under `cargo bench` (see `benches::pipeline_latency`):
+//! 10k msg/s, 3 s per layout and wait strategy, report in `latency-reports/<date>-pipeline/`.
+//!
+//! `cargo bench -p benches --bench pipeline`
+
+fn main() {
+    // `cargo bench` passes `--bench` and maybe a filter; a filter that names neither this run
+    // nor "pipeline" skips it.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if args.iter().any(|f| !"pipeline".contains(f.as_str())) {
+        return;
+    }
+    benches::pipeline_latency::run_all(10_000, 3.0);
+}
