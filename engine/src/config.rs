@@ -30,6 +30,46 @@ impl Layout {
     pub const PER_STAGE_MIN_CORES: usize = 8;
 }
 
+/// How stage threads wait when idle (configuration names of `pipeline::WaitKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaitChoice {
+    /// Chosen from the cores this process may use (`pipeline::CoreBudget::default_wait`).
+    #[default]
+    Auto,
+    /// Spin without pause: only when each stage thread has a core to itself.
+    BusySpin,
+    /// Spin, then yield forever: lowest latency on shared cores, 100% CPU even idle.
+    SpinYield,
+    /// Spin, yield, then park with the sleeping-flag handshake.
+    SpinYieldPark,
+}
+
+impl WaitChoice {
+    /// Parses a configuration name.
+    pub fn parse(s: &str) -> Option<WaitChoice> {
+        match s {
+            "auto" => Some(WaitChoice::Auto),
+            "busy-spin" => Some(WaitChoice::BusySpin),
+            "spin-yield" => Some(WaitChoice::SpinYield),
+            "spin-yield-park" => Some(WaitChoice::SpinYieldPark),
+            _ => None,
+        }
+    }
+}
+
+impl Layout {
+    /// Parses a configuration name.
+    pub fn parse(s: &str) -> Option<Layout> {
+        match s {
+            "auto" => Some(Layout::Auto),
+            "fused" => Some(Layout::Fused),
+            "per-stage" => Some(Layout::PerStage),
+            _ => None,
+        }
+    }
+}
+
 /// Where an account's key lives.
 #[derive(Clone, Deserialize)]
 #[serde(tag = "backend", rename_all = "kebab-case")]
@@ -85,6 +125,9 @@ pub struct Config {
     /// Thread layout.
     #[serde(default)]
     pub layout: Layout,
+    /// Wait strategy of the stage threads.
+    #[serde(default)]
+    pub wait: WaitChoice,
     /// Capacity of each ring (power of two).
     #[serde(default = "default_ring")]
     pub ring_capacity: usize,

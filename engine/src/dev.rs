@@ -9,7 +9,7 @@ use std::time::Duration;
 use alloy_primitives::U256;
 use venues::{Anvil, AnvilConfig, DEV_ADDRESSES, DEV_PRIVATE_KEYS};
 
-use crate::config::{AccountConfig, Config, KeyConfig, Layout};
+use crate::config::{AccountConfig, Config, KeyConfig, Layout, WaitChoice};
 use crate::error::EngineError;
 
 /// Per-intent cap of the dev accounts: 100 ETH.
@@ -39,6 +39,7 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         confirmations: 2,
         accounts,
         layout: Layout::Auto,
+        wait: WaitChoice::Auto,
         ring_capacity: 4096,
         status_ring_capacity: 65536,
         blob_slots: 4 * 4096 + 1024,

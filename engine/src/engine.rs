@@ -16,7 +16,7 @@ use venues::{FeeView, RpcClient};
 
 use crate::auth::JwtAuth;
 use crate::blob::BlobPool;
-use crate::config::{Config, KeyConfig, Layout};
+use crate::config::{Config, KeyConfig, Layout, WaitChoice};
 use crate::error::EngineError;
 use crate::msg::{IntentMsg, StatusMsg, TxMsg};
 use crate::server::{self, Health, ServerCtx};
@@ -122,7 +122,12 @@ impl Engine {
         // Threads that want a core: the CPU stages with broadcast (1 fused, or 4), receipts,
         // status.
         let stage_threads = if fused { 3 } else { 6 };
-        let wait = budget.default_wait(stage_threads);
+        let wait = match cfg.wait {
+            WaitChoice::Auto => budget.default_wait(stage_threads),
+            WaitChoice::BusySpin => WaitKind::BusySpin,
+            WaitChoice::SpinYield => WaitKind::SpinThenYield,
+            WaitChoice::SpinYieldPark => WaitKind::SpinYieldPark,
+        };
         let intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 16);
         let policy = PolicyStage::new(&cfg, status.clone(), Arc::clone(&blobs));
         let signing = SigningStage::new(

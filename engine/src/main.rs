@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use engine::auth::{JwtAuth, Roles, parse_roles};
+use engine::config::{Layout, WaitChoice};
 use engine::demo::{self, DemoOptions};
 use engine::{Config, Engine, EngineError, dev};
 
@@ -78,6 +79,22 @@ struct DevArgs {
     /// Also run the built-in desk demo (same as `engine demo`).
     #[arg(long)]
     demo: bool,
+    /// Stage layout: auto, fused, per-stage.
+    #[arg(long, default_value = "auto", value_parser = parse_layout)]
+    layout: Layout,
+    /// Stage threads' wait strategy: auto, busy-spin, spin-yield, spin-yield-park.
+    #[arg(long, default_value = "auto", value_parser = parse_wait)]
+    wait: WaitChoice,
+}
+
+fn parse_layout(s: &str) -> Result<Layout, String> {
+    Layout::parse(s).ok_or_else(|| format!("unknown layout `{s}`: auto, fused or per-stage"))
+}
+
+fn parse_wait(s: &str) -> Result<WaitChoice, String> {
+    WaitChoice::parse(s).ok_or_else(|| {
+        format!("unknown wait `{s}`: auto, busy-spin, spin-yield or spin-yield-park")
+    })
 }
 
 fn main() -> ExitCode {
@@ -95,6 +112,8 @@ fn main() -> ExitCode {
         anvil: None,
         block_time_ms: 1000,
         demo: false,
+        layout: Layout::Auto,
+        wait: WaitChoice::Auto,
     })) {
         Cmd::Dev(args) => {
             let demo = args.demo.then(DemoOptions::default);
@@ -161,13 +180,19 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         Duration::from_millis(args.block_time_ms.max(1)),
     )?;
     let listen = args.listen;
-    let engine = match Engine::start(dev::dev_config(&chain.ws_url(), listen, secret.clone())) {
+    let config = |listen| {
+        let mut c = dev::dev_config(&chain.ws_url(), listen, secret.clone());
+        c.layout = args.layout;
+        c.wait = args.wait;
+        c
+    };
+    let engine = match Engine::start(config(listen)) {
         Ok(e) => e,
         Err(EngineError::Listen { .. }) if listen.port() != 0 => {
             // The default port is taken: take any free one and say so.
             let any = SocketAddr::new(listen.ip(), 0);
             eprintln!("engine: {listen} is in use; listening on a free port instead");
-            Engine::start(dev::dev_config(&chain.ws_url(), any, secret.clone()))?
+            Engine::start(config(any))?
         }
         Err(e) => return Err(e),
     };
