@@ -376,10 +376,8 @@ fn measure<T: Payload, L: Link<T>>(
     if with_stream {
         let mut s = Stream::<T, L>::new();
         s.run(stream / 10);
-        for _ in 0..3 {
-            let d = s.run(stream);
-            best = best.max(stream as f64 / d.as_secs_f64());
-        }
+        let d = s.run(stream);
+        best = stream as f64 / d.as_secs_f64();
     }
     (h, best)
 }
@@ -393,41 +391,68 @@ struct Row {
     name: &'static str,
     bytes: usize,
     hop: Histogram<u64>,
-    msgs_per_s: f64,
+    /// Throughput of each round, messages per second.
+    rounds: Vec<f64>,
 }
 
-fn percentile_pass() -> String {
-    const RT: u64 = 200_000;
-    const STREAM: u64 = 4_000_000;
-    let mut rows = Vec::new();
-    macro_rules! case {
-        ($t:ty, $l:ty, $stream:expr) => {{
-            let (hop, tput) = measure::<$t, $l>(RT, STREAM, $stream);
-            rows.push(Row {
-                name: <$l as Link<$t>>::NAME,
-                bytes: <$t>::BYTES,
-                hop,
-                msgs_per_s: tput,
-            });
-        }};
+impl Row {
+    fn median_tput(&self) -> f64 {
+        let mut v = self.rounds.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
     }
-    case!(P64, Harness, false);
-    case!(P64, OursOneToOne, true);
-    case!(P64, OursManyToOne, true);
-    case!(P64, Rtrb, true);
-    case!(P64, Disruptor, true);
-    case!(P64, Crossbeam, true);
-    case!(P256, OursOneToOne, true);
-    case!(P256, OursManyToOne, true);
-    case!(P256, Rtrb, true);
-    case!(P256, Disruptor, true);
-    case!(P256, Crossbeam, true);
+}
+
+/// Rounds of every case in turn, so that this VM's shifts of core-to-core latency (between
+/// about 50 and 230 ns, sometimes within a minute) hit every ring alike.
+const ROUNDS: usize = 10;
+
+fn percentile_pass() -> String {
+    const RT: u64 = 20_000;
+    const STREAM: u64 = 1_000_000;
+    let mut rows: Vec<Row> = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut i = 0;
+        macro_rules! case {
+            ($t:ty, $l:ty, $stream:expr) => {{
+                let (hop, tput) = measure::<$t, $l>(RT, STREAM, $stream);
+                if rows.len() <= i {
+                    rows.push(Row {
+                        name: <$l as Link<$t>>::NAME,
+                        bytes: <$t>::BYTES,
+                        hop: ns_histogram(),
+                        rounds: Vec::new(),
+                    });
+                }
+                let _ = rows[i].hop.add(&hop);
+                if $stream {
+                    rows[i].rounds.push(tput);
+                }
+                i += 1;
+            }};
+        }
+        case!(P64, Harness, false);
+        case!(P64, OursOneToOne, true);
+        case!(P64, OursManyToOne, true);
+        case!(P64, Rtrb, true);
+        case!(P64, Disruptor, true);
+        case!(P64, Crossbeam, true);
+        case!(P256, OursOneToOne, true);
+        case!(P256, OursManyToOne, true);
+        case!(P256, Rtrb, true);
+        case!(P256, Disruptor, true);
+        case!(P256, Crossbeam, true);
+        let _ = i;
+    }
     let mut table = String::new();
-    table.push_str("| ring | msg | hop p50 | hop p99 | hop p99.9 | throughput (M msg/s) |\n");
+    table.push_str(
+        "| ring | msg | hop p50 | hop p99 | hop p99.9 | throughput (M msg/s, median of rounds) |\n",
+    );
     table.push_str("|---|---|---|---|---|---|\n");
     for r in &rows {
-        let tput = if r.msgs_per_s > 0.0 {
-            format!("{:.1}", r.msgs_per_s / 1e6)
+        let t = r.median_tput();
+        let tput = if t > 0.0 {
+            format!("{:.1}", t / 1e6)
         } else {
             "-".into()
         };
@@ -455,13 +480,13 @@ fn percentile_pass() -> String {
             .value_at_quantile(0.5)
             .min(dis.hop.value_at_quantile(0.5)) as f64;
         let ratio = ours.hop.value_at_quantile(0.5) as f64 / best_p50;
-        let best_tput = rt.msgs_per_s.max(dis.msgs_per_s);
+        let best_tput = rt.median_tput().max(dis.median_tput());
         verdict.push_str(&format!(
             "- {bytes} B: OneToOne hop p50 = {ratio:.2}x the best of rtrb/disruptor (target <= 1.2x: {}); throughput {:.1} vs best {:.1} M msg/s (target >= : {})\n",
             if ratio <= 1.2 { "met" } else { "MISSED" },
-            ours.msgs_per_s / 1e6,
+            ours.median_tput() / 1e6,
             best_tput / 1e6,
-            if ours.msgs_per_s >= best_tput { "met" } else { "MISSED" },
+            if ours.median_tput() >= best_tput { "met" } else { "MISSED" },
         ));
     }
     format!("{table}\n{verdict}")
@@ -535,9 +560,11 @@ fn main() {
     if std::fs::create_dir_all(&dir).is_ok() {
         let report = format!(
             "# Ring hop latency and throughput ({})\n\n{}\nCache-line ping-pong just before: p50 {} / p99 {} (one way); just after: p50 {} / p99 {}.\n\n\
-             Hop = ping-pong round trip / 2 between threads pinned to cores {MAIN_CORE} and {ECHO_CORE}, 200k round trips \
-             timed one by one with quanta. Throughput = 4M messages streamed one push at a time, consumer takes what is \
-             available, best of 3.\n\n{}\n\nCommand: `cargo bench -p benches --bench rings`\n",
+             Hop = ping-pong round trip / 2 between threads pinned to cores {MAIN_CORE} and {ECHO_CORE}, timed one by one \
+             with quanta (which adds its own ~10-20 ns to each). Throughput = 1M messages streamed one push at a time, the \
+             consumer taking what is available. {ROUNDS} rounds, each running every case in turn (20k round trips and \
+             one stream per case), so that the VM's shifts of core-to-core latency hit every ring alike: hop percentiles \
+             are over all rounds, throughput is the median round.\n\n{}\n\nCommand: `cargo bench -p benches --bench rings`\n",
             today(),
             benches::machine_description(),
             fmt_ns(before.value_at_quantile(0.5)),

@@ -122,6 +122,16 @@ impl ThreadConfig {
         }
     }
 
+    /// An unpinned thread with the wait strategy `budget` picks for a layout of
+    /// `threads_wanting_cores` stage threads ([`CoreBudget::default_wait`]).
+    pub fn with_default_wait(
+        name: impl Into<String>,
+        budget: &CoreBudget,
+        threads_wanting_cores: usize,
+    ) -> Self {
+        Self::new(name, budget.default_wait(threads_wanting_cores))
+    }
+
     /// Pinned to `core`.
     pub fn pinned(mut self, core: usize) -> Self {
         self.core = Some(core);
