@@ -541,6 +541,8 @@ fn criterion_throughput<T: Payload>(c: &mut Criterion) {
 }
 
 fn main() {
+    // Before pinning: the description reads the main thread's affinity mask.
+    let machine = benches::machine_description();
     let pinned = pin(MAIN_CORE);
     let before = cache_line_ping_pong();
     println!(
@@ -566,7 +568,7 @@ fn main() {
              one stream per case), so that the VM's shifts of core-to-core latency hit every ring alike: hop percentiles \
              are over all rounds, throughput is the median round.\n\n{}\n\nCommand: `cargo bench -p benches --bench rings`\n",
             today(),
-            benches::machine_description(),
+            machine,
             fmt_ns(before.value_at_quantile(0.5)),
             fmt_ns(before.value_at_quantile(0.99)),
             fmt_ns(after.value_at_quantile(0.5)),
