@@ -107,6 +107,10 @@ impl Engine {
 
         let (intake_tx, intake_rx) = many_to_one::<IntentMsg>(cap);
         let (status_tx, status_rx) = many_to_one::<StatusMsg>(cfg.status_ring_capacity);
+        // Broadcast hands hashes to the receipt watcher without waking it: the watcher is
+        // woken by its subscription socket and drains this ring on every wake (it also
+        // keeps recent blocks' receipts for hashes that arrive after their block), so a
+        // wake-up per transaction would only cost the hot thread its core on a small box.
         let (rc_tx, rc_rx) = one_to_one::<TxMsg>(cap);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let status = StatusSink::new(status_tx, Arc::clone(&dead));
@@ -178,7 +182,7 @@ impl Engine {
                 next("cpu"),
                 Input::ManyToOne(intake_rx),
                 cpu,
-                Output::OneToOne(rc_tx),
+                Output::OneToOneLazy(rc_tx),
             )?;
         } else {
             let (p_tx, p_rx) = one_to_one::<IntentMsg>(cap);
@@ -206,7 +210,7 @@ impl Engine {
                 next("broadcast"),
                 Input::OneToOne(bc_rx),
                 broadcast,
-                Output::OneToOne(rc_tx),
+                Output::OneToOneLazy(rc_tx),
             )?;
         }
         builder.spawn(

@@ -83,6 +83,12 @@ impl<T> From<ManyToOneConsumer<T>> for Input<T> {
 pub enum Output<T> {
     /// Into a single-producer ring.
     OneToOne(OneToOneProducer<T>),
+    /// Into a single-producer ring without waking its consumer: for a consumer that is
+    /// woken by its own readiness source (an I/O stage's socket) and drains this ring on
+    /// every wake, and that does not need each message promptly. Saves the wake-up, and on
+    /// shared cores the preemption of this thread by the woken one. If the ring is full,
+    /// the consumer is woken.
+    OneToOneLazy(OneToOneProducer<T>),
     /// Into a ring shared with other producers.
     ManyToOne(ManyToOneProducer<T>),
     /// Dropped (terminal stages).
@@ -487,6 +493,10 @@ impl<T: Copy + Send> OutputEmit<'_, T> {
             }
             let gone = match &*self.output {
                 Output::OneToOne(p) => p.is_consumer_gone(),
+                Output::OneToOneLazy(p) => {
+                    p.signal().notify();
+                    p.is_consumer_gone()
+                }
                 Output::ManyToOne(p) => p.is_consumer_gone(),
                 Output::Discard => true,
             };
@@ -500,6 +510,7 @@ impl<T: Copy + Send> OutputEmit<'_, T> {
             }
             let pushed = match self.output {
                 Output::OneToOne(p) => p.try_push(value),
+                Output::OneToOneLazy(p) => p.try_push_quiet(value),
                 Output::ManyToOne(p) => p.try_push(value),
                 Output::Discard => Ok(()),
             };
@@ -516,6 +527,7 @@ impl<T: Copy + Send> Emit<T> for OutputEmit<'_, T> {
     fn emit(&mut self, msg: T) {
         let pushed = match self.output {
             Output::OneToOne(p) => p.try_push(msg),
+            Output::OneToOneLazy(p) => p.try_push_quiet(msg),
             Output::ManyToOne(p) => p.try_push(msg),
             Output::Discard => Ok(()),
         };
