@@ -25,3 +25,9 @@ if [ "$need_foundry" = 1 ]; then
     "@foundry-rs/anvil-linux-amd64@$FOUNDRY_VERSION" "@foundry-rs/cast-linux-amd64@$FOUNDRY_VERSION" >&2
 fi
 "$anvil" --version >/dev/null
+
+# Further components (SoftHSM2, moto, GMP's m4, …): each has its own idempotent script.
+for part in "$root"/scripts/setup.d/*.sh; do
+  [ -e "$part" ] || continue
+  bash "$part"
+done
