@@ -38,4 +38,21 @@ pub enum SignerError {
         /// Address the signature recovered to.
         recovered: Address,
     },
+    /// The backend is configured wrongly or cannot be reached at start-up; `what` names the
+    /// setting or resource (a token label, a PIN, a KMS key id, a share file).
+    #[error("signer configuration: {what}: {reason}")]
+    Config {
+        /// The setting or resource that is wrong.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend was reachable and is not any more (HSM removed, service down).
+    #[error("signer for key `{key_id}` is unavailable: {reason}")]
+    Unavailable {
+        /// Key identifier.
+        key_id: String,
+        /// What failed.
+        reason: String,
+    },
 }

@@ -32,17 +32,34 @@
 #![deny(missing_docs)]
 
 mod error;
+#[cfg(feature = "hsm")]
+pub mod hsm;
+#[cfg(feature = "kms")]
+pub mod kms;
 mod local;
+#[cfg(feature = "mpc")]
+pub mod mpc;
 
 pub use alloy_primitives::{Address, B256, Signature};
 pub use error::SignerError;
 pub use local::{LocalCurve, LocalSigner};
+
+/// A boxed future returned by [`AsyncSigner::sign_hash_async`].
+pub type SignFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Signature, SignerError>> + Send + 'static>,
+>;
 
 /// Which custody boundary a signer's key lives in. Reported in events and audit records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// Key held in this process's memory.
     Local,
+    /// Key generated inside a PKCS#11 token (HSM); never exported.
+    Hsm,
+    /// Key held by AWS KMS (or an API-compatible service); signed with `Sign`/`DIGEST`.
+    Kms,
+    /// Threshold ECDSA (cggmp21): the key exists only as shares held by separate parties.
+    Mpc,
 }
 
 impl Backend {
@@ -50,6 +67,9 @@ impl Backend {
     pub const fn as_str(self) -> &'static str {
         match self {
             Backend::Local => "local",
+            Backend::Hsm => "hsm",
+            Backend::Kms => "kms",
+            Backend::Mpc => "mpc",
         }
     }
 }
@@ -93,4 +113,22 @@ pub trait Signer: Send + Sync + std::fmt::Debug {
         }
         Ok(sig)
     }
+}
+
+/// A signer whose call crosses a network or process boundary (KMS over HTTP, MPC parties
+/// over loopback): the request is started and completes later, on an async worker beside
+/// the signing stage, never on the stage's thread.
+pub trait AsyncSigner: Send + Sync + std::fmt::Debug {
+    /// The Ethereum address of the key (derived once from its public key, read at start).
+    fn address(&self) -> Address;
+
+    /// A stable, non-secret identifier of the key for logs and audit.
+    fn key_id(&self) -> &str;
+
+    /// The custody boundary this key lives in.
+    fn backend(&self) -> Backend;
+
+    /// Starts signing a 32-byte prehash; the future yields a recoverable, low-s signature
+    /// that has been checked to recover to [`AsyncSigner::address`].
+    fn sign_hash_async(&self, hash: B256) -> SignFuture;
 }

@@ -1,0 +1,1 @@
+//! Threshold ECDSA backend (feature `mpc`).
