@@ -252,3 +252,46 @@ mod tests {
         assert_eq!(Roles::all().names().len(), 4);
     }
 }
+
+/// Interns principal names (`sub`) to small numbers, once per connection or policy load,
+/// never per message. Number 0 is never assigned ("nobody").
+#[derive(Debug, Default)]
+pub struct Principals {
+    inner: std::sync::Mutex<(std::collections::HashMap<String, u32>, Vec<String>)>,
+}
+
+impl Principals {
+    /// The number of `sub`, assigned on first sight.
+    pub fn intern(&self, sub: &str) -> u32 {
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(&n) = g.0.get(sub) {
+            return n;
+        }
+        g.1.push(sub.to_owned());
+        let n = g.1.len() as u32;
+        g.0.insert(sub.to_owned(), n);
+        n
+    }
+
+    /// The number of `sub`, if it was ever seen.
+    pub fn lookup(&self, sub: &str) -> Option<u32> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .get(sub)
+            .copied()
+    }
+
+    /// The name of number `n`.
+    pub fn name(&self, n: u32) -> Option<String> {
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        n.checked_sub(1).and_then(|i| g.1.get(i as usize)).cloned()
+    }
+}

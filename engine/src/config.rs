@@ -3,7 +3,7 @@
 //! Loaded from a TOML file (`engine run --config FILE`) or built by dev mode.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use alloy_primitives::{Address, U256};
 use serde::Deserialize;
@@ -143,6 +143,13 @@ pub struct Config {
     /// Pin pipeline threads to these cores, in thread order (empty = no pinning).
     #[serde(default)]
     pub pin_cores: Vec<usize>,
+    /// Policy file (TOML; see docs/policy.md). Without one, each account's `allowlist`
+    /// and `max_value_wei` are the whole policy. Reloaded on SIGHUP and `reload_policy`.
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
+    /// Audit trail (JSON lines, appended). Without one, records go to the log.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -173,9 +180,16 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::Config {
             what: format!("cannot read {}: {e}", path.display()),
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| EngineError::Config {
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| EngineError::Config {
             what: format!("{}: {e}", path.display()),
         })?;
+        // Relative paths in the file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.policy_file, &mut cfg.audit_log].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -45,6 +45,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         blob_slots: 4 * 4096 + 1024,
         io_threads: 1,
         pin_cores: Vec::new(),
+        policy_file: None,
+        audit_log: None,
     }
 }
 

@@ -14,7 +14,9 @@ use pipeline::{
 use signers::{LocalCurve, LocalSigner, Signer};
 use venues::{FeeView, RpcClient};
 
-use crate::auth::JwtAuth;
+use crate::auth::{JwtAuth, Principals};
+use crate::risk::audit::AuditStats;
+use crate::risk::{self, RiskAdmin};
 use crate::blob::BlobPool;
 use crate::config::{Config, KeyConfig, Layout, WaitChoice};
 use crate::error::EngineError;
@@ -52,6 +54,9 @@ pub struct Engine {
     dead: Arc<AtomicBool>,
     layout: LayoutReport,
     counters: Arc<Counters>,
+    risk: Arc<RiskAdmin>,
+    risk_stop: Arc<AtomicBool>,
+    audit_stats: Arc<AuditStats>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -133,7 +138,28 @@ impl Engine {
             WaitChoice::SpinYieldPark => WaitKind::SpinYieldPark,
         };
         let intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 16);
-        let policy = PolicyStage::new(&cfg, status.clone(), Arc::clone(&blobs));
+        // The risk engine: kill switch, audit trail, policy (file or configuration),
+        // four-eyes pending set.
+        let principals = Arc::new(Principals::default());
+        let parts = risk::assemble(
+            &cfg,
+            intake_tx.clone(),
+            status.clone(),
+            Arc::clone(&blobs),
+            Arc::clone(&principals),
+        )?;
+        let kill = Arc::clone(&parts.admin.kill);
+        let risk_admin = Arc::clone(&parts.admin);
+        let risk_stop = Arc::clone(&parts.stop);
+        let audit_stats = Arc::clone(&parts.audit_stats);
+        let policy = PolicyStage::new(
+            parts.risk,
+            parts.link,
+            parts.pending,
+            parts.audit,
+            status.clone(),
+            Arc::clone(&blobs),
+        );
         let signing = SigningStage::new(
             accounts,
             chain_id,
@@ -141,6 +167,7 @@ impl Engine {
             Arc::clone(&blobs),
             status.clone(),
             latency.recorder("signing.sign_call"),
+            Arc::clone(&kill),
         );
         let broadcast = BroadcastStage::connect(
             &cfg.node_ws_url,
@@ -152,6 +179,8 @@ impl Engine {
                 node_rtt: latency.recorder("broadcast.node_rtt"),
             },
             cap,
+            Arc::clone(&kill),
+            kill.venue_slot(&cfg.provider_name).unwrap_or(0),
         )?;
         let receipts = ReceiptsStage::connect(
             &cfg.node_ws_url,
@@ -264,9 +293,35 @@ impl Engine {
             latency.clone(),
             Arc::clone(&counters),
             Arc::clone(&health),
+            principals,
+            Arc::clone(&risk_admin),
         ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         runtime.spawn(server::serve(listener, ctx, stop_rx.clone()));
+        // SIGHUP reloads the policy, like the admin op.
+        {
+            let admin = Arc::clone(&risk_admin);
+            let mut stop = stop_rx.clone();
+            let _g = runtime.enter();
+            if let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
+                runtime.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.changed() => break,
+                            got = hup.recv() => {
+                                if got.is_none() { break; }
+                                match admin.reload(0) {
+                                    Ok(l) => tracing::info!(version = l.version, label = %l.label, "policy reloaded on SIGHUP"),
+                                    Err(e) => tracing::error!(error = %e, "policy reload on SIGHUP refused; the previous policy stays"),
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
         // Supervision: a failed pipeline is visible on /health and unblocks waiting stages.
         {
             let pipeline = Arc::clone(&pipeline);
@@ -306,6 +361,9 @@ impl Engine {
             latency,
             health,
             dead,
+            risk: risk_admin,
+            risk_stop,
+            audit_stats,
             layout: LayoutReport {
                 usable_cores: budget.usable_cores(),
                 fused,
@@ -334,6 +392,16 @@ impl Engine {
     /// Event counters.
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    /// The risk engine's admin side (policy reloads, kill switch, approvals).
+    pub fn risk(&self) -> &Arc<RiskAdmin> {
+        &self.risk
+    }
+
+    /// Audit writer counters.
+    pub fn audit_stats(&self) -> &Arc<AuditStats> {
+        &self.audit_stats
     }
 
     /// Why the pipeline failed, if it did.
@@ -371,6 +439,7 @@ impl Engine {
             None => Ok(()),
         };
         self.dead.store(true, Ordering::Relaxed);
+        self.risk_stop.store(true, Ordering::Release);
         res
     }
 }

@@ -49,6 +49,7 @@ pub mod error;
 pub mod metrics;
 pub mod msg;
 pub mod protocol;
+pub mod risk;
 pub mod server;
 pub mod stages;
 pub mod txbuild;

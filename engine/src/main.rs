@@ -184,6 +184,7 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         let mut c = dev::dev_config(&chain.ws_url(), listen, secret.clone());
         c.layout = args.layout;
         c.wait = args.wait;
+        c.audit_log = Some(dir.join("audit.jsonl"));
         c
     };
     let engine = match Engine::start(config(listen)) {

@@ -10,28 +10,6 @@ use serde_json::{Value, json};
 use crate::msg::{Reason, State};
 use crate::stages::status::Counters;
 
-const STATES: [State; 7] = [
-    State::Accepted,
-    State::Rejected,
-    State::Signed,
-    State::Broadcast,
-    State::Included,
-    State::Confirmed,
-    State::Failed,
-];
-const REASONS: [Reason; 10] = [
-    Reason::None,
-    Reason::UnknownAccount,
-    Reason::NotAllowlisted,
-    Reason::ValueCap,
-    Reason::UnsupportedKind,
-    Reason::RouteUnavailable,
-    Reason::SignerError,
-    Reason::Overloaded,
-    Reason::NodeRejected,
-    Reason::VenueUnavailable,
-];
-
 /// Prometheus exposition text: latency quantiles per recorder (cumulative since start) and
 /// event counters.
 pub fn prometheus(latency: &LatencyRegistry, counters: &Counters) -> String {
@@ -64,7 +42,7 @@ pub fn prometheus(latency: &LatencyRegistry, counters: &Counters) -> String {
     s.push_str(
         "# HELP engine_events_total Intent events by state.\n# TYPE engine_events_total counter\n",
     );
-    for st in STATES {
+    for st in State::ALL {
         let _ = writeln!(
             s,
             "engine_events_total{{state=\"{}\"}} {}",
@@ -73,7 +51,7 @@ pub fn prometheus(latency: &LatencyRegistry, counters: &Counters) -> String {
         );
     }
     s.push_str("# HELP engine_refusals_total Rejected and failed intents by reason.\n# TYPE engine_refusals_total counter\n");
-    for r in REASONS.iter().skip(1) {
+    for r in Reason::ALL.iter().skip(1) {
         let _ = writeln!(
             s,
             "engine_refusals_total{{reason=\"{}\"}} {}",

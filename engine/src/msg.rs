@@ -150,8 +150,29 @@ pub struct IntentMsg {
     pub max_fee_cap: u128,
     /// Calldata, if any.
     pub data: BlobRef,
+    /// Travel-rule data the desk attached (IVMS101 subset), as evidence hash and VASP key.
+    pub travel: TravelInfo,
+    /// Principal that approved this intent under four-eyes (0 = not approved yet).
+    pub approved_by: u32,
+    /// Asset slot of the kill switch (set by policy; 0 = the chain's native asset).
+    pub asset: u8,
+    /// Version of the policy that decided this intent (set by policy).
+    pub policy_version: u32,
     /// Hop timestamps; the first is when the desk frame was read.
     pub hops: Hops,
+}
+
+/// What the engine keeps of an intent's travel-rule data on the hot path: whether it was
+/// given, a key of the beneficiary VASP, and the hash of the canonical data (the evidence
+/// recorded in the audit trail).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TravelInfo {
+    /// The desk attached originator and beneficiary data.
+    pub present: bool,
+    /// Key of the normalised beneficiary VASP identifier (0 = none: a self-hosted wallet).
+    pub vasp_key: u64,
+    /// keccak256 of the canonical JSON of the data.
+    pub hash: B256,
 }
 
 impl Message for IntentMsg {
@@ -162,7 +183,8 @@ impl Message for IntentMsg {
         &mut self.hops
     }
 }
-assert_message_size!(IntentMsg, 256);
+// Five cache lines: the intent, its travel-rule evidence and its hop stamps.
+assert_message_size!(IntentMsg, 320);
 
 /// A signed transaction on its way to the network and the receipt watcher.
 #[derive(Clone, Copy, Debug, Default)]
@@ -181,6 +203,8 @@ pub struct TxMsg {
     pub raw: BlobRef,
     /// From broadcast to receipts: stop watching this hash (the node refused it).
     pub forget: bool,
+    /// Asset slot of the kill switch (copied from the intent).
+    pub asset: u8,
     /// Hop timestamps carried over from the intent.
     pub hops: Hops,
 }
@@ -204,6 +228,10 @@ pub enum State {
     Accepted,
     /// Refused by policy.
     Rejected,
+    /// Waits for a four-eyes approval by another principal.
+    PendingApproval,
+    /// Approved by another principal; goes on to signing.
+    Approved,
     /// Signed; nonce assigned.
     Signed,
     /// Accepted by a venue.
@@ -217,11 +245,28 @@ pub enum State {
 }
 
 impl State {
+    /// Number of states (for per-state counters).
+    pub const COUNT: usize = 9;
+    /// Every state, in declaration order (`ALL[s as usize] == s`).
+    pub const ALL: [State; State::COUNT] = [
+        State::Accepted,
+        State::Rejected,
+        State::PendingApproval,
+        State::Approved,
+        State::Signed,
+        State::Broadcast,
+        State::Included,
+        State::Confirmed,
+        State::Failed,
+    ];
+
     /// Protocol name.
     pub const fn as_str(self) -> &'static str {
         match self {
             State::Accepted => "accepted",
             State::Rejected => "rejected",
+            State::PendingApproval => "pending_approval",
+            State::Approved => "approved",
             State::Signed => "signed",
             State::Broadcast => "broadcast",
             State::Included => "included",
@@ -261,9 +306,58 @@ pub enum Reason {
     NodeRejected,
     /// The connection to the node was lost before it answered.
     VenueUnavailable,
+    /// A rolling velocity limit (value or count per window) would be exceeded.
+    VelocityLimit,
+    /// Address risk (KYT): sanctioned, too risky, or no fresh score where that denies.
+    KytRisk,
+    /// Travel-rule data is required and missing.
+    TravelRuleMissing,
+    /// The beneficiary VASP is not a known counterparty.
+    UnknownVasp,
+    /// Outside the account's business hours.
+    OutsideBusinessHours,
+    /// A kill switch covers the account, asset or venue (or all).
+    KillSwitch,
+    /// Contract call to a target or selector the account may not call.
+    CallNotAllowed,
+    /// Gas limit above the account's maximum.
+    GasCap,
+    /// Fee cap above the account's maximum fee per gas.
+    FeeCap,
+    /// An approver refused the intent.
+    ApprovalRejected,
+    /// No approval arrived in time.
+    ApprovalExpired,
 }
 
 impl Reason {
+    /// Number of reasons (for per-reason counters).
+    pub const COUNT: usize = 21;
+    /// Every reason, in declaration order (`ALL[r as usize] == r`).
+    pub const ALL: [Reason; Reason::COUNT] = [
+        Reason::None,
+        Reason::UnknownAccount,
+        Reason::NotAllowlisted,
+        Reason::ValueCap,
+        Reason::UnsupportedKind,
+        Reason::RouteUnavailable,
+        Reason::SignerError,
+        Reason::Overloaded,
+        Reason::NodeRejected,
+        Reason::VenueUnavailable,
+        Reason::VelocityLimit,
+        Reason::KytRisk,
+        Reason::TravelRuleMissing,
+        Reason::UnknownVasp,
+        Reason::OutsideBusinessHours,
+        Reason::KillSwitch,
+        Reason::CallNotAllowed,
+        Reason::GasCap,
+        Reason::FeeCap,
+        Reason::ApprovalRejected,
+        Reason::ApprovalExpired,
+    ];
+
     /// Protocol name.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -277,6 +371,17 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::NodeRejected => "node_rejected",
             Reason::VenueUnavailable => "venue_unavailable",
+            Reason::VelocityLimit => "velocity_limit",
+            Reason::KytRisk => "kyt_risk",
+            Reason::TravelRuleMissing => "travel_rule_missing",
+            Reason::UnknownVasp => "unknown_vasp",
+            Reason::OutsideBusinessHours => "outside_business_hours",
+            Reason::KillSwitch => "kill_switch",
+            Reason::CallNotAllowed => "call_not_allowed",
+            Reason::GasCap => "gas_cap",
+            Reason::FeeCap => "fee_cap",
+            Reason::ApprovalRejected => "approval_rejected",
+            Reason::ApprovalExpired => "approval_expired",
         }
     }
 }
@@ -377,6 +482,8 @@ pub struct StatusMsg {
     pub depth: u32,
     /// Route taken (broadcast).
     pub route: Route,
+    /// Version of the policy that decided (accepted, rejected, pending_approval).
+    pub policy_version: u32,
     /// Free-text detail (rejection message, node error).
     pub detail: Detail,
     /// Hop timestamps of the intent when the event was made.
@@ -419,6 +526,21 @@ impl StatusMsg {
             reason,
             detail: Detail::new(detail),
             ..Self::event(seq, origin, state, at_raw)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_and_reason_tables_match_their_discriminants() {
+        for (i, s) in State::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?}");
+        }
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
         }
     }
 }

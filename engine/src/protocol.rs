@@ -10,7 +10,8 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::blob::MAX_CALLDATA;
-use crate::msg::{IntentId, IntentKind, MAX_INTENT_ID, Route};
+use crate::msg::{IntentId, IntentKind, MAX_INTENT_ID, Route, TravelInfo};
+use crate::risk::travel::TravelRuleData;
 
 /// Error codes of the protocol's `error` reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +127,21 @@ pub struct DecodedIntent {
     pub max_fee_cap: u128,
     /// Route.
     pub route: Route,
+    /// Travel-rule data summary (`present == false` when none was attached).
+    pub travel: TravelInfo,
+}
+
+/// The `scope` of a `kill` / `unkill`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScopeSpec {
+    /// `"all"`.
+    All,
+    /// `{"account": NAME}`.
+    Account(String),
+    /// `{"asset": SYMBOL}`.
+    Asset(String),
+    /// `{"venue": NAME}`.
+    Venue(String),
 }
 
 /// A decoded desk request.
@@ -150,7 +166,46 @@ pub enum Request {
         /// Echo token.
         req: Option<String>,
     },
-    /// A protocol op this engine does not offer yet (`approve`, `cancel`, `kill`, …).
+    /// `approve`: four-eyes approval of a waiting intent.
+    Approve {
+        /// Echo token.
+        req: Option<String>,
+        /// The intent's id.
+        id: IntentId,
+        /// The submitting principal, when several have a waiting intent with this id.
+        submitter: Option<String>,
+    },
+    /// `reject`: refuse a waiting intent.
+    Reject {
+        /// Echo token.
+        req: Option<String>,
+        /// The intent's id.
+        id: IntentId,
+        /// Why (free text, recorded and shown to the desk).
+        reason: String,
+        /// The submitting principal, when several have a waiting intent with this id.
+        submitter: Option<String>,
+    },
+    /// `kill` (`on`) or `unkill`.
+    Kill {
+        /// Echo token.
+        req: Option<String>,
+        /// What to freeze or thaw.
+        scope: ScopeSpec,
+        /// `true` for kill.
+        on: bool,
+    },
+    /// `reload_policy`: re-read the policy file (role `admin`).
+    ReloadPolicy {
+        /// Echo token.
+        req: Option<String>,
+    },
+    /// `pending`: the intents waiting for approval (roles `approver`, `admin`, `auditor`).
+    Pending {
+        /// Echo token.
+        req: Option<String>,
+    },
+    /// A protocol op this engine does not offer yet (`cancel`).
     NotSupported {
         /// Echo token.
         req: Option<String>,
@@ -207,24 +262,97 @@ fn decode_op(fields: &Fields<'_>, req: Option<&str>) -> Result<Request, RequestE
             Ok(Request::Status { req: req_owned, id })
         }
         "ping" => Ok(Request::Ping { req: req_owned }),
-        "approve" | "reject" | "cancel" | "kill" | "unkill" => Ok(Request::NotSupported {
+        "approve" | "reject" => {
+            let id: String = required(fields, "id", "id")?;
+            let id = intent_id(&id, "id")?;
+            let submitter: Option<String> = optional(fields, "submitter", "submitter")?;
+            if op == "approve" {
+                Ok(Request::Approve {
+                    req: req_owned,
+                    id,
+                    submitter,
+                })
+            } else {
+                let reason: String = required(fields, "reason", "reason")?;
+                if reason.len() > 256 {
+                    return Err(RequestError::bad("reason", "at most 256 bytes"));
+                }
+                Ok(Request::Reject {
+                    req: req_owned,
+                    id,
+                    reason,
+                    submitter,
+                })
+            }
+        }
+        "kill" | "unkill" => Ok(Request::Kill {
             req: req_owned,
-            op: match op.as_str() {
-                "approve" => "approve",
-                "reject" => "reject",
-                "cancel" => "cancel",
-                "kill" => "kill",
-                _ => "unkill",
-            },
+            scope: decode_scope(fields)?,
+            on: op == "kill",
+        }),
+        "reload_policy" => Ok(Request::ReloadPolicy { req: req_owned }),
+        "pending" => Ok(Request::Pending { req: req_owned }),
+        "cancel" => Ok(Request::NotSupported {
+            req: req_owned,
+            op: "cancel",
         }),
         other => Err(RequestError::bad(
             "op",
             format!(
-                "unknown op `{}`; expected one of submit, status, ping, approve, reject, cancel, kill, unkill",
+                "unknown op `{}`; expected one of submit, status, ping, approve, reject, cancel, kill, unkill, reload_policy, pending",
                 truncate(other, 32)
             ),
         )),
     }
+}
+
+fn decode_scope(fields: &Fields<'_>) -> Result<ScopeSpec, RequestError> {
+    let raw = fields
+        .get("scope")
+        .ok_or_else(|| RequestError::bad("scope", "required"))?;
+    if let Ok(s) = serde_json::from_str::<String>(raw.get()) {
+        return match s.as_str() {
+            "all" => Ok(ScopeSpec::All),
+            _ => Err(RequestError::bad(
+                "scope",
+                "a string scope must be \"all\"; else {\"account\": …}, {\"asset\": …} or {\"venue\": …}",
+            )),
+        };
+    }
+    let obj: BTreeMap<String, String> = serde_json::from_str(raw.get()).map_err(|_| {
+        RequestError::bad(
+            "scope",
+            "must be \"all\" or an object with one of account, asset, venue",
+        )
+    })?;
+    let mut it = obj.into_iter();
+    let (Some((k, v)), None) = (it.next(), it.next()) else {
+        return Err(RequestError::bad(
+            "scope",
+            "name exactly one of account, asset, venue",
+        ));
+    };
+    if v.is_empty() || v.len() > 64 {
+        return Err(RequestError::bad("scope", "the name must be 1 to 64 characters"));
+    }
+    match k.as_str() {
+        "account" => Ok(ScopeSpec::Account(v)),
+        "asset" => Ok(ScopeSpec::Asset(v)),
+        "venue" => Ok(ScopeSpec::Venue(v)),
+        _ => Err(RequestError::bad(
+            "scope",
+            "name exactly one of account, asset, venue",
+        )),
+    }
+}
+
+fn decode_travel(raw: &RawValue) -> Result<TravelInfo, RequestError> {
+    let data: TravelRuleData = serde_json::from_str(raw.get()).map_err(|e| {
+        RequestError::bad("intent.travel_rule", format!("not valid travel-rule data: {e}"))
+    })?;
+    data.validate()
+        .map_err(|(field, message)| RequestError::bad(field, message))?;
+    Ok(data.summary())
 }
 
 fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
@@ -267,11 +395,13 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
             ));
         }
     };
-    if let Some(raw) = f.get("travel_rule")
-        && !raw.get().trim_start().starts_with('{')
-    {
-        return Err(RequestError::bad("intent.travel_rule", "must be an object"));
-    }
+    let travel = match f.get("travel_rule") {
+        Some(raw) if !raw.get().trim_start().starts_with('{') => {
+            return Err(RequestError::bad("intent.travel_rule", "must be an object"));
+        }
+        Some(raw) => decode_travel(raw)?,
+        None => TravelInfo::default(),
+    };
     let needs_to = matches!(kind, IntentKind::Transfer | IntentKind::Call);
     let to = match optional::<String>(f, "to", "intent.to")? {
         Some(s) => parse_address(&s, "intent.to")?,
@@ -353,6 +483,7 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
         gas_limit,
         max_fee_cap,
         route,
+        travel,
     })
 }
 

@@ -24,10 +24,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
 
-use crate::auth::{JwtAuth, Principal, Role};
+use crate::auth::{JwtAuth, Principal, Principals, Role};
 use crate::blob::{BlobPool, BlobRef};
 use crate::msg::{AccountIdx, IntentId, IntentMsg, Origin, StatusKind, StatusMsg};
 use crate::protocol::{self, ErrorCode, Request, RequestError};
+use crate::risk::RiskAdmin;
+use crate::risk::approvals::ApprovalError;
 use crate::stages::StatusSink;
 use crate::stages::status::{ConnControl, Counters, Outbound};
 
@@ -67,7 +69,10 @@ pub struct ServerCtx {
     pub counters: Arc<Counters>,
     /// Health.
     pub health: Arc<Health>,
-    principals: Mutex<HashMap<String, u32>>,
+    /// Principal interner (shared with the risk engine and the audit writer).
+    pub principals: Arc<Principals>,
+    /// The risk engine's admin side (policy reloads, kill switch, approvals).
+    pub risk: Arc<RiskAdmin>,
     next_conn: AtomicU32,
 }
 
@@ -90,6 +95,8 @@ impl ServerCtx {
         latency: LatencyRegistry,
         counters: Arc<Counters>,
         health: Arc<Health>,
+        principals: Arc<Principals>,
+        risk: Arc<RiskAdmin>,
     ) -> Self {
         Self {
             auth,
@@ -101,19 +108,15 @@ impl ServerCtx {
             latency,
             counters,
             health,
-            principals: Mutex::new(HashMap::new()),
+            principals,
+            risk,
             next_conn: AtomicU32::new(1),
         }
     }
 
     /// Interns a principal name (once per connection, never per message).
     fn principal_id(&self, sub: &str) -> u32 {
-        let mut map = self
-            .principals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = map.len() as u32 + 1;
-        *map.entry(sub.to_owned()).or_insert(next)
+        self.principals.intern(sub)
     }
 }
 
@@ -394,6 +397,110 @@ fn handle_text(
             .with_context(req.as_deref(), None)
             .to_json(),
         ),
+        Request::Approve { req, id, submitter } => {
+            if !principal.roles.has(Role::Approver) {
+                return Some(forbidden("approve", req.as_deref(), Some(id.as_str())));
+            }
+            let sub = match submitter.as_deref().map(|s| ctx.principals.lookup(s)) {
+                Some(None) => return Some(approval_error(ApprovalError::NotFound, req.as_deref(), &id)),
+                other => other.flatten(),
+            };
+            Some(match ctx.risk.approvals.approve(&id, sub, origin.principal) {
+                Ok(seq) => protocol::with_req(
+                    json!({"op": "ok", "of": "approve", "id": id.as_str(), "seq": seq}),
+                    req.as_deref(),
+                ),
+                Err(e) => approval_error(e, req.as_deref(), &id),
+            })
+        }
+        Request::Reject {
+            req,
+            id,
+            reason,
+            submitter,
+        } => {
+            if !principal.roles.has(Role::Approver) {
+                return Some(forbidden("reject", req.as_deref(), Some(id.as_str())));
+            }
+            let sub = match submitter.as_deref().map(|s| ctx.principals.lookup(s)) {
+                Some(None) => return Some(approval_error(ApprovalError::NotFound, req.as_deref(), &id)),
+                other => other.flatten(),
+            };
+            Some(
+                match ctx
+                    .risk
+                    .approvals
+                    .reject(&id, sub, origin.principal, &reason)
+                {
+                    Ok(seq) => protocol::with_req(
+                        json!({"op": "ok", "of": "reject", "id": id.as_str(), "seq": seq}),
+                        req.as_deref(),
+                    ),
+                    Err(e) => approval_error(e, req.as_deref(), &id),
+                },
+            )
+        }
+        Request::Pending { req } => {
+            if !(principal.roles.has(Role::Approver)
+                || principal.roles.has(Role::Admin)
+                || principal.roles.has(Role::Auditor))
+            {
+                return Some(forbidden("pending", req.as_deref(), None));
+            }
+            let rows: Vec<Value> = ctx
+                .risk
+                .approvals
+                .pending()
+                .into_iter()
+                .map(|r| {
+                    json!({
+                        "id": r.msg.id.as_str(),
+                        "seq": r.msg.seq,
+                        "submitter": ctx.principals.name(r.msg.origin.principal),
+                        "account": ctx.risk.account_names.get(r.msg.account.0 as usize),
+                        "to": r.msg.to,
+                        "value_wei": r.msg.value.to_string(),
+                        "why": r.why,
+                        "policy_version": r.msg.policy_version,
+                        "expires_in_ms": r.expires_in.as_millis() as u64,
+                    })
+                })
+                .collect();
+            Some(protocol::with_req(
+                json!({"op": "pending", "intents": rows}),
+                req.as_deref(),
+            ))
+        }
+        Request::Kill { req, scope, on } => {
+            let op = if on { "kill" } else { "unkill" };
+            if !principal.roles.has(Role::Admin) {
+                return Some(forbidden(op, req.as_deref(), None));
+            }
+            Some(match ctx.risk.set_kill(&scope, on, origin.principal) {
+                Ok(active) => protocol::with_req(
+                    json!({"op": "ok", "of": op, "active": active}),
+                    req.as_deref(),
+                ),
+                Err(message) => RequestError::new(ErrorCode::BadRequest, format!("scope: {message}"))
+                    .with_context(req.as_deref(), None)
+                    .to_json(),
+            })
+        }
+        Request::ReloadPolicy { req } => {
+            if !principal.roles.has(Role::Admin) {
+                return Some(forbidden("reload_policy", req.as_deref(), None));
+            }
+            Some(match ctx.risk.reload(origin.principal) {
+                Ok(l) => protocol::with_req(
+                    json!({"op": "ok", "of": "reload_policy", "policy_version": l.version,
+                           "label": l.label, "digest": l.digest}),
+                    req.as_deref(),
+                ),
+                Err(e) => RequestError::new(ErrorCode::BadRequest, format!("policy: {e}"))
+                    .with_context(req.as_deref(), None)
+                    .to_json(),
+            })
+        }
         Request::Status { req, id } => {
             if !(principal.roles.has(Role::Trader)
                 || principal.roles.has(Role::Auditor)
@@ -460,7 +567,9 @@ fn handle_text(
                 gas_limit: intent.gas_limit,
                 max_fee_cap: intent.max_fee_cap,
                 data,
+                travel: intent.travel,
                 hops,
+                ..IntentMsg::default()
             };
             PendingReqs::push(&mut reqs.submit, intent.id, req.clone());
             match ctx.intake.try_push(msg) {
@@ -480,6 +589,18 @@ fn handle_text(
             }
         }
     }
+}
+
+fn approval_error(e: ApprovalError, req: Option<&str>, id: &IntentId) -> String {
+    let code = match e {
+        ApprovalError::NotFound => ErrorCode::NotFound,
+        ApprovalError::SelfApproval => ErrorCode::Forbidden,
+        ApprovalError::Ambiguous => ErrorCode::BadRequest,
+        ApprovalError::Overloaded => ErrorCode::Overloaded,
+    };
+    RequestError::new(code, e.to_string())
+        .with_context(req, Some(id.as_str()))
+        .to_json()
 }
 
 fn forbidden(op: &str, req: Option<&str>, id: Option<&str>) -> String {
@@ -546,16 +667,34 @@ mod tests {
         let (intake, intake_rx) = many_to_one::<IntentMsg>(intake_capacity);
         let (status, _status_rx) = many_to_one::<StatusMsg>(4);
         let (control, _control_rx) = crossbeam_channel::unbounded();
+        let status = StatusSink::new(status, Arc::new(AtomicBool::new(false)));
+        let blobs = Arc::new(BlobPool::new(blobs));
+        let principals = Arc::new(Principals::default());
+        let cfg = crate::dev::dev_config(
+            "ws://127.0.0.1:1",
+            "127.0.0.1:0".parse().unwrap(),
+            "0123456789abcdef0123".into(),
+        );
+        let parts = crate::risk::assemble(
+            &cfg,
+            intake.clone(),
+            status.clone(),
+            Arc::clone(&blobs),
+            Arc::clone(&principals),
+        )
+        .unwrap();
         let ctx = ServerCtx::new(
             JwtAuth::new(b"0123456789abcdef0123"),
             intake,
-            StatusSink::new(status, Arc::new(AtomicBool::new(false))),
+            status,
             control,
-            Arc::new(BlobPool::new(blobs)),
+            blobs,
             HashMap::from([("dev0".to_owned(), 0u16)]),
             LatencyRegistry::new(),
             Arc::new(Counters::default()),
             Arc::new(Health::default()),
+            principals,
+            parts.admin,
         );
         (Arc::new(ctx), intake_rx)
     }

@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use alloy_primitives::U256;
 use engine::blob::{BlobPool, BlobRef};
 use engine::msg::{AccountIdx, IntentId, IntentKind, IntentMsg, Origin, Route, StatusMsg, TxMsg};
+use engine::auth::Principals;
+use engine::risk::RiskControl;
+use engine::risk::kill::KillSwitch;
+use engine::risk::rules::Risk;
 use engine::stages::StatusSink;
 use engine::stages::intake::IntakeStage;
 use engine::stages::policy::PolicyStage;
@@ -88,10 +92,30 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
         base_fee_per_gas: 1_000_000_000,
         max_priority_fee_per_gas: 1,
     }));
+    // The risk engine with the audit trail drained by this thread (the writer thread
+    // renders JSON and would allocate beside the hot path).
+    let kill = Arc::new(KillSwitch::new(cfg.accounts.len()));
+    let (audit, audit_rx) = engine::risk::audit::channel(8 * ROUND);
+    let (_control, first, link) = RiskControl::start(
+        None,
+        &cfg,
+        Arc::clone(&kill),
+        Arc::new(Principals::default()),
+        audit.clone(),
+    )
+    .unwrap();
+    let (pending_tx, _pending_rx) = crossbeam_channel::bounded(16);
     let mut chain = fuse(
         fuse(
             IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 14),
-            PolicyStage::new(&cfg, status.clone(), Arc::clone(&blobs)),
+            PolicyStage::new(
+                Risk::new(first, Arc::clone(&kill)),
+                link,
+                pending_tx,
+                audit,
+                status.clone(),
+                Arc::clone(&blobs),
+            ),
         ),
         SigningStage::new(
             accounts,
@@ -100,8 +124,10 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
             Arc::clone(&blobs),
             status,
             registry.recorder("sign"),
+            kill,
         ),
     );
+    let mut audited = 0usize;
     let calldata = [0xa9u8, 0x05, 0x9c, 0xbb, 0, 0, 0, 1];
     let mut out = Vec::with_capacity(ROUND);
     let mut statuses = 0usize;
@@ -163,6 +189,7 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
             signed += 1;
         }
         statuses += status_rx.pop_batch(usize::MAX, |_| {});
+        audited += audit_rx.try_iter().count();
     };
 
     // Warm up: first-touch growth of tables, lazy statics, the signer's context.
@@ -176,6 +203,7 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
     assert!(signed > 20 * ROUND / 2, "the path really signed ({signed})");
     assert!(statuses > 20 * ROUND * 2, "and reported ({statuses})");
+    assert!(audited >= 24 * ROUND, "and audited every decision ({audited})");
     assert_eq!(
         allocs,
         0,

@@ -6,7 +6,7 @@
 //! input ring's producer triggers (only when this stage is asleep), so neither a message
 //! nor a reply waits for a timer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use venues::{BroadcastConnection, RpcErrorInfo};
 
 use crate::blob::{BlobPool, BlobRef};
 use crate::msg::{Origin, Reason, Route, State, StatusMsg, TxMsg};
+use crate::risk::kill::KillSwitch;
 use crate::stages::StatusSink;
 
 const SOCKET: mio::Token = mio::Token(0);
@@ -56,6 +57,13 @@ pub struct BroadcastStage {
     lost: bool,
     /// Answers parked by `poll_responses` until they can be emitted.
     answers: Vec<(u64, Result<B256, RpcErrorInfo>)>,
+    kill: Arc<KillSwitch>,
+    venue: u8,
+    /// Signed transactions held by a kill switch, in arrival order (sent on unkill).
+    held: VecDeque<TxMsg>,
+    held_epoch: u64,
+    /// Scratch for the release pass: accounts with an earlier transaction still held.
+    blocked: Vec<bool>,
 }
 
 impl BroadcastStage {
@@ -66,6 +74,8 @@ impl BroadcastStage {
         status: StatusSink,
         rec: BroadcastRecorders,
         capacity: usize,
+        kill: Arc<KillSwitch>,
+        venue: u8,
     ) -> Result<Self, venues::VenueError> {
         let mut conn = BroadcastConnection::connect(node_ws_url)?;
         let poll = mio::Poll::new()?;
@@ -82,7 +92,43 @@ impl BroadcastStage {
             rec,
             lost: false,
             answers: Vec::with_capacity(capacity),
+            kill,
+            venue,
+            held: VecDeque::with_capacity(capacity),
+            held_epoch: 0,
+            blocked: vec![false; u16::MAX as usize + 1],
         })
+    }
+
+    /// Transactions held by a kill switch right now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Sends what the kill switch no longer holds, keeping each account's order: a
+    /// transaction stays held while an earlier one of its account is.
+    fn release<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+        self.held_epoch = self.kill.epoch();
+        let mut sent = 0;
+        let mut keep = self.held.len();
+        while keep > 0 {
+            keep -= 1;
+            let Some(m) = self.held.pop_front() else {
+                break;
+            };
+            let a = m.account.0 as usize;
+            if self.blocked[a] || self.kill.check(m.account.0, m.asset, Some(self.venue)).is_some() {
+                self.blocked[a] = true;
+                self.held.push_back(m);
+            } else {
+                self.send(m, out);
+                sent += 1;
+            }
+        }
+        for m in &self.held {
+            self.blocked[m.account.0 as usize] = false;
+        }
+        sent
     }
 
     fn handle_answer<E: Emit<TxMsg>>(
@@ -168,6 +214,73 @@ impl Stage for BroadcastStage {
 
     #[inline]
     fn on_message<E: Emit<TxMsg>>(&mut self, msg: TxMsg, out: &mut E) {
+        // A kill switch holds signed transactions here, unsent, until it is turned off.
+        if !self.held.is_empty()
+            || self
+                .kill
+                .check(msg.account.0, msg.asset, Some(self.venue))
+                .is_some()
+        {
+            self.held.push_back(msg);
+            self.release(out);
+            return;
+        }
+        self.send(msg, out);
+    }
+
+    fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+        let released = if !self.held.is_empty() && self.kill.epoch() != self.held_epoch {
+            self.release(out)
+        } else {
+            0
+        };
+        released + self.poll_answers(out)
+    }
+
+    fn extra_ready(&mut self) -> bool {
+        false
+    }
+
+    fn owns_park(&self) -> bool {
+        true
+    }
+
+    fn park(&mut self, timeout: Option<Duration>) {
+        // Woken by the node socket becoming readable or by the input ring's waker.
+        let _ = self.poll.poll(&mut self.events, timeout);
+    }
+
+    fn on_shutdown<E: Emit<TxMsg>>(&mut self, out: &mut E) {
+        // Held transactions were signed but never sent: say so.
+        let now = now_raw();
+        while let Some(m) = self.held.pop_front() {
+            self.blobs.release(m.raw);
+            self.status.send(StatusMsg::refusal(
+                m.seq,
+                m.origin,
+                State::Failed,
+                Reason::KillSwitch,
+                "held by a kill switch when the engine stopped; the transaction was not sent",
+                now,
+            ));
+        }
+        // Give answers already on their way a bounded time to arrive.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.in_flight.is_empty() && !self.lost && std::time::Instant::now() < deadline {
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(20)));
+            self.poll_answers(out);
+        }
+        if !self.in_flight.is_empty() {
+            self.fail_all_in_flight("the engine stopped before the node answered; the transaction may still be included");
+        }
+    }
+}
+
+impl BroadcastStage {
+    #[inline]
+    fn send<E: Emit<TxMsg>>(&mut self, msg: TxMsg, out: &mut E) {
         let first_raw = msg.hops.first().unwrap_or(0);
         let sent = if self.lost {
             Err(venues::VenueError::Closed)
@@ -214,7 +327,7 @@ impl Stage for BroadcastStage {
         }
     }
 
-    fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+    fn poll_answers<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
         if self.in_flight.is_empty() && !self.conn.write_pending() {
             return 0;
         }
@@ -233,30 +346,4 @@ impl Stage for BroadcastStage {
         n
     }
 
-    fn extra_ready(&mut self) -> bool {
-        false
-    }
-
-    fn owns_park(&self) -> bool {
-        true
-    }
-
-    fn park(&mut self, timeout: Option<Duration>) {
-        // Woken by the node socket becoming readable or by the input ring's waker.
-        let _ = self.poll.poll(&mut self.events, timeout);
-    }
-
-    fn on_shutdown<E: Emit<TxMsg>>(&mut self, out: &mut E) {
-        // Give answers already on their way a bounded time to arrive.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !self.in_flight.is_empty() && !self.lost && std::time::Instant::now() < deadline {
-            let _ = self
-                .poll
-                .poll(&mut self.events, Some(Duration::from_millis(20)));
-            self.poll_extra(out);
-        }
-        if !self.in_flight.is_empty() {
-            self.fail_all_in_flight("the engine stopped before the node answered; the transaction may still be included");
-        }
-    }
 }

@@ -1,93 +1,79 @@
-//! Policy (first cut): account known, destination allowlisted (deny by default), value
-//! within the account's per-intent cap, kind and route executable. Decides from memory
-//! only; no I/O.
+//! Policy: decides every intent before any key is touched, from state held in memory
+//! ([`Risk`]): no I/O, no lock, no allocation per decision.
+//!
+//! Between two decisions the stage takes whole new policies and KYT snapshots from its
+//! update channel (so no intent is decided by a half-loaded policy) and hands the
+//! replaced ones back to be dropped elsewhere. Intents that need a four-eyes approval
+//! leave the rings for the pending set; approved ones come back through intake marked with
+//! their approver and are decided again. Every decision goes to the audit trail.
 
-use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use alloy_primitives::{Address, U256};
+use crossbeam_channel::Sender;
 use pipeline::{Emit, Stage, now_raw};
 
 use crate::blob::BlobPool;
-use crate::config::Config;
-use crate::msg::{IntentKind, IntentMsg, Reason, Route, State, StatusMsg};
+use crate::msg::{IntentMsg, State, StatusMsg};
+use crate::risk::approvals::PendingIntent;
+use crate::risk::audit::{AuditRecord, AuditSink};
+use crate::risk::rules::{Outcome, Risk};
+use crate::risk::{Retired, RiskUpdate, StageLink, unix_now_ns};
 use crate::stages::StatusSink;
-
-#[derive(Debug)]
-struct AccountPolicy {
-    allow: HashSet<Address>,
-    max_value: U256,
-}
 
 /// The policy stage.
 #[derive(Debug)]
 pub struct PolicyStage {
-    accounts: Vec<AccountPolicy>,
+    risk: Risk,
+    link: StageLink,
+    pending: Sender<PendingIntent>,
+    audit: AuditSink,
     status: StatusSink,
     blobs: Arc<BlobPool>,
 }
 
-/// A policy decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Go on to signing.
-    Allow,
-    /// Refused, with the protocol reason and a message for the desk.
-    Deny(Reason, &'static str),
-}
-
 impl PolicyStage {
-    /// Builds the rules from configuration.
-    pub fn new(cfg: &Config, status: StatusSink, blobs: Arc<BlobPool>) -> Self {
-        let accounts = cfg
-            .accounts
-            .iter()
-            .map(|a| AccountPolicy {
-                allow: a.allowlist.iter().copied().collect(),
-                max_value: a.max_value_wei,
-            })
-            .collect();
+    /// The stage, deciding with `risk` and updated through `link`.
+    pub fn new(
+        risk: Risk,
+        link: StageLink,
+        pending: Sender<PendingIntent>,
+        audit: AuditSink,
+        status: StatusSink,
+        blobs: Arc<BlobPool>,
+    ) -> Self {
+        link.active_version
+            .store(risk.policy().version, Ordering::Release);
         Self {
-            accounts,
+            risk,
+            link,
+            pending,
+            audit,
             status,
             blobs,
         }
     }
 
-    /// Decides one intent.
+    /// Applies queued policy and KYT updates; returns how many.
     #[inline]
-    pub fn decide(&self, msg: &IntentMsg) -> Decision {
-        let Some(acct) = self.accounts.get(msg.account.0 as usize) else {
-            return Decision::Deny(Reason::UnknownAccount, "account is not configured");
-        };
-        match msg.kind {
-            IntentKind::Transfer | IntentKind::Call => {}
-            IntentKind::StakeDeposit | IntentKind::StakeExit => {
-                return Decision::Deny(
-                    Reason::UnsupportedKind,
-                    "staking intents are not enabled on this engine",
-                );
-            }
+    fn apply_updates(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(u) = self.link.updates.try_recv() {
+            n += 1;
+            let old = match u {
+                RiskUpdate::Policy(p) => {
+                    let v = p.version;
+                    let old = self.risk.swap_policy(p);
+                    self.link.active_version.store(v, Ordering::Release);
+                    Retired::Policy(old)
+                }
+                RiskUpdate::Kyt(k) => Retired::Kyt(self.risk.swap_kyt(k)),
+            };
+            // Dropped by the control side; if it is not draining, drop here (rare).
+            let _ = self.link.retired.try_send(old);
         }
-        if msg.route == Route::Private {
-            return Decision::Deny(
-                Reason::RouteUnavailable,
-                "no private relay is configured; use route public or auto",
-            );
-        }
-        if !acct.allow.contains(&msg.to) {
-            return Decision::Deny(
-                Reason::NotAllowlisted,
-                "destination is not on the account's allowlist",
-            );
-        }
-        if msg.value > acct.max_value {
-            return Decision::Deny(
-                Reason::ValueCap,
-                "value exceeds the account's per-intent cap",
-            );
-        }
-        Decision::Allow
+        n
     }
 }
 
@@ -100,28 +86,73 @@ impl Stage for PolicyStage {
     }
 
     #[inline]
-    fn on_message<E: Emit<IntentMsg>>(&mut self, msg: IntentMsg, out: &mut E) {
-        match self.decide(&msg) {
-            Decision::Allow => {
-                self.status.send(StatusMsg::event(
-                    msg.seq,
-                    msg.origin,
-                    State::Accepted,
-                    now_raw(),
-                ));
+    fn on_message<E: Emit<IntentMsg>>(&mut self, mut msg: IntentMsg, out: &mut E) {
+        if !self.link.updates.is_empty() {
+            self.apply_updates();
+        }
+        let now_ns = unix_now_ns();
+        let data: &[u8] = if msg.data.is_some() {
+            // SAFETY: this stage holds the message, hence owns its calldata slot; the
+            // slot is only read here.
+            unsafe { self.blobs.bytes(msg.data) }
+        } else {
+            &[]
+        };
+        let v = self.risk.decide(&msg, data, now_ns);
+        msg.policy_version = v.policy_version;
+        msg.asset = v.asset;
+        self.audit.record(AuditRecord::decision(&msg, &v, now_ns));
+        let at = now_raw();
+        match v.outcome {
+            Outcome::Allow => {
+                if msg.max_fee_cap == 0 {
+                    msg.max_fee_cap = v.max_fee;
+                }
+                let state = if msg.approved_by != 0 {
+                    State::Approved
+                } else {
+                    State::Accepted
+                };
+                self.status.send(StatusMsg {
+                    policy_version: v.policy_version,
+                    ..StatusMsg::event(msg.seq, msg.origin, state, at)
+                });
                 out.emit(msg);
             }
-            Decision::Deny(reason, message) => {
-                self.blobs.release(msg.data);
-                self.status.send(StatusMsg::refusal(
-                    msg.seq,
-                    msg.origin,
-                    State::Rejected,
-                    reason,
-                    message,
-                    now_raw(),
-                ));
+            Outcome::Approval(why) => {
+                self.status.send(StatusMsg {
+                    policy_version: v.policy_version,
+                    ..StatusMsg::event(msg.seq, msg.origin, State::Accepted, at)
+                });
+                self.status.send(StatusMsg {
+                    policy_version: v.policy_version,
+                    detail: crate::msg::Detail::new(why),
+                    ..StatusMsg::event(msg.seq, msg.origin, State::PendingApproval, at)
+                });
+                let p = PendingIntent {
+                    msg,
+                    deadline: Instant::now() + self.risk.policy().approval_ttl,
+                    why,
+                };
+                // The pending set drains this channel continuously; waiting here is
+                // back-pressure, never a drop.
+                let _ = self.pending.send(p);
             }
+            Outcome::Deny(reason, message) => {
+                self.blobs.release(msg.data);
+                self.status.send(StatusMsg {
+                    policy_version: v.policy_version,
+                    ..StatusMsg::refusal(msg.seq, msg.origin, State::Rejected, reason, message, at)
+                });
+            }
+        }
+    }
+
+    fn poll_extra<E: Emit<IntentMsg>>(&mut self, _out: &mut E) -> usize {
+        if self.link.updates.is_empty() {
+            0
+        } else {
+            self.apply_updates()
         }
     }
 }

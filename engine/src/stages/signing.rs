@@ -11,6 +11,7 @@ use venues::FeeView;
 
 use crate::blob::{BLOB_SIZE, BlobPool, BlobRef};
 use crate::msg::{IntentMsg, Reason, State, StatusMsg, TxMsg};
+use crate::risk::kill::KillSwitch;
 use crate::stages::StatusSink;
 use crate::txbuild::Eip1559;
 
@@ -34,6 +35,7 @@ pub struct SigningStage {
     blobs: Arc<BlobPool>,
     status: StatusSink,
     sign_time: Recorder,
+    kill: Arc<KillSwitch>,
     scratch: Box<[u8; BLOB_SIZE]>,
 }
 
@@ -46,6 +48,7 @@ impl SigningStage {
         blobs: Arc<BlobPool>,
         status: StatusSink,
         sign_time: Recorder,
+        kill: Arc<KillSwitch>,
     ) -> Self {
         Self {
             accounts,
@@ -54,6 +57,7 @@ impl SigningStage {
             blobs,
             status,
             sign_time,
+            kill,
             scratch: Box::new([0u8; BLOB_SIZE]),
         }
     }
@@ -92,6 +96,12 @@ impl Stage for SigningStage {
 
     #[inline]
     fn on_message<E: Emit<TxMsg>>(&mut self, msg: IntentMsg, out: &mut E) {
+        // The kill switch freezes signing at once, also for intents policy let through
+        // just before it was turned on (no nonce is used).
+        if let Some(k) = self.kill.check(msg.account.0, msg.asset, None) {
+            self.fail(&msg, Reason::KillSwitch, k.message());
+            return;
+        }
         let Some(raw) = self.blobs.claim() else {
             self.fail(
                 &msg,
@@ -173,6 +183,7 @@ impl Stage for SigningStage {
                 slot: raw.slot,
                 len: len as u32,
             },
+            asset: msg.asset,
             hops: msg.hops,
             ..TxMsg::default()
         });

@@ -71,9 +71,9 @@ pub enum ConnControl {
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Events per state, indexed by `State as usize`.
-    pub events: [AtomicU64; 7],
+    pub events: [AtomicU64; State::COUNT],
     /// Refusals per reason, indexed by `Reason as usize`.
-    pub reasons: [AtomicU64; 10],
+    pub reasons: [AtomicU64; Reason::COUNT],
     /// Acks.
     pub acks: AtomicU64,
     /// Duplicate submissions answered from state.
@@ -172,8 +172,14 @@ impl StatusStage {
             "state": m.state.as_str(),
             "ts_us": self.ts_us(m.at_raw),
         });
+        if m.policy_version != 0 {
+            v["policy_version"] = json!(m.policy_version);
+        }
         match m.state {
-            State::Accepted => {}
+            State::Accepted | State::Approved => {}
+            State::PendingApproval => {
+                v["message"] = json!(m.detail.as_str());
+            }
             State::Rejected | State::Failed => {
                 v["reason"] = json!(m.reason.as_str());
                 v["message"] = json!(m.detail.as_str());
