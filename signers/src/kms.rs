@@ -1,1 +1,0 @@
-//! AWS KMS backend (feature `kms`).
