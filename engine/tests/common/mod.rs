@@ -126,7 +126,7 @@ pub async fn collect_until_final(
                 f["state"].as_str(),
                 Some("confirmed" | "rejected" | "failed")
             );
-        if fin {
+        if fin && ids.contains(&id) {
             done.insert(id.clone());
         }
         frames.entry(id).or_default().push(f);
