@@ -425,3 +425,164 @@ fn a_bad_policy_file_stops_the_engine_at_start_with_its_line() {
     let e = engine::Engine::start(cfg).expect_err("refused").to_string();
     assert!(e.contains("policy.toml:3: account \"dev0\": allow[0]: no group named `missing`"), "{e}");
 }
+
+/// Serves `body()` over HTTP on a loopback port (a KYT provider's endpoint).
+fn serve_feed(body: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let b = body.lock().unwrap().clone();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                b.len()
+            );
+        }
+    });
+    format!("http://{addr}/v1/risk-feed")
+}
+
+fn feed(entries: &[(usize, u8, bool)]) -> String {
+    let e: Vec<Value> = entries
+        .iter()
+        .map(|(i, score, sanctioned)| json!({"address": DEV_ADDRESSES[*i], "score": score, "sanctioned": sanctioned}))
+        .collect();
+    json!({ "entries": e }).to_string()
+}
+
+fn travel_data(vasp: Option<&str>) -> Value {
+    let mut v = json!({
+        "originator": {"type": "legal", "primary_identifier": "Example Fund Ltd",
+                       "account_number": "dev4", "country": "CH"},
+        "beneficiary": {"type": "natural", "primary_identifier": "Doe",
+                        "secondary_identifier": "Jane", "account_number": DEV_ADDRESSES[5]},
+    });
+    if let Some(x) = vasp {
+        v["beneficiary_vasp"] = json!(x);
+    }
+    v
+}
+
+fn kyt_and_travel(source_of: impl FnOnce(&Path) -> String, update: impl FnOnce(&str)) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_of(dir.path());
+    let allow: Vec<String> = (5..10).map(|i| format!("\"{}\"", DEV_ADDRESSES[i])).collect();
+    let text = format!(
+        "label = \"kyt\"\n\
+         [kyt]\nsource = \"{source}\"\nrefresh = \"1s\"\nttl = \"10s\"\ndeny_score = 80\non_missing = \"deny\"\non_expired = \"deny\"\n\
+         [travel_rule]\nthreshold_wei = \"{ETH}\"\nknown_vasps = [\"LEI:5493001KJTIIGC8Y1R12\"]\non_unknown_vasp = \"deny\"\n\
+         [[account]]\nname = \"dev4\"\nallow = [{}]\nmax_value_wei = \"{}\"\n",
+        allow.join(", "),
+        100 * ETH
+    );
+    let s = start(&text, Layout::Auto);
+    let h = &s.h;
+    let mut desk = connect(h, "trader", Roles::default().with(Role::Trader));
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // The refresher loads the feed once at start; give it a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    h.rt.block_on(async {
+        let mut big = transfer("tr-ok", "dev4", 5, 2 * ETH);
+        big["travel_rule"] = travel_data(Some("lei:5493001kjtiigc8y1r12"));
+        let mut unknown = transfer("tr-vasp", "dev4", 5, 2 * ETH);
+        unknown["travel_rule"] = travel_data(Some("Unknown Exchange Ltd"));
+        let mut bad = transfer("tr-bad", "dev4", 5, 2 * ETH);
+        bad["travel_rule"] = json!({"originator": {"type": "legal"}});
+        for i in [
+            transfer("clean", "dev4", 5, 1),
+            transfer("sanctioned", "dev4", 6, 1),
+            transfer("risky", "dev4", 7, 1),
+            transfer("unscored", "dev4", 8, 1),
+            transfer("tr-missing", "dev4", 5, 2 * ETH),
+            big,
+            unknown,
+        ] {
+            desk.send(&submit(i)).await.unwrap();
+        }
+        desk.send(&submit(bad)).await.unwrap();
+        let f = collect_until_final(
+            &mut desk,
+            &ids(&["clean", "sanctioned", "risky", "unscored", "tr-missing", "tr-ok", "tr-vasp", "tr-bad"]),
+            Duration::from_secs(30),
+        )
+        .await;
+        let last = |id: &str| f[id].last().unwrap().clone();
+        assert_eq!(last("clean")["state"], "confirmed");
+        for (id, reason) in [
+            ("sanctioned", "kyt_risk"),
+            ("risky", "kyt_risk"),
+            ("unscored", "kyt_risk"),
+            ("tr-missing", "travel_rule_missing"),
+            ("tr-vasp", "unknown_vasp"),
+        ] {
+            assert_eq!((last(id)["state"].as_str(), last(id)["reason"].as_str()), (Some("rejected"), Some(reason)), "{id}");
+        }
+        assert_eq!(last("tr-ok")["state"], "confirmed");
+        assert_eq!(last("tr-bad")["code"], "bad_request");
+        assert_eq!(last("tr-bad")["field"], "intent.travel_rule");
+
+        // The feed changes: the refresher picks it up off the hot path.
+        update(&feed(&[(5, 95, false), (6, 0, true), (7, 10, false), (8, 10, false)]));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let id = format!("again-{n}");
+            desk.send(&submit(transfer(&id, "dev4", 5, 1))).await.unwrap();
+            let f = collect_until_final(&mut desk, &[id.clone()], Duration::from_secs(30)).await;
+            if f[&id].last().unwrap()["reason"] == "kyt_risk" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the new feed was never applied");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        desk.send(&submit(transfer("now-scored", "dev4", 8, 1))).await.unwrap();
+        let f = collect_until_final(&mut desk, &ids(&["now-scored"]), Duration::from_secs(30)).await;
+        assert_eq!(f["now-scored"].last().unwrap()["state"], "confirmed");
+    });
+    let lines = audit_lines(&s.audit, |l| l.iter().filter(|r| r["kind"] == "decision").count() >= 9);
+    let ok = lines.iter().find(|r| r["kind"] == "decision" && r["outcome"] == "allow" && r["travel_rule_hash"].is_string());
+    assert!(ok.is_some(), "the travel-rule evidence hash is in the audit trail");
+    let sanctioned = lines
+        .iter()
+        .find(|r| r["kind"] == "decision" && r["kyt"]["result"] == "sanctioned")
+        .expect("KYT input recorded");
+    assert_eq!(sanctioned["reason"], "kyt_risk");
+}
+
+#[test]
+fn kyt_from_a_feed_file_and_the_travel_rule() {
+    let path = std::sync::Arc::new(std::sync::Mutex::new(PathBuf::new()));
+    let p2 = std::sync::Arc::clone(&path);
+    kyt_and_travel(
+        move |dir| {
+            let f = dir.join("feed.json");
+            std::fs::write(&f, feed(&[(5, 10, false), (6, 0, true), (7, 85, false)])).unwrap();
+            *p2.lock().unwrap() = f.clone();
+            f.display().to_string()
+        },
+        move |text| {
+            // Written whole and renamed, as a feed publisher should.
+            let p = path.lock().unwrap().clone();
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &p).unwrap();
+        },
+    );
+}
+
+#[test]
+fn kyt_from_an_http_endpoint() {
+    let body = std::sync::Arc::new(std::sync::Mutex::new(feed(&[
+        (5, 10, false),
+        (6, 0, true),
+        (7, 85, false),
+    ])));
+    let b2 = std::sync::Arc::clone(&body);
+    kyt_and_travel(move |_| serve_feed(b2), move |text| *body.lock().unwrap() = text.to_owned());
+}

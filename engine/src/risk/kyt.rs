@@ -208,9 +208,11 @@ impl KytSource {
                     .enable_all()
                     .build()
                     .map_err(|e| fail(e.to_string()))?;
-                rt.block_on(tokio::time::timeout(Duration::from_secs(5), http_get(url)))
-                    .map_err(|_| fail("timed out after 5 s".into()))?
-                    .map_err(fail)
+                rt.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(5), http_get(url)).await
+                })
+                .map_err(|_| fail("timed out after 5 s".into()))?
+                .map_err(fail)
             }
         }
     }
