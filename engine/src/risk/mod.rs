@@ -23,6 +23,7 @@ pub mod kyt;
 pub mod rules;
 pub mod travel;
 pub mod velocity;
+pub mod fixture;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

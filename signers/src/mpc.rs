@@ -1,1 +1,0 @@
-//! Threshold ECDSA backend (feature `mpc`).
