@@ -43,7 +43,11 @@ fn timed_runs() {
             let ns = clock.delta_as_nanos(t0, t1).max(1);
             let _ = h.record(ns);
         }
-        let _ = writeln!(rows, "{}", pipeline::report::summary_row(&format!("run {}", run + 1), &h));
+        let _ = writeln!(
+            rows,
+            "{}",
+            pipeline::report::summary_row(&format!("run {}", run + 1), &h)
+        );
         println!(
             "policy decision run {}: p50 {} p99 {} p99.9 {} max {}",
             run + 1,

@@ -185,7 +185,10 @@ impl Config {
         })?;
         // Relative paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.policy_file, &mut cfg.audit_log].into_iter().flatten() {
+        for p in [&mut cfg.policy_file, &mut cfg.audit_log]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -15,12 +15,12 @@ use signers::{LocalCurve, LocalSigner, Signer};
 use venues::{FeeView, RpcClient};
 
 use crate::auth::{JwtAuth, Principals};
-use crate::risk::audit::AuditStats;
-use crate::risk::{self, RiskAdmin};
 use crate::blob::BlobPool;
 use crate::config::{Config, KeyConfig, Layout, WaitChoice};
 use crate::error::EngineError;
 use crate::msg::{IntentMsg, StatusMsg, TxMsg};
+use crate::risk::audit::AuditStats;
+use crate::risk::{self, RiskAdmin};
 use crate::server::{self, Health, ServerCtx};
 use crate::stages::StatusSink;
 use crate::stages::broadcast::{BroadcastRecorders, BroadcastStage};

@@ -85,6 +85,10 @@ struct DevArgs {
     /// Stage threads' wait strategy: auto, busy-spin, spin-yield, spin-yield-park.
     #[arg(long, default_value = "auto", value_parser = parse_wait)]
     wait: WaitChoice,
+    /// Policy file (TOML) instead of the dev accounts' allowlists and caps; for example
+    /// config/dev-policy.toml. Reloaded on SIGHUP and with the `reload_policy` op.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         demo: false,
         layout: Layout::Auto,
         wait: WaitChoice::Auto,
+        policy: None,
     })) {
         Cmd::Dev(args) => {
             let demo = args.demo.then(DemoOptions::default);
@@ -185,6 +190,7 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         c.layout = args.layout;
         c.wait = args.wait;
         c.audit_log = Some(dir.join("audit.jsonl"));
+        c.policy_file = args.policy.clone();
         c
     };
     let engine = match Engine::start(config(listen)) {
@@ -210,6 +216,12 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
     );
     println!(
         "  accounts:   dev0..dev4 (anvil keys 0-4) -> anvil accounts 5-9, up to 100 ETH per intent"
+    );
+    let p = engine.risk().control.policy_origin();
+    println!(
+        "  policy:     {p} (version {}); audit trail {}",
+        engine.risk().control.active_version(),
+        dir.join("audit.jsonl").display()
     );
     println!(
         "  layout:     {} usable cores, CPU stages {}, wait {:?}",

@@ -100,3 +100,46 @@ pub fn latency_json(latency: &LatencyRegistry) -> Value {
     }
     json!({ "recorders": recorders })
 }
+
+/// Risk-engine gauges and counters for `/metrics`: policy version in force, kill switches
+/// on, intents waiting for approval, KYT refreshes, audit records.
+pub fn risk_prometheus(risk: &crate::risk::RiskAdmin) -> String {
+    let mut s = String::with_capacity(1024);
+    let kills = risk.kill.active(&risk.account_names);
+    let k = &risk.control.kyt_stats;
+    let _ = writeln!(
+        s,
+        "# HELP engine_policy_version Version of the policy the policy stage has in force.\n# TYPE engine_policy_version gauge\nengine_policy_version {}",
+        risk.control.active_version()
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_kill_switches_active Kill switches that are on.\n# TYPE engine_kill_switches_active gauge\nengine_kill_switches_active {}",
+        kills.len()
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_pending_approvals Intents waiting for a four-eyes approval.\n# TYPE engine_pending_approvals gauge\nengine_pending_approvals {}",
+        risk.approvals.pending().len()
+    );
+    for (name, help, v) in [
+        ("engine_kyt_loads_total", "KYT snapshots loaded.", &k.loads),
+        (
+            "engine_kyt_failures_total",
+            "KYT refreshes that failed (the previous snapshot ages out).",
+            &k.failures,
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_kyt_entries Addresses in the KYT snapshot last loaded.\n# TYPE engine_kyt_entries gauge\nengine_kyt_entries {}",
+        k.entries.load(Ordering::Relaxed)
+    );
+    s
+}

@@ -333,7 +333,10 @@ fn decode_scope(fields: &Fields<'_>) -> Result<ScopeSpec, RequestError> {
         ));
     };
     if v.is_empty() || v.len() > 64 {
-        return Err(RequestError::bad("scope", "the name must be 1 to 64 characters"));
+        return Err(RequestError::bad(
+            "scope",
+            "the name must be 1 to 64 characters",
+        ));
     }
     match k.as_str() {
         "account" => Ok(ScopeSpec::Account(v)),
@@ -348,7 +351,10 @@ fn decode_scope(fields: &Fields<'_>) -> Result<ScopeSpec, RequestError> {
 
 fn decode_travel(raw: &RawValue) -> Result<TravelInfo, RequestError> {
     let data: TravelRuleData = serde_json::from_str(raw.get()).map_err(|e| {
-        RequestError::bad("intent.travel_rule", format!("not valid travel-rule data: {e}"))
+        RequestError::bad(
+            "intent.travel_rule",
+            format!("not valid travel-rule data: {e}"),
+        )
     })?;
     data.validate()
         .map_err(|(field, message)| RequestError::bad(field, message))?;

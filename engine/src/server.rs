@@ -172,7 +172,8 @@ fn route(
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            crate::metrics::prometheus(&ctx.latency, &ctx.counters),
+            crate::metrics::prometheus(&ctx.latency, &ctx.counters)
+                + &crate::metrics::risk_prometheus(&ctx.risk),
         ),
         (&Method::GET, "/v1/latency") => {
             json_response(StatusCode::OK, crate::metrics::latency_json(&ctx.latency))
@@ -206,6 +207,9 @@ fn health(ctx: &ServerCtx) -> Response<Body<Bytes>> {
             "failure": failure,
             "chain_id": ctx.health.chain_id,
             "intake_capacity": ctx.intake.capacity(),
+            "policy_version": ctx.risk.control.active_version(),
+            "kill_switches": ctx.risk.kill.active(&ctx.risk.account_names),
+            "pending_approvals": ctx.risk.approvals.pending().len(),
             "blob_slots_free": ctx.blobs.available(),
         }),
     )
@@ -402,16 +406,20 @@ fn handle_text(
                 return Some(forbidden("approve", req.as_deref(), Some(id.as_str())));
             }
             let sub = match submitter.as_deref().map(|s| ctx.principals.lookup(s)) {
-                Some(None) => return Some(approval_error(ApprovalError::NotFound, req.as_deref(), &id)),
+                Some(None) => {
+                    return Some(approval_error(ApprovalError::NotFound, req.as_deref(), &id));
+                }
                 other => other.flatten(),
             };
-            Some(match ctx.risk.approvals.approve(&id, sub, origin.principal) {
-                Ok(seq) => protocol::with_req(
-                    json!({"op": "ok", "of": "approve", "id": id.as_str(), "seq": seq}),
-                    req.as_deref(),
-                ),
-                Err(e) => approval_error(e, req.as_deref(), &id),
-            })
+            Some(
+                match ctx.risk.approvals.approve(&id, sub, origin.principal) {
+                    Ok(seq) => protocol::with_req(
+                        json!({"op": "ok", "of": "approve", "id": id.as_str(), "seq": seq}),
+                        req.as_deref(),
+                    ),
+                    Err(e) => approval_error(e, req.as_deref(), &id),
+                },
+            )
         }
         Request::Reject {
             req,
@@ -423,7 +431,9 @@ fn handle_text(
                 return Some(forbidden("reject", req.as_deref(), Some(id.as_str())));
             }
             let sub = match submitter.as_deref().map(|s| ctx.principals.lookup(s)) {
-                Some(None) => return Some(approval_error(ApprovalError::NotFound, req.as_deref(), &id)),
+                Some(None) => {
+                    return Some(approval_error(ApprovalError::NotFound, req.as_deref(), &id));
+                }
                 other => other.flatten(),
             };
             Some(
@@ -481,9 +491,11 @@ fn handle_text(
                     json!({"op": "ok", "of": op, "active": active}),
                     req.as_deref(),
                 ),
-                Err(message) => RequestError::new(ErrorCode::BadRequest, format!("scope: {message}"))
-                    .with_context(req.as_deref(), None)
-                    .to_json(),
+                Err(message) => {
+                    RequestError::new(ErrorCode::BadRequest, format!("scope: {message}"))
+                        .with_context(req.as_deref(), None)
+                        .to_json()
+                }
             })
         }
         Request::ReloadPolicy { req } => {

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use alloy_primitives::U256;
+use engine::auth::Principals;
 use engine::blob::{BlobPool, BlobRef};
 use engine::msg::{AccountIdx, IntentId, IntentKind, IntentMsg, Origin, Route, StatusMsg, TxMsg};
-use engine::auth::Principals;
 use engine::risk::RiskControl;
 use engine::risk::kill::KillSwitch;
 use engine::risk::rules::Risk;
@@ -203,7 +203,10 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
     assert!(signed > 20 * ROUND / 2, "the path really signed ({signed})");
     assert!(statuses > 20 * ROUND * 2, "and reported ({statuses})");
-    assert!(audited >= 24 * ROUND, "and audited every decision ({audited})");
+    assert!(
+        audited >= 24 * ROUND,
+        "and audited every decision ({audited})"
+    );
     assert_eq!(
         allocs,
         0,

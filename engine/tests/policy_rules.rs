@@ -40,7 +40,12 @@ fn accounts() -> HashMap<String, u16> {
     ])
 }
 
-fn compile(text: &str, kill: &KillSwitch, principals: &Principals, version: u32) -> Result<Policy, engine::risk::file::PolicyError> {
+fn compile(
+    text: &str,
+    kill: &KillSwitch,
+    principals: &Principals,
+    version: u32,
+) -> Result<Policy, engine::risk::file::PolicyError> {
     let accts = accounts();
     Policy::compile(
         Path::new("policy.toml"),
@@ -161,48 +166,299 @@ fn is_approval(o: Outcome) -> bool {
 fn table_of_single_decisions() {
     let ttl = 300 * S;
     let big = ETH + 1; // above the travel-rule threshold, below the four-eyes threshold
-    type Case = (&'static str, IntentMsg, Vec<u8>, u64, Box<dyn Fn(Outcome) -> bool>);
+    type Case = (
+        &'static str,
+        IntentMsg,
+        Vec<u8>,
+        u64,
+        Box<dyn Fn(Outcome) -> bool>,
+    );
     let cases: Vec<Case> = vec![
-        ("unknown account", transfer(9, a(1), 1), vec![], T0, Box::new(deny(Reason::UnknownAccount))),
-        ("not allowlisted", transfer(0, a(0x99), 1), vec![], T0, Box::new(deny(Reason::NotAllowlisted))),
-        ("group member", transfer(0, a(1), 1), vec![], T0, Box::new(is_allow)),
+        (
+            "unknown account",
+            transfer(9, a(1), 1),
+            vec![],
+            T0,
+            Box::new(deny(Reason::UnknownAccount)),
+        ),
+        (
+            "not allowlisted",
+            transfer(0, a(0x99), 1),
+            vec![],
+            T0,
+            Box::new(deny(Reason::NotAllowlisted)),
+        ),
+        (
+            "group member",
+            transfer(0, a(1), 1),
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
         // Caps: inclusive; four-eyes strictly above 5 ETH.
-        ("exactly the four-eyes threshold", IntentMsg { travel: travel(None), ..transfer(0, a(1), 5 * ETH) }, vec![], T0, Box::new(is_allow)),
-        ("above the four-eyes threshold", IntentMsg { travel: travel(None), ..transfer(0, a(1), 5 * ETH + 1) }, vec![], T0, Box::new(is_approval)),
-        ("exactly the cap, approved", IntentMsg { travel: travel(None), approved_by: 7, ..transfer(0, a(1), 10 * ETH) }, vec![], T0, Box::new(is_allow)),
-        ("one wei over the cap", IntentMsg { travel: travel(None), approved_by: 7, ..transfer(0, a(1), 10 * ETH + 1) }, vec![], T0, Box::new(deny(Reason::ValueCap))),
+        (
+            "exactly the four-eyes threshold",
+            IntentMsg {
+                travel: travel(None),
+                ..transfer(0, a(1), 5 * ETH)
+            },
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "above the four-eyes threshold",
+            IntentMsg {
+                travel: travel(None),
+                ..transfer(0, a(1), 5 * ETH + 1)
+            },
+            vec![],
+            T0,
+            Box::new(is_approval),
+        ),
+        (
+            "exactly the cap, approved",
+            IntentMsg {
+                travel: travel(None),
+                approved_by: 7,
+                ..transfer(0, a(1), 10 * ETH)
+            },
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "one wei over the cap",
+            IntentMsg {
+                travel: travel(None),
+                approved_by: 7,
+                ..transfer(0, a(1), 10 * ETH + 1)
+            },
+            vec![],
+            T0,
+            Box::new(deny(Reason::ValueCap)),
+        ),
         // Travel rule.
-        ("just below the travel threshold", transfer(0, a(1), ETH - 1), vec![], T0, Box::new(is_allow)),
-        ("at the travel threshold, no data", transfer(0, a(1), ETH), vec![], T0, Box::new(deny(Reason::TravelRuleMissing))),
-        ("internal destination needs no data", transfer(0, a(0x0a), big), vec![], T0, Box::new(is_allow)),
-        ("unknown VASP", IntentMsg { travel: travel(Some("Some Exchange")), ..transfer(0, a(1), big) }, vec![], T0, Box::new(deny(Reason::UnknownVasp))),
-        ("known VASP, any case", IntentMsg { travel: travel(Some("lei:5493001kjtiigc8y1r12")), ..transfer(0, a(1), big) }, vec![], T0, Box::new(is_allow)),
-        ("self-hosted wallet with data", IntentMsg { travel: travel(None), ..transfer(0, a(1), big) }, vec![], T0, Box::new(is_allow)),
+        (
+            "just below the travel threshold",
+            transfer(0, a(1), ETH - 1),
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "at the travel threshold, no data",
+            transfer(0, a(1), ETH),
+            vec![],
+            T0,
+            Box::new(deny(Reason::TravelRuleMissing)),
+        ),
+        (
+            "internal destination needs no data",
+            transfer(0, a(0x0a), big),
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "unknown VASP",
+            IntentMsg {
+                travel: travel(Some("Some Exchange")),
+                ..transfer(0, a(1), big)
+            },
+            vec![],
+            T0,
+            Box::new(deny(Reason::UnknownVasp)),
+        ),
+        (
+            "known VASP, any case",
+            IntentMsg {
+                travel: travel(Some("lei:5493001kjtiigc8y1r12")),
+                ..transfer(0, a(1), big)
+            },
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "self-hosted wallet with data",
+            IntentMsg {
+                travel: travel(None),
+                ..transfer(0, a(1), big)
+            },
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
         // KYT.
-        ("risk score at the deny level", transfer(0, a(0x0b), 1), vec![], T0, Box::new(deny(Reason::KytRisk))),
-        ("risk score needing approval", transfer(0, a(2), 1), vec![], T0, Box::new(is_approval)),
-        ("sanctioned", transfer(0, a(0x0c), 1), vec![], T0, Box::new(deny(Reason::KytRisk))),
-        ("sanctioned long after", transfer(0, a(0x0c), 1), vec![], T0 + 10 * ttl, Box::new(deny(Reason::KytRisk))),
-        ("expired score denies", transfer(0, a(0x0d), 1), vec![], T0, Box::new(deny(Reason::KytRisk))),
-        ("fresh one ns before the TTL", transfer(0, a(1), 1), vec![], T0 + ttl - 1, Box::new(is_allow)),
-        ("expired at the TTL", transfer(0, a(1), 1), vec![], T0 + ttl, Box::new(deny(Reason::KytRisk))),
-        ("no score asks for approval", transfer(0, a(0x0e), 1), vec![], T0, Box::new(is_approval)),
+        (
+            "risk score at the deny level",
+            transfer(0, a(0x0b), 1),
+            vec![],
+            T0,
+            Box::new(deny(Reason::KytRisk)),
+        ),
+        (
+            "risk score needing approval",
+            transfer(0, a(2), 1),
+            vec![],
+            T0,
+            Box::new(is_approval),
+        ),
+        (
+            "sanctioned",
+            transfer(0, a(0x0c), 1),
+            vec![],
+            T0,
+            Box::new(deny(Reason::KytRisk)),
+        ),
+        (
+            "sanctioned long after",
+            transfer(0, a(0x0c), 1),
+            vec![],
+            T0 + 10 * ttl,
+            Box::new(deny(Reason::KytRisk)),
+        ),
+        (
+            "expired score denies",
+            transfer(0, a(0x0d), 1),
+            vec![],
+            T0,
+            Box::new(deny(Reason::KytRisk)),
+        ),
+        (
+            "fresh one ns before the TTL",
+            transfer(0, a(1), 1),
+            vec![],
+            T0 + ttl - 1,
+            Box::new(is_allow),
+        ),
+        (
+            "expired at the TTL",
+            transfer(0, a(1), 1),
+            vec![],
+            T0 + ttl,
+            Box::new(deny(Reason::KytRisk)),
+        ),
+        (
+            "no score asks for approval",
+            transfer(0, a(0x0e), 1),
+            vec![],
+            T0,
+            Box::new(is_approval),
+        ),
         // Contract calls.
-        ("allowed target and selector", call(a(0x0f), 100_000), vec![0x12, 0x34, 0x56, 0x78, 1], T0, Box::new(is_allow)),
-        ("allowed target, other selector", call(a(0x0f), 100_000), vec![0xde, 0xad, 0xbe, 0xef], T0, Box::new(deny(Reason::CallNotAllowed))),
-        ("allowlisted but no call rule", call(a(1), 100_000), vec![0x12, 0x34, 0x56, 0x78], T0, Box::new(deny(Reason::CallNotAllowed))),
-        ("token transfer below its travel threshold", call(a(0xc0), 60_000), erc20_transfer(a(1), 999_999_999), T0, Box::new(is_allow)),
-        ("token transfer at exactly the asset cap", IntentMsg { travel: travel(None), ..call(a(0xc0), 60_000) }, erc20_transfer(a(1), 5_000_000_000), T0, Box::new(is_allow)),
-        ("token transfer over the asset cap", call(a(0xc0), 60_000), erc20_transfer(a(1), 5_000_000_001), T0, Box::new(deny(Reason::ValueCap))),
-        ("token transfer to a stranger", call(a(0xc0), 60_000), erc20_transfer(a(0x99), 1), T0, Box::new(deny(Reason::NotAllowlisted))),
-        ("token transfer at its travel threshold", call(a(0xc0), 60_000), erc20_transfer(a(1), 1_000_000_000), T0, Box::new(deny(Reason::TravelRuleMissing))),
+        (
+            "allowed target and selector",
+            call(a(0x0f), 100_000),
+            vec![0x12, 0x34, 0x56, 0x78, 1],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "allowed target, other selector",
+            call(a(0x0f), 100_000),
+            vec![0xde, 0xad, 0xbe, 0xef],
+            T0,
+            Box::new(deny(Reason::CallNotAllowed)),
+        ),
+        (
+            "allowlisted but no call rule",
+            call(a(1), 100_000),
+            vec![0x12, 0x34, 0x56, 0x78],
+            T0,
+            Box::new(deny(Reason::CallNotAllowed)),
+        ),
+        (
+            "token transfer below its travel threshold",
+            call(a(0xc0), 60_000),
+            erc20_transfer(a(1), 999_999_999),
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "token transfer at exactly the asset cap",
+            IntentMsg {
+                travel: travel(None),
+                ..call(a(0xc0), 60_000)
+            },
+            erc20_transfer(a(1), 5_000_000_000),
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "token transfer over the asset cap",
+            call(a(0xc0), 60_000),
+            erc20_transfer(a(1), 5_000_000_001),
+            T0,
+            Box::new(deny(Reason::ValueCap)),
+        ),
+        (
+            "token transfer to a stranger",
+            call(a(0xc0), 60_000),
+            erc20_transfer(a(0x99), 1),
+            T0,
+            Box::new(deny(Reason::NotAllowlisted)),
+        ),
+        (
+            "token transfer at its travel threshold",
+            call(a(0xc0), 60_000),
+            erc20_transfer(a(1), 1_000_000_000),
+            T0,
+            Box::new(deny(Reason::TravelRuleMissing)),
+        ),
         // Gas and fee.
-        ("gas at the maximum", IntentMsg { gas_limit: 500_000, ..transfer(0, a(1), 1) }, vec![], T0, Box::new(is_allow)),
-        ("gas above the maximum", IntentMsg { gas_limit: 500_001, ..transfer(0, a(1), 1) }, vec![], T0, Box::new(deny(Reason::GasCap))),
-        ("fee cap above the maximum", IntentMsg { max_fee_cap: 100_000_000_001, ..transfer(0, a(1), 1) }, vec![], T0, Box::new(deny(Reason::FeeCap))),
+        (
+            "gas at the maximum",
+            IntentMsg {
+                gas_limit: 500_000,
+                ..transfer(0, a(1), 1)
+            },
+            vec![],
+            T0,
+            Box::new(is_allow),
+        ),
+        (
+            "gas above the maximum",
+            IntentMsg {
+                gas_limit: 500_001,
+                ..transfer(0, a(1), 1)
+            },
+            vec![],
+            T0,
+            Box::new(deny(Reason::GasCap)),
+        ),
+        (
+            "fee cap above the maximum",
+            IntentMsg {
+                max_fee_cap: 100_000_000_001,
+                ..transfer(0, a(1), 1)
+            },
+            vec![],
+            T0,
+            Box::new(deny(Reason::FeeCap)),
+        ),
         // Kinds and routes.
-        ("staking is not enabled", IntentMsg { kind: IntentKind::StakeExit, ..transfer(0, a(1), 0) }, vec![], T0, Box::new(deny(Reason::UnsupportedKind))),
-        ("private route without relays", IntentMsg { route: Route::Private, ..transfer(0, a(1), 1) }, vec![], T0, Box::new(deny(Reason::RouteUnavailable))),
+        (
+            "staking is not enabled",
+            IntentMsg {
+                kind: IntentKind::StakeExit,
+                ..transfer(0, a(1), 0)
+            },
+            vec![],
+            T0,
+            Box::new(deny(Reason::UnsupportedKind)),
+        ),
+        (
+            "private route without relays",
+            IntentMsg {
+                route: Route::Private,
+                ..transfer(0, a(1), 1)
+            },
+            vec![],
+            T0,
+            Box::new(deny(Reason::RouteUnavailable)),
+        ),
     ];
     let mut failures = Vec::new();
     for (name, msg, data, now, check) in &cases {
@@ -212,7 +468,12 @@ fn table_of_single_decisions() {
             failures.push(format!("{name}: got {got:?}"));
         }
     }
-    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -240,16 +501,40 @@ fn business_hours_across_midnight_and_daylight_saving() {
     let closed = deny(Reason::OutsideBusinessHours);
     // Window 22:00-06:00 New York time, opening Monday to Friday.
     // Winter (EST, UTC-5). 2026-01-12 is a Monday.
-    assert!(closed(night(ny(2026, 1, 12, 21, 59, -5))), "Mon 21:59 closed");
-    assert!(is_allow(night(ny(2026, 1, 12, 22, 0, -5))), "Mon 22:00 open");
-    assert!(is_allow(night(ny(2026, 1, 13, 5, 59, -5))), "Tue 05:59 open (Monday's night)");
+    assert!(
+        closed(night(ny(2026, 1, 12, 21, 59, -5))),
+        "Mon 21:59 closed"
+    );
+    assert!(
+        is_allow(night(ny(2026, 1, 12, 22, 0, -5))),
+        "Mon 22:00 open"
+    );
+    assert!(
+        is_allow(night(ny(2026, 1, 13, 5, 59, -5))),
+        "Tue 05:59 open (Monday's night)"
+    );
     assert!(closed(night(ny(2026, 1, 13, 6, 0, -5))), "Tue 06:00 closed");
-    assert!(closed(night(ny(2026, 1, 12, 1, 0, -5))), "Mon 01:00 closed: Sunday does not open");
-    assert!(is_allow(night(ny(2026, 1, 17, 1, 0, -5))), "Sat 01:00 open: Friday's night");
-    assert!(closed(night(ny(2026, 1, 17, 23, 0, -5))), "Sat 23:00 closed");
+    assert!(
+        closed(night(ny(2026, 1, 12, 1, 0, -5))),
+        "Mon 01:00 closed: Sunday does not open"
+    );
+    assert!(
+        is_allow(night(ny(2026, 1, 17, 1, 0, -5))),
+        "Sat 01:00 open: Friday's night"
+    );
+    assert!(
+        closed(night(ny(2026, 1, 17, 23, 0, -5))),
+        "Sat 23:00 closed"
+    );
     // Summer (EDT, UTC-4): the same local times, one hour earlier in UTC.
-    assert!(closed(night(ny(2026, 7, 15, 21, 59, -4))), "Wed 21:59 EDT closed");
-    assert!(is_allow(night(ny(2026, 7, 15, 22, 0, -4))), "Wed 22:00 EDT open");
+    assert!(
+        closed(night(ny(2026, 7, 15, 21, 59, -4))),
+        "Wed 21:59 EDT closed"
+    );
+    assert!(
+        is_allow(night(ny(2026, 7, 15, 22, 0, -4))),
+        "Wed 22:00 EDT open"
+    );
     // 22:00 EST expressed as EDT offset would be 21:00 local in summer: closed.
     assert!(closed(night(ny(2026, 7, 15, 22, 0, -5) - 2 * 3600 * S)));
 }
@@ -260,19 +545,39 @@ fn velocity_counts_and_values_roll_over_the_window() {
     let mut w = world();
     let t = T0 + 17 * S;
     for i in 0..5 {
-        assert!(is_allow(outcome(&mut w, &transfer(0, a(1), 1), &[], t + i * S)), "#{i}");
+        assert!(
+            is_allow(outcome(&mut w, &transfer(0, a(1), 1), &[], t + i * S)),
+            "#{i}"
+        );
     }
-    assert!(deny(Reason::VelocityLimit)(outcome(&mut w, &transfer(0, a(1), 1), &[], t + 10 * S)));
+    assert!(deny(Reason::VelocityLimit)(outcome(
+        &mut w,
+        &transfer(0, a(1), 1),
+        &[],
+        t + 10 * S
+    )));
     // KYT must still be fresh for the window-edge checks: reload the snapshot at the edge.
     let refresh = |w: &mut World, at: u64| {
         w.risk.swap_kyt(Box::new(KytSnapshot::from_entries(
-            [(a(1), KytEntry { score: 1, sanctioned: false, observed_ns: at })],
+            [(
+                a(1),
+                KytEntry {
+                    score: 1,
+                    sanctioned: false,
+                    observed_ns: at,
+                },
+            )],
             at,
         )));
     };
     refresh(&mut w, t + 3600 * S - 1);
     assert!(
-        deny(Reason::VelocityLimit)(outcome(&mut w, &transfer(0, a(1), 1), &[], t + 3600 * S - 1)),
+        deny(Reason::VelocityLimit)(outcome(
+            &mut w,
+            &transfer(0, a(1), 1),
+            &[],
+            t + 3600 * S - 1
+        )),
         "one ns before a full hour after the first, still counted"
     );
     refresh(&mut w, t + 3664 * S);
@@ -293,7 +598,11 @@ fn velocity_counts_and_values_roll_over_the_window() {
     }
     let v = w.risk.decide(&transfer(0, a(1), 1), &[], T0 + 5);
     assert!(deny(Reason::VelocityLimit)(v.outcome));
-    assert_eq!(v.velocity, Some((0, 20 * ETH, 0)), "the deciding window is recorded");
+    assert_eq!(
+        v.velocity,
+        Some((0, 20 * ETH, 0)),
+        "the deciding window is recorded"
+    );
 
     // An intent that only asks for approval does not use up the window.
     let mut w = world();
@@ -320,9 +629,19 @@ fn desk_velocity_spans_accounts_and_only_that_desk() {
     assert!(is_allow(outcome(&mut w, &from(desk_a, 2), &[], T0)));
     assert!(is_allow(outcome(&mut w, &from(desk_a, 0), &[], T0)));
     assert!(is_allow(outcome(&mut w, &from(desk_a, 2), &[], T0)));
-    assert!(deny(Reason::VelocityLimit)(outcome(&mut w, &from(desk_a, 2), &[], T0)));
+    assert!(deny(Reason::VelocityLimit)(outcome(
+        &mut w,
+        &from(desk_a, 2),
+        &[],
+        T0
+    )));
     assert!(is_allow(outcome(&mut w, &from(desk_b, 2), &[], T0)));
-    assert!(is_allow(outcome(&mut w, &from(desk_a, 2), &[], T0 + 86_400 * S + 1441 * S)));
+    assert!(is_allow(outcome(
+        &mut w,
+        &from(desk_a, 2),
+        &[],
+        T0 + 86_400 * S + 1441 * S
+    )));
 }
 
 #[test]
@@ -330,18 +649,48 @@ fn kill_switch_scopes() {
     let mut w = world();
     let token = erc20_transfer(a(1), 1);
     w.kill.set(&KillScope::Asset("usdc".into()), true).unwrap();
-    assert!(deny(Reason::KillSwitch)(outcome(&mut w, &call(a(0xc0), 60_000), &token, T0)));
-    assert!(is_allow(outcome(&mut w, &transfer(0, a(1), 1), &[], T0)), "ETH still moves");
+    assert!(deny(Reason::KillSwitch)(outcome(
+        &mut w,
+        &call(a(0xc0), 60_000),
+        &token,
+        T0
+    )));
+    assert!(
+        is_allow(outcome(&mut w, &transfer(0, a(1), 1), &[], T0)),
+        "ETH still moves"
+    );
     w.kill.set(&KillScope::Asset("USDC".into()), false).unwrap();
     w.kill.set(&KillScope::Account(0), true).unwrap();
-    assert!(deny(Reason::KillSwitch)(outcome(&mut w, &transfer(0, a(1), 1), &[], T0)));
-    assert!(is_allow(outcome(&mut w, &transfer(2, a(1), 1), &[], T0)), "other accounts run");
+    assert!(deny(Reason::KillSwitch)(outcome(
+        &mut w,
+        &transfer(0, a(1), 1),
+        &[],
+        T0
+    )));
+    assert!(
+        is_allow(outcome(&mut w, &transfer(2, a(1), 1), &[], T0)),
+        "other accounts run"
+    );
     w.kill.set(&KillScope::Account(0), false).unwrap();
-    w.kill.set(&KillScope::Venue("node-0".into()), true).unwrap();
-    assert!(deny(Reason::KillSwitch)(outcome(&mut w, &transfer(2, a(1), 1), &[], T0)));
-    w.kill.set(&KillScope::Venue("node-0".into()), false).unwrap();
+    w.kill
+        .set(&KillScope::Venue("node-0".into()), true)
+        .unwrap();
+    assert!(deny(Reason::KillSwitch)(outcome(
+        &mut w,
+        &transfer(2, a(1), 1),
+        &[],
+        T0
+    )));
+    w.kill
+        .set(&KillScope::Venue("node-0".into()), false)
+        .unwrap();
     w.kill.set(&KillScope::All, true).unwrap();
-    assert!(deny(Reason::KillSwitch)(outcome(&mut w, &transfer(2, a(1), 1), &[], T0)));
+    assert!(deny(Reason::KillSwitch)(outcome(
+        &mut w,
+        &transfer(2, a(1), 1),
+        &[],
+        T0
+    )));
     w.kill.set(&KillScope::All, false).unwrap();
     assert!(is_allow(outcome(&mut w, &transfer(2, a(1), 1), &[], T0)));
 }
@@ -350,7 +699,12 @@ fn kill_switch_scopes() {
 fn a_reload_keeps_velocity_history_and_changes_the_version() {
     let mut w = world();
     for i in 0..5 {
-        assert!(is_allow(outcome(&mut w, &transfer(0, a(1), 1), &[], T0 + i)));
+        assert!(is_allow(outcome(
+            &mut w,
+            &transfer(0, a(1), 1),
+            &[],
+            T0 + i
+        )));
     }
     let text = include_str!("policy/table.toml").replace("label = \"table\"", "label = \"v2\"");
     let p2 = compile(&text, &w.kill, &w.principals, 2).unwrap();
@@ -358,14 +712,25 @@ fn a_reload_keeps_velocity_history_and_changes_the_version() {
     assert_eq!(old.version, 1);
     let v = w.risk.decide(&transfer(0, a(1), 1), &[], T0 + 10);
     assert_eq!(v.policy_version, 2);
-    assert!(deny(Reason::VelocityLimit)(v.outcome), "history carried over: {v:?}");
+    assert!(
+        deny(Reason::VelocityLimit)(v.outcome),
+        "history carried over: {v:?}"
+    );
     // A policy with a tighter cap decides the next intent.
     let text = include_str!("policy/table.toml")
-        .replace("max_value_wei = \"10000000000000000000\"", "max_value_wei = \"0\"")
+        .replace(
+            "max_value_wei = \"10000000000000000000\"",
+            "max_value_wei = \"0\"",
+        )
         .replace("max_count = 5", "max_count = 500");
     let p3 = compile(&text, &w.kill, &w.principals, 3).unwrap();
     w.risk.swap_policy(Box::new(p3));
-    assert!(deny(Reason::ValueCap)(outcome(&mut w, &transfer(0, a(1), 1), &[], T0 + 11)));
+    assert!(deny(Reason::ValueCap)(outcome(
+        &mut w,
+        &transfer(0, a(1), 1),
+        &[],
+        T0 + 11
+    )));
 }
 
 #[test]
@@ -443,7 +808,36 @@ fn malformed_policy_files_are_refused_with_file_line_and_rule() {
         let shown = e.to_string();
         assert_eq!(e.line, line, "{shown}");
         assert_eq!(e.rule, rule, "{shown}");
-        assert!(shown.starts_with(&format!("policy.toml:{line}: {rule}: ")), "{shown}");
+        assert!(
+            shown.starts_with(&format!("policy.toml:{line}: {rule}: ")),
+            "{shown}"
+        );
         assert!(shown.contains(needle), "{shown}");
     }
+}
+
+#[test]
+fn the_shipped_example_policy_compiles_against_the_dev_accounts() {
+    let kill = KillSwitch::new(5);
+    let principals = Principals::default();
+    let accts: HashMap<String, u16> = (0..5u16).map(|i| (format!("dev{i}"), i)).collect();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/dev-policy.toml");
+    let p = Policy::load(
+        &path,
+        CompileCtx {
+            accounts: &accts,
+            kill: &kill,
+            principals: &principals,
+            venue: "anvil",
+        },
+        1,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.label, "dev example");
+    let (src, _) = p.kyt_source.as_ref().expect("a KYT feed");
+    let engine::risk::kyt::KytSource::File(f) = src else {
+        panic!("a file feed")
+    };
+    let bytes = std::fs::read(f).expect("the feed sits next to the policy");
+    assert_eq!(KytSnapshot::parse(&bytes, 0).unwrap().len(), 6);
 }

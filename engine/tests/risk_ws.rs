@@ -20,7 +20,9 @@ const ETH: u128 = 1_000_000_000_000_000_000;
 /// dev0..dev4 may send to the dev chain's accounts 5..9; `cap` per intent; four-eyes above
 /// `approval_above` on dev0 and dev1.
 fn policy_text(label: &str, cap: &str, approval_above: &str) -> String {
-    let allow: Vec<String> = (5..10).map(|i| format!("\"{}\"", DEV_ADDRESSES[i])).collect();
+    let allow: Vec<String> = (5..10)
+        .map(|i| format!("\"{}\"", DEV_ADDRESSES[i]))
+        .collect();
     let mut s = format!(
         "label = \"{label}\"\n[groups]\ndesk-targets = [{}]\n[approvals]\nttl = \"2s\"\n",
         allow.join(", ")
@@ -99,7 +101,10 @@ fn audit_lines(path: &Path, want: impl Fn(&[Value]) -> bool) -> Vec<Value> {
 
 #[test]
 fn four_eyes_over_the_websocket_with_two_principals() {
-    let s = start(&policy_text("4eyes", &(100 * ETH).to_string(), &ETH.to_string()), Layout::Auto);
+    let s = start(
+        &policy_text("4eyes", &(100 * ETH).to_string(), &ETH.to_string()),
+        Layout::Auto,
+    );
     let h = &s.h;
     let trader_roles = Roles::default().with(Role::Trader).with(Role::Approver);
     let mut maker = connect(h, "maker", trader_roles);
@@ -110,19 +115,33 @@ fn four_eyes_over_the_websocket_with_two_principals() {
 
     h.rt.block_on(async {
         // Small intents pass; a large one waits for an approval.
-        maker.send(&submit(transfer("small", "dev0", 5, ETH))).await.unwrap();
-        maker.send(&submit(transfer("big", "dev0", 6, 2 * ETH))).await.unwrap();
-        let frames = read_until(&mut maker, |f| f["id"] == "big" && f["state"] == "pending_approval").await;
+        maker
+            .send(&submit(transfer("small", "dev0", 5, ETH)))
+            .await
+            .unwrap();
+        maker
+            .send(&submit(transfer("big", "dev0", 6, 2 * ETH)))
+            .await
+            .unwrap();
+        let frames = read_until(&mut maker, |f| {
+            f["id"] == "big" && f["state"] == "pending_approval"
+        })
+        .await;
         let big: Vec<&Value> = frames.iter().filter(|f| f["id"] == "big").collect();
         assert_eq!(
-            big.iter().map(|f| f["state"].as_str().unwrap_or(f["op"].as_str().unwrap())).collect::<Vec<_>>(),
+            big.iter()
+                .map(|f| f["state"].as_str().unwrap_or(f["op"].as_str().unwrap()))
+                .collect::<Vec<_>>(),
             vec!["ack", "accepted", "pending_approval"]
         );
         assert_eq!(big[2]["policy_version"], 1);
         assert!(big[2]["message"].as_str().unwrap().contains("four-eyes"));
 
         // The submitter cannot approve their own intent, even with the approver role.
-        maker.send(&json!({"op": "approve", "id": "big", "req": "self"})).await.unwrap();
+        maker
+            .send(&json!({"op": "approve", "id": "big", "req": "self"}))
+            .await
+            .unwrap();
         let r = read_until(&mut maker, |f| f["req"] == "self").await;
         let r = r.last().unwrap();
         assert_eq!(r["op"], "error");
@@ -130,25 +149,44 @@ fn four_eyes_over_the_websocket_with_two_principals() {
         assert!(r["message"].as_str().unwrap().contains("submitter"), "{r}");
 
         // A principal without the approver role cannot approve.
-        plain.send(&json!({"op": "approve", "id": "big", "req": "p"})).await.unwrap();
+        plain
+            .send(&json!({"op": "approve", "id": "big", "req": "p"}))
+            .await
+            .unwrap();
         let r = plain.recv().await.unwrap();
-        assert_eq!((r["code"].as_str(), r["req"].as_str()), (Some("forbidden"), Some("p")));
+        assert_eq!(
+            (r["code"].as_str(), r["req"].as_str()),
+            (Some("forbidden"), Some("p"))
+        );
 
         // The approver sees it waiting, approves it, and the submitter sees it go on.
-        checker.send(&json!({"op": "pending", "req": "l"})).await.unwrap();
+        checker
+            .send(&json!({"op": "pending", "req": "l"}))
+            .await
+            .unwrap();
         let list = checker.recv().await.unwrap();
         assert_eq!(list["op"], "pending");
         let row = &list["intents"][0];
-        assert_eq!((row["id"].as_str(), row["submitter"].as_str()), (Some("big"), Some("maker")));
+        assert_eq!(
+            (row["id"].as_str(), row["submitter"].as_str()),
+            (Some("big"), Some("maker"))
+        );
         assert_eq!(row["value_wei"], (2 * ETH).to_string());
         checker
             .send(&json!({"op": "approve", "id": "big", "submitter": "maker", "req": "ok"}))
             .await
             .unwrap();
         let r = checker.recv().await.unwrap();
-        assert_eq!((r["op"].as_str(), r["of"].as_str(), r["req"].as_str()), (Some("ok"), Some("approve"), Some("ok")), "{r}");
+        assert_eq!(
+            (r["op"].as_str(), r["of"].as_str(), r["req"].as_str()),
+            (Some("ok"), Some("approve"), Some("ok")),
+            "{r}"
+        );
         // Approving twice: it no longer waits.
-        checker.send(&json!({"op": "approve", "id": "big"})).await.unwrap();
+        checker
+            .send(&json!({"op": "approve", "id": "big"}))
+            .await
+            .unwrap();
         assert_eq!(checker.recv().await.unwrap()["code"], "not_found");
 
         let ids = vec!["small".to_owned(), "big".to_owned()];
@@ -159,8 +197,14 @@ fn four_eyes_over_the_websocket_with_two_principals() {
         );
 
         // A rejection by the approver ends the intent with the approver's reason.
-        maker.send(&submit(transfer("refused", "dev1", 7, 3 * ETH))).await.unwrap();
-        read_until(&mut maker, |f| f["id"] == "refused" && f["state"] == "pending_approval").await;
+        maker
+            .send(&submit(transfer("refused", "dev1", 7, 3 * ETH)))
+            .await
+            .unwrap();
+        read_until(&mut maker, |f| {
+            f["id"] == "refused" && f["state"] == "pending_approval"
+        })
+        .await;
         checker
             .send(&json!({"op": "reject", "id": "refused", "reason": "counterparty not confirmed"}))
             .await
@@ -168,24 +212,52 @@ fn four_eyes_over_the_websocket_with_two_principals() {
         assert_eq!(checker.recv().await.unwrap()["of"], "reject");
         let f = read_until(&mut maker, |f| f["id"] == "refused" && f["op"] == "event").await;
         let last = f.last().unwrap();
-        assert_eq!((last["state"].as_str(), last["reason"].as_str()), (Some("rejected"), Some("approval_rejected")));
-        assert!(last["message"].as_str().unwrap().contains("counterparty not confirmed"));
+        assert_eq!(
+            (last["state"].as_str(), last["reason"].as_str()),
+            (Some("rejected"), Some("approval_rejected"))
+        );
+        assert!(
+            last["message"]
+                .as_str()
+                .unwrap()
+                .contains("counterparty not confirmed")
+        );
 
         // Nobody approves: it expires after the policy's 2 s.
-        maker.send(&submit(transfer("late", "dev1", 8, 3 * ETH))).await.unwrap();
-        read_until(&mut maker, |f| f["id"] == "late" && f["state"] == "pending_approval").await;
-        let f = read_until(&mut maker, |f| f["id"] == "late" && (f["state"] == "failed")).await;
+        maker
+            .send(&submit(transfer("late", "dev1", 8, 3 * ETH)))
+            .await
+            .unwrap();
+        read_until(&mut maker, |f| {
+            f["id"] == "late" && f["state"] == "pending_approval"
+        })
+        .await;
+        let f = read_until(&mut maker, |f| {
+            f["id"] == "late" && (f["state"] == "failed")
+        })
+        .await;
         assert_eq!(f.last().unwrap()["reason"], "approval_expired");
-        checker.send(&json!({"op": "approve", "id": "late"})).await.unwrap();
+        checker
+            .send(&json!({"op": "approve", "id": "late"}))
+            .await
+            .unwrap();
         assert_eq!(checker.recv().await.unwrap()["code"], "not_found");
     });
 
     // The chain: exactly the small and the approved transfer left dev0; nothing from dev1.
-    assert_eq!(rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap(), nonce0 + 2);
-    assert_eq!(rpc.transaction_count(DEV_ADDRESSES[1], "pending").unwrap(), 0);
+    assert_eq!(
+        rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap(),
+        nonce0 + 2
+    );
+    assert_eq!(
+        rpc.transaction_count(DEV_ADDRESSES[1], "pending").unwrap(),
+        0
+    );
 
     // The audit trail has each step with the inputs that decided it.
-    let lines = audit_lines(&s.audit, |l| l.iter().any(|r| r["kind"] == "approval_expired"));
+    let lines = audit_lines(&s.audit, |l| {
+        l.iter().any(|r| r["kind"] == "approval_expired")
+    });
     let find = |kind: &str, outcome: Option<&str>| {
         lines
             .iter()
@@ -206,15 +278,26 @@ fn four_eyes_over_the_websocket_with_two_principals() {
         .into_iter()
         .filter(|r| r["approved_by"] == "checker")
         .collect();
-    assert_eq!(allowed_after.len(), 1, "the approved intent was decided again");
+    assert_eq!(
+        allowed_after.len(),
+        1,
+        "the approved intent was decided again"
+    );
     assert_eq!(find("rejected", None)[0]["actor"], "checker");
     assert_eq!(find("approval_expired", None).len(), 1);
-    assert_eq!(find("policy_reload", None).len(), 1, "the first load is recorded");
+    assert_eq!(
+        find("policy_reload", None).len(),
+        1,
+        "the first load is recorded"
+    );
 }
 
 #[test]
 fn kill_switch_during_a_stream_signs_nothing_after_it() {
-    let s = start(&policy_text("kill", &(100 * ETH).to_string(), &(100 * ETH).to_string()), Layout::PerStage);
+    let s = start(
+        &policy_text("kill", &(100 * ETH).to_string(), &(100 * ETH).to_string()),
+        Layout::PerStage,
+    );
     let h = &s.h;
     let mut trader = connect(h, "trader", Roles::default().with(Role::Trader));
     let mut admin = connect(h, "admin", Roles::default().with(Role::Admin));
@@ -226,22 +309,35 @@ fn kill_switch_during_a_stream_signs_nothing_after_it() {
     let mut early: Vec<Value> = Vec::new();
     let frames = h.rt.block_on(async {
         // A trader cannot pull the switch.
-        trader.send(&json!({"op": "kill", "scope": "all", "req": "t"})).await.unwrap();
+        trader
+            .send(&json!({"op": "kill", "scope": "all", "req": "t"}))
+            .await
+            .unwrap();
         assert_eq!(trader.recv().await.unwrap()["code"], "forbidden");
         for (i, id) in ids.iter().enumerate() {
             if i == KILL_AT {
                 // Let the stream get going: the intent before the switch was decided.
                 let before = format!("k-{}", KILL_AT - 1);
-                early = read_until(&mut trader, |f| f["id"] == before.as_str() && f["op"] == "event").await;
+                early = read_until(&mut trader, |f| {
+                    f["id"] == before.as_str() && f["op"] == "event"
+                })
+                .await;
                 admin
                     .send(&json!({"op": "kill", "scope": {"account": "dev2"}, "req": "k"}))
                     .await
                     .unwrap();
                 let r = admin.recv().await.unwrap();
-                assert_eq!((r["op"].as_str(), r["req"].as_str()), (Some("ok"), Some("k")), "{r}");
+                assert_eq!(
+                    (r["op"].as_str(), r["req"].as_str()),
+                    (Some("ok"), Some("k")),
+                    "{r}"
+                );
                 assert_eq!(r["active"], json!(["account:dev2"]));
             }
-            trader.send(&submit(transfer(id, "dev2", 5 + i % 5, 1 + i as u128))).await.unwrap();
+            trader
+                .send(&submit(transfer(id, "dev2", 5 + i % 5, 1 + i as u128)))
+                .await
+                .unwrap();
             if i % 8 == 0 {
                 tokio::task::yield_now().await;
             }
@@ -259,8 +355,10 @@ fn kill_switch_during_a_stream_signs_nothing_after_it() {
             ids.iter().enumerate().all(|(i, id)| {
                 frames.get(id).is_some_and(|fs| {
                     fs.iter().any(|f| {
-                        matches!(f["state"].as_str(), Some("confirmed" | "rejected" | "failed"))
-                            || (i < KILL_AT && f["state"] == "signed")
+                        matches!(
+                            f["state"].as_str(),
+                            Some("confirmed" | "rejected" | "failed")
+                        ) || (i < KILL_AT && f["state"] == "signed")
                     })
                 })
             })
@@ -308,7 +406,10 @@ fn kill_switch_during_a_stream_signs_nothing_after_it() {
         "held transactions ({held:?}) were not sent while the switch was on"
     );
     h.rt.block_on(async {
-        admin.send(&json!({"op": "unkill", "scope": {"account": "dev2"}})).await.unwrap();
+        admin
+            .send(&json!({"op": "unkill", "scope": {"account": "dev2"}}))
+            .await
+            .unwrap();
         assert_eq!(admin.recv().await.unwrap()["active"], json!([]));
         let f = collect_until_final(&mut trader, &held, Duration::from_secs(30)).await;
         for id in &held {
@@ -326,11 +427,18 @@ fn kill_switch_during_a_stream_signs_nothing_after_it() {
     );
     // Thawed, the account works again.
     h.rt.block_on(async {
-        trader.send(&submit(transfer("after", "dev2", 5, 1))).await.unwrap();
-        let f = collect_until_final(&mut trader, &["after".to_owned()], Duration::from_secs(30)).await;
+        trader
+            .send(&submit(transfer("after", "dev2", 5, 1)))
+            .await
+            .unwrap();
+        let f =
+            collect_until_final(&mut trader, &["after".to_owned()], Duration::from_secs(30)).await;
         assert_eq!(f["after"].last().unwrap()["state"], "confirmed");
         // Bad scopes are named.
-        admin.send(&json!({"op": "kill", "scope": {"account": "nope"}})).await.unwrap();
+        admin
+            .send(&json!({"op": "kill", "scope": {"account": "nope"}}))
+            .await
+            .unwrap();
         let r = admin.recv().await.unwrap();
         assert_eq!(r["code"], "bad_request");
         assert!(r["message"].as_str().unwrap().contains("nope"));
@@ -360,23 +468,44 @@ fn a_reload_under_load_never_decides_with_a_half_loaded_policy() {
     let mut label_of: HashMap<u64, String> = HashMap::from([(1, "A".to_owned())]);
     let frames = h.rt.block_on(async {
         for (i, id) in ids.iter().enumerate() {
-            trader.send(&submit(transfer(id, "dev3", 5 + i % 5, 2))).await.unwrap();
+            trader
+                .send(&submit(transfer(id, "dev3", 5 + i % 5, 2)))
+                .await
+                .unwrap();
             if i % 25 == 24 {
                 let next = if (i / 25) % 2 == 0 { &b } else { &a };
                 std::fs::write(&s.policy, next).unwrap();
-                admin.send(&json!({"op": "reload_policy", "req": id})).await.unwrap();
+                admin
+                    .send(&json!({"op": "reload_policy", "req": id}))
+                    .await
+                    .unwrap();
                 let r = admin.recv().await.unwrap();
                 assert_eq!(r["of"], "reload_policy", "{r}");
-                label_of.insert(r["policy_version"].as_u64().unwrap(), r["label"].as_str().unwrap().to_owned());
+                label_of.insert(
+                    r["policy_version"].as_u64().unwrap(),
+                    r["label"].as_str().unwrap().to_owned(),
+                );
             }
         }
         // A file that does not validate is refused with its line, and changes nothing.
-        std::fs::write(&s.policy, a.replace("max_value_wei = \"10\"", "max_value_wei = \"ten\"")).unwrap();
-        admin.send(&json!({"op": "reload_policy", "req": "bad"})).await.unwrap();
+        std::fs::write(
+            &s.policy,
+            a.replace("max_value_wei = \"10\"", "max_value_wei = \"ten\""),
+        )
+        .unwrap();
+        admin
+            .send(&json!({"op": "reload_policy", "req": "bad"}))
+            .await
+            .unwrap();
         let r = admin.recv().await.unwrap();
         assert_eq!(r["code"], "bad_request");
         let msg = r["message"].as_str().unwrap();
-        assert!(msg.contains("policy.toml:") && msg.contains("account \"dev0\"") && msg.contains("max_value_wei"), "{msg}");
+        assert!(
+            msg.contains("policy.toml:")
+                && msg.contains("account \"dev0\"")
+                && msg.contains("max_value_wei"),
+            "{msg}"
+        );
         collect_until_final(&mut trader, &ids, Duration::from_secs(90)).await
     });
     assert!(label_of.len() >= 12, "{label_of:?}");
@@ -387,8 +516,13 @@ fn a_reload_under_load_never_decides_with_a_half_loaded_policy() {
             .iter()
             .find(|f| f["state"] == "accepted" || f["state"] == "rejected")
             .unwrap_or_else(|| panic!("{id}: {:?}", frames[id]));
-        let v = decided["policy_version"].as_u64().expect("decisions carry the policy version");
-        assert!(v >= last_version, "decided in order, versions never go back");
+        let v = decided["policy_version"]
+            .as_u64()
+            .expect("decisions carry the policy version");
+        assert!(
+            v >= last_version,
+            "decided in order, versions never go back"
+        );
         last_version = v;
         match label_of[&v].as_str() {
             "A" => {
@@ -402,8 +536,13 @@ fn a_reload_under_load_never_decides_with_a_half_loaded_policy() {
             other => panic!("unknown label {other}"),
         }
     }
-    assert!(allowed > 0 && refused > 0, "both policies decided ({allowed}/{refused})");
-    let lines = audit_lines(&s.audit, |l| l.iter().any(|r| r["kind"] == "policy_reload_failed"));
+    assert!(
+        allowed > 0 && refused > 0,
+        "both policies decided ({allowed}/{refused})"
+    );
+    let lines = audit_lines(&s.audit, |l| {
+        l.iter().any(|r| r["kind"] == "policy_reload_failed")
+    });
     assert!(lines.iter().any(|r| r["kind"] == "policy_reload_failed"));
     assert!(
         lines
@@ -416,14 +555,28 @@ fn a_reload_under_load_never_decides_with_a_half_loaded_policy() {
 
 #[test]
 fn a_bad_policy_file_stops_the_engine_at_start_with_its_line() {
-    let anvil = venues::Anvil::spawn(&venues::AnvilConfig::with_block_time(Duration::from_millis(250))).unwrap();
+    let anvil = venues::Anvil::spawn(&venues::AnvilConfig::with_block_time(
+        Duration::from_millis(250),
+    ))
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("policy.toml");
-    std::fs::write(&p, "[[account]]\nname = \"dev0\"\nallow = [\"group:missing\"]\n").unwrap();
-    let mut cfg = engine::dev::dev_config(&anvil.ws_url(), "127.0.0.1:0".parse().unwrap(), SECRET.into());
+    std::fs::write(
+        &p,
+        "[[account]]\nname = \"dev0\"\nallow = [\"group:missing\"]\n",
+    )
+    .unwrap();
+    let mut cfg = engine::dev::dev_config(
+        &anvil.ws_url(),
+        "127.0.0.1:0".parse().unwrap(),
+        SECRET.into(),
+    );
     cfg.policy_file = Some(p);
     let e = engine::Engine::start(cfg).expect_err("refused").to_string();
-    assert!(e.contains("policy.toml:3: account \"dev0\": allow[0]: no group named `missing`"), "{e}");
+    assert!(
+        e.contains("policy.toml:3: account \"dev0\": allow[0]: no group named `missing`"),
+        "{e}"
+    );
 }
 
 /// Serves `body()` over HTTP on a loopback port (a KYT provider's endpoint).
@@ -471,7 +624,9 @@ fn travel_data(vasp: Option<&str>) -> Value {
 fn kyt_and_travel(source_of: impl FnOnce(&Path) -> String, update: impl FnOnce(&str)) {
     let dir = tempfile::tempdir().unwrap();
     let source = source_of(dir.path());
-    let allow: Vec<String> = (5..10).map(|i| format!("\"{}\"", DEV_ADDRESSES[i])).collect();
+    let allow: Vec<String> = (5..10)
+        .map(|i| format!("\"{}\"", DEV_ADDRESSES[i]))
+        .collect();
     let text = format!(
         "label = \"kyt\"\n\
          [kyt]\nsource = \"{source}\"\nrefresh = \"1s\"\nttl = \"10s\"\ndeny_score = 80\non_missing = \"deny\"\non_expired = \"deny\"\n\
@@ -507,7 +662,16 @@ fn kyt_and_travel(source_of: impl FnOnce(&Path) -> String, update: impl FnOnce(&
         desk.send(&submit(bad)).await.unwrap();
         let f = collect_until_final(
             &mut desk,
-            &ids(&["clean", "sanctioned", "risky", "unscored", "tr-missing", "tr-ok", "tr-vasp", "tr-bad"]),
+            &ids(&[
+                "clean",
+                "sanctioned",
+                "risky",
+                "unscored",
+                "tr-missing",
+                "tr-ok",
+                "tr-vasp",
+                "tr-bad",
+            ]),
             Duration::from_secs(30),
         )
         .await;
@@ -520,34 +684,63 @@ fn kyt_and_travel(source_of: impl FnOnce(&Path) -> String, update: impl FnOnce(&
             ("tr-missing", "travel_rule_missing"),
             ("tr-vasp", "unknown_vasp"),
         ] {
-            assert_eq!((last(id)["state"].as_str(), last(id)["reason"].as_str()), (Some("rejected"), Some(reason)), "{id}");
+            assert_eq!(
+                (last(id)["state"].as_str(), last(id)["reason"].as_str()),
+                (Some("rejected"), Some(reason)),
+                "{id}"
+            );
         }
         assert_eq!(last("tr-ok")["state"], "confirmed");
         assert_eq!(last("tr-bad")["code"], "bad_request");
         assert_eq!(last("tr-bad")["field"], "intent.travel_rule");
 
         // The feed changes: the refresher picks it up off the hot path.
-        update(&feed(&[(5, 95, false), (6, 0, true), (7, 10, false), (8, 10, false)]));
+        update(&feed(&[
+            (5, 95, false),
+            (6, 0, true),
+            (7, 10, false),
+            (8, 10, false),
+        ]));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut n = 0;
         loop {
             n += 1;
             let id = format!("again-{n}");
-            desk.send(&submit(transfer(&id, "dev4", 5, 1))).await.unwrap();
-            let f = collect_until_final(&mut desk, &[id.clone()], Duration::from_secs(30)).await;
+            desk.send(&submit(transfer(&id, "dev4", 5, 1)))
+                .await
+                .unwrap();
+            let f = collect_until_final(
+                &mut desk,
+                std::slice::from_ref(&id),
+                Duration::from_secs(30),
+            )
+            .await;
             if f[&id].last().unwrap()["reason"] == "kyt_risk" {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the new feed was never applied");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new feed was never applied"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        desk.send(&submit(transfer("now-scored", "dev4", 8, 1))).await.unwrap();
-        let f = collect_until_final(&mut desk, &ids(&["now-scored"]), Duration::from_secs(30)).await;
+        desk.send(&submit(transfer("now-scored", "dev4", 8, 1)))
+            .await
+            .unwrap();
+        let f =
+            collect_until_final(&mut desk, &ids(&["now-scored"]), Duration::from_secs(30)).await;
         assert_eq!(f["now-scored"].last().unwrap()["state"], "confirmed");
     });
-    let lines = audit_lines(&s.audit, |l| l.iter().filter(|r| r["kind"] == "decision").count() >= 9);
-    let ok = lines.iter().find(|r| r["kind"] == "decision" && r["outcome"] == "allow" && r["travel_rule_hash"].is_string());
-    assert!(ok.is_some(), "the travel-rule evidence hash is in the audit trail");
+    let lines = audit_lines(&s.audit, |l| {
+        l.iter().filter(|r| r["kind"] == "decision").count() >= 9
+    });
+    let ok = lines.iter().find(|r| {
+        r["kind"] == "decision" && r["outcome"] == "allow" && r["travel_rule_hash"].is_string()
+    });
+    assert!(
+        ok.is_some(),
+        "the travel-rule evidence hash is in the audit trail"
+    );
     let sanctioned = lines
         .iter()
         .find(|r| r["kind"] == "decision" && r["kyt"]["result"] == "sanctioned")
@@ -584,5 +777,8 @@ fn kyt_from_an_http_endpoint() {
         (7, 85, false),
     ])));
     let b2 = std::sync::Arc::clone(&body);
-    kyt_and_travel(move |_| serve_feed(b2), move |text| *body.lock().unwrap() = text.to_owned());
+    kyt_and_travel(
+        move |_| serve_feed(b2),
+        move |text| *body.lock().unwrap() = text.to_owned(),
+    );
 }

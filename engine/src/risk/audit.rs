@@ -214,7 +214,8 @@ pub fn render(r: &AuditRecord, principals: &Principals, accounts: &[String]) -> 
         };
     }
     if let Some((rule, used_value, used_count)) = r.velocity {
-        v["velocity"] = json!({"rule": rule, "used_value": used_value.to_string(), "used_count": used_count});
+        v["velocity"] =
+            json!({"rule": rule, "used_value": used_value.to_string(), "used_count": used_count});
     }
     if r.travel.present {
         v["travel_rule_hash"] = json!(r.travel.hash);
@@ -240,7 +241,10 @@ pub fn spawn_writer(
                 std::fs::create_dir_all(dir)?;
             }
             Some(std::io::BufWriter::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
             ))
         }
         None => None,

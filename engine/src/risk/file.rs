@@ -186,7 +186,12 @@ impl Locator<'_> {
             + 1
     }
 
-    pub fn err(&self, span: &Range<usize>, rule: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    pub fn err(
+        &self,
+        span: &Range<usize>,
+        rule: impl Into<String>,
+        message: impl Into<String>,
+    ) -> PolicyError {
         PolicyError {
             file: self.file.to_owned(),
             line: self.line(span),

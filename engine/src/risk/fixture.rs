@@ -50,9 +50,7 @@ pub fn large(sizes: Sizes, now_ns: u64) -> (Risk, Vec<IntentMsg>) {
         text.push_str(&format!("  \"{}\",\n", addr(i)));
     }
     text.push_str("]\n[kyt]\ndeny_score = 80\napproval_score = 60\nttl = \"10m\"\nrefresh = \"1m\"\non_missing = \"approval\"\non_expired = \"deny\"\n");
-    text.push_str(&format!(
-        "[travel_rule]\nthreshold_wei = \"1000000000000000000\"\nknown_vasps = [\"LEI:5493001KJTIIGC8Y1R12\"]\n"
-    ));
+    text.push_str("[travel_rule]\nthreshold_wei = \"1000000000000000000\"\nknown_vasps = [\"LEI:5493001KJTIIGC8Y1R12\"]\n");
     let mut accounts = HashMap::new();
     for a in 0..sizes.accounts {
         let name = format!("acct-{a}");

@@ -103,7 +103,12 @@ impl KillSwitch {
         }
     }
 
-    fn slot(list: &mut Vec<String>, name: &str, max: usize, what: &'static str) -> Result<u8, KillError> {
+    fn slot(
+        list: &mut Vec<String>,
+        name: &str,
+        max: usize,
+        what: &'static str,
+    ) -> Result<u8, KillError> {
         let key = name.trim().to_ascii_uppercase();
         if let Some(i) = list.iter().position(|n| *n == key) {
             return Ok(i as u8);
@@ -117,13 +122,19 @@ impl KillSwitch {
 
     /// The slot of an asset symbol (case-insensitive), assigned on first use.
     pub fn asset_slot(&self, symbol: &str) -> Result<u8, KillError> {
-        let mut n = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut n = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::slot(&mut n.assets, symbol, MAX_ASSETS, "asset")
     }
 
     /// The slot of a venue name (case-insensitive), assigned on first use.
     pub fn venue_slot(&self, venue: &str) -> Result<u8, KillError> {
-        let mut n = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut n = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::slot(&mut n.venues, venue, MAX_VENUES, "venue")
     }
 
@@ -136,8 +147,12 @@ impl KillSwitch {
                 .get(*i as usize)
                 .ok_or(KillError::UnknownAccount)?
                 .store(on, Ordering::SeqCst),
-            KillScope::Asset(s) => self.assets[self.asset_slot(s)? as usize].store(on, Ordering::SeqCst),
-            KillScope::Venue(v) => self.venues[self.venue_slot(v)? as usize].store(on, Ordering::SeqCst),
+            KillScope::Asset(s) => {
+                self.assets[self.asset_slot(s)? as usize].store(on, Ordering::SeqCst)
+            }
+            KillScope::Venue(v) => {
+                self.venues[self.venue_slot(v)? as usize].store(on, Ordering::SeqCst)
+            }
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -182,10 +197,16 @@ impl KillSwitch {
         }
         for (i, a) in self.accounts.iter().enumerate() {
             if a.load(Ordering::Acquire) {
-                out.push(format!("account:{}", account_names.get(i).map_or("?", String::as_str)));
+                out.push(format!(
+                    "account:{}",
+                    account_names.get(i).map_or("?", String::as_str)
+                ));
             }
         }
-        let n = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (i, s) in n.assets.iter().enumerate() {
             if self.assets[i].load(Ordering::Acquire) {
                 out.push(format!("asset:{s}"));
@@ -231,6 +252,9 @@ mod tests {
         k.set(&KillScope::All, true).unwrap();
         assert!(k.epoch() > e);
         assert_eq!(k.check(2, usdc, Some(node)), Some(Killed::All));
-        assert_eq!(k.set(&KillScope::Account(9), true), Err(KillError::UnknownAccount));
+        assert_eq!(
+            k.set(&KillScope::Account(9), true),
+            Err(KillError::UnknownAccount)
+        );
     }
 }

@@ -128,7 +128,10 @@ impl KytSnapshot {
     }
 
     /// Builds a snapshot from entries (tests, benches).
-    pub fn from_entries(entries: impl IntoIterator<Item = (Address, KytEntry)>, now_ns: u64) -> Self {
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = (Address, KytEntry)>,
+        now_ns: u64,
+    ) -> Self {
         Self {
             entries: entries.into_iter().collect(),
             loaded_ns: now_ns,

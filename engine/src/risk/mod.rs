@@ -18,12 +18,12 @@
 pub mod approvals;
 pub mod audit;
 pub mod file;
+pub mod fixture;
 pub mod kill;
 pub mod kyt;
 pub mod rules;
 pub mod travel;
 pub mod velocity;
-pub mod fixture;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -179,7 +179,10 @@ impl RiskControl {
     }
 
     fn configure_kyt(&self, p: &Policy) {
-        let mut cur = self.kyt.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cur = self
+            .kyt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let same = match (&*cur, &p.kyt_source) {
             (Some((s, i, _)), Some((ns, ni))) => s == ns && i == ni,
             (None, None) => true,
@@ -197,7 +200,9 @@ impl RiskControl {
                 Arc::clone(&self.kyt_stats),
                 move |snap| {
                     if let Err(TrySendError::Full(_)) = tx.try_send(RiskUpdate::Kyt(snap)) {
-                        tracing::warn!("policy stage has not taken the previous KYT snapshot yet; skipped one");
+                        tracing::warn!(
+                            "policy stage has not taken the previous KYT snapshot yet; skipped one"
+                        );
                     }
                 },
             );
@@ -208,7 +213,10 @@ impl RiskControl {
     /// Re-reads the policy file and hands it to the stage. A file that does not validate
     /// changes nothing and says why.
     pub fn reload(&self, cfg: &crate::config::Config) -> Result<Loaded, PolicyError> {
-        let _g = self.reload_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = self
+            .reload_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while self.retired.try_recv().is_ok() {}
         let p = match self.compile(cfg) {
             Ok(p) => p,
@@ -248,6 +256,14 @@ impl RiskControl {
     /// The kill switch.
     pub fn kill(&self) -> &Arc<KillSwitch> {
         &self.kill
+    }
+
+    /// Where the policy comes from: the file, or the engine configuration.
+    pub fn policy_origin(&self) -> String {
+        self.path.as_ref().map_or_else(
+            || "the accounts' allowlists and caps in the configuration".to_owned(),
+            |p| p.display().to_string(),
+        )
     }
 
     /// Whether a policy file is configured (else the configuration's rules apply).
@@ -296,7 +312,11 @@ impl RiskAdmin {
         };
         self.kill.set(&s, on).map_err(|e| e.to_string())?;
         self.audit.record(AuditRecord {
-            kind: if on { AuditKind::Kill } else { AuditKind::Unkill },
+            kind: if on {
+                AuditKind::Kill
+            } else {
+                AuditKind::Unkill
+            },
             at_ns: unix_now_ns(),
             actor,
             detail: crate::msg::Detail::new(&format!("{s:?}")),

@@ -158,7 +158,10 @@ impl Policy {
             let Some(&i) = ctx.accounts.get(&a.name) else {
                 continue;
             };
-            digest_src.push_str(&format!("{}:{:?}:{};", a.name, a.allowlist, a.max_value_wei));
+            digest_src.push_str(&format!(
+                "{}:{:?}:{};",
+                a.name, a.allowlist, a.max_value_wei
+            ));
             accounts[i as usize] = Some(AccountRules {
                 allow: a.allowlist.iter().copied().collect(),
                 caps: vec![(0, u128::try_from(a.max_value_wei).unwrap_or(u128::MAX))],
@@ -236,7 +239,11 @@ impl Policy {
                 let v = s.get_ref().trim();
                 if let Some(g) = v.strip_prefix("group:") {
                     let set = groups.get(g).ok_or_else(|| {
-                        loc.err(&s.span(), rule, format!("{what}[{i}]: no group named `{g}`"))
+                        loc.err(
+                            &s.span(),
+                            rule,
+                            format!("{what}[{i}]: no group named `{g}`"),
+                        )
                     })?;
                     out.extend(set.iter().copied());
                 } else {
@@ -256,9 +263,18 @@ impl Policy {
             let rule = format!("asset \"{}\"", def.symbol);
             let sym = def.symbol.trim().to_ascii_uppercase();
             if sym.is_empty() || sym == NATIVE_ASSET {
-                return Err(loc.err(&span, rule, "symbol must be non-empty and not the native asset"));
+                return Err(loc.err(
+                    &span,
+                    rule,
+                    "symbol must be non-empty and not the native asset",
+                ));
             }
-            let contract = addr(def.contract.get_ref(), &def.contract.span(), &rule, "contract")?;
+            let contract = addr(
+                def.contract.get_ref(),
+                &def.contract.span(),
+                &rule,
+                "contract",
+            )?;
             let slot = ctx
                 .kill
                 .asset_slot(&sym)
@@ -267,7 +283,10 @@ impl Policy {
                 return Err(loc.err(&span, rule, "asset defined twice"));
             }
             if let Some(t) = &def.travel_rule_threshold {
-                asset_thresholds.push((slot, amount(t.get_ref(), &t.span(), &rule, "travel_rule_threshold")?));
+                asset_thresholds.push((
+                    slot,
+                    amount(t.get_ref(), &t.span(), &rule, "travel_rule_threshold")?,
+                ));
             }
             assets.insert(contract, AssetRule { slot });
         }
@@ -280,16 +299,35 @@ impl Policy {
             let ttl = file::parse_duration(d.ttl.get_ref())
                 .ok_or_else(|| loc.err(&d.ttl.span(), "kyt", "ttl: expected a duration like 5m"))?;
             if ttl > Duration::from_secs(3600) {
-                return Err(loc.err(&d.ttl.span(), "kyt", "ttl: at most 1h (scores must stay current)"));
+                return Err(loc.err(
+                    &d.ttl.span(),
+                    "kyt",
+                    "ttl: at most 1h (scores must stay current)",
+                ));
             }
             let refresh = file::parse_duration(d.refresh.get_ref()).ok_or_else(|| {
-                loc.err(&d.refresh.span(), "kyt", "refresh: expected a duration like 30s")
+                loc.err(
+                    &d.refresh.span(),
+                    "kyt",
+                    "refresh: expected a duration like 30s",
+                )
             })?;
             if refresh >= ttl {
-                return Err(loc.err(&span, "kyt", "refresh must be shorter than ttl, or entries expire between refreshes"));
+                return Err(loc.err(
+                    &span,
+                    "kyt",
+                    "refresh must be shorter than ttl, or entries expire between refreshes",
+                ));
             }
-            if d.deny_score > 100 || d.approval_score.is_some_and(|a| a > 100 || a >= d.deny_score) {
-                return Err(loc.err(&span, "kyt", "scores are 0..=100 and approval_score must be below deny_score"));
+            if d.deny_score > 100
+                || d.approval_score
+                    .is_some_and(|a| a > 100 || a >= d.deny_score)
+            {
+                return Err(loc.err(
+                    &span,
+                    "kyt",
+                    "scores are 0..=100 and approval_score must be below deny_score",
+                ));
             }
             kyt = Some(KytRules {
                 ttl_ns: ttl.as_nanos() as u64,
@@ -301,9 +339,9 @@ impl Policy {
             kyt_source = d.source.as_deref().map(|s| {
                 let rel = KytSource::parse(s);
                 let src = match rel {
-                    KytSource::File(p) if p.is_relative() => KytSource::File(
-                        path.parent().unwrap_or(Path::new(".")).join(p),
-                    ),
+                    KytSource::File(p) if p.is_relative() => {
+                        KytSource::File(path.parent().unwrap_or(Path::new(".")).join(p))
+                    }
                     other => other,
                 };
                 (src, refresh)
@@ -315,7 +353,12 @@ impl Policy {
         if let Some(t) = &f.travel_rule {
             let d = t.get_ref();
             travel = Some(TravelRules {
-                threshold: amount(d.threshold_wei.get_ref(), &d.threshold_wei.span(), "travel_rule", "threshold_wei")?,
+                threshold: amount(
+                    d.threshold_wei.get_ref(),
+                    &d.threshold_wei.span(),
+                    "travel_rule",
+                    "threshold_wei",
+                )?,
                 asset_thresholds,
                 internal: resolve_list(&d.internal, "travel_rule", "internal")?,
                 known_vasps: d.known_vasps.iter().map(|v| vasp_key(v)).collect(),
@@ -325,7 +368,11 @@ impl Policy {
 
         let approval_ttl = match &f.approvals {
             Some(a) => file::parse_duration(a.get_ref().ttl.get_ref()).ok_or_else(|| {
-                loc.err(&a.get_ref().ttl.span(), "approvals", "ttl: expected a duration like 15m")
+                loc.err(
+                    &a.get_ref().ttl.span(),
+                    "approvals",
+                    "ttl: expected a duration like 15m",
+                )
             })?,
             None => Duration::from_secs(900),
         };
@@ -351,26 +398,44 @@ impl Policy {
                 return Err(loc.err(&span, rule, "kyt = true needs a [kyt] section"));
             }
             if let Some(v) = &d.max_value_wei {
-                r.caps.push((0, amount(v.get_ref(), &v.span(), &rule, "max_value_wei")?));
+                r.caps
+                    .push((0, amount(v.get_ref(), &v.span(), &rule, "max_value_wei")?));
             }
             for (sym, v) in &d.asset_caps {
                 let key = sym.trim().to_ascii_uppercase();
                 let Some(&slot) = asset_slots.get(&key) else {
-                    return Err(loc.err(&v.span(), rule, format!("asset_caps: no asset `{sym}` (define it with [[asset]])")));
+                    return Err(loc.err(
+                        &v.span(),
+                        rule,
+                        format!("asset_caps: no asset `{sym}` (define it with [[asset]])"),
+                    ));
                 };
-                r.caps.push((slot, amount(v.get_ref(), &v.span(), &rule, &format!("asset_caps.{sym}"))?));
+                r.caps.push((
+                    slot,
+                    amount(v.get_ref(), &v.span(), &rule, &format!("asset_caps.{sym}"))?,
+                ));
             }
             if let Some(v) = &d.max_fee_per_gas_wei {
-                r.max_fee = Some(amount(v.get_ref(), &v.span(), &rule, "max_fee_per_gas_wei")?);
+                r.max_fee = Some(amount(
+                    v.get_ref(),
+                    &v.span(),
+                    &rule,
+                    "max_fee_per_gas_wei",
+                )?);
             }
             if let Some(v) = &d.approval_above_wei {
-                r.approval_above = Some(amount(v.get_ref(), &v.span(), &rule, "approval_above_wei")?);
+                r.approval_above =
+                    Some(amount(v.get_ref(), &v.span(), &rule, "approval_above_wei")?);
             }
             for (i, c) in d.calls.iter().enumerate() {
                 let cd = c.get_ref();
                 let target = addr(&cd.target, &c.span(), &rule, &format!("calls[{i}].target"))?;
                 if cd.selectors.is_empty() {
-                    return Err(loc.err(&c.span(), rule, format!("calls[{i}]: list at least one selector")));
+                    return Err(loc.err(
+                        &c.span(),
+                        rule,
+                        format!("calls[{i}]: list at least one selector"),
+                    ));
                 }
                 for s in &cd.selectors {
                     let b = s
@@ -379,7 +444,11 @@ impl Policy {
                         .and_then(|h| hex::decode(h).ok())
                         .filter(|b| b.len() == 4)
                         .ok_or_else(|| {
-                            loc.err(&c.span(), &rule, format!("calls[{i}]: selector `{s}` is not 0x + 8 hex digits"))
+                            loc.err(
+                                &c.span(),
+                                &rule,
+                                format!("calls[{i}]: selector `{s}` is not 0x + 8 hex digits"),
+                            )
                         })?;
                     r.calls.insert((target, [b[0], b[1], b[2], b[3]]));
                 }
@@ -387,7 +456,11 @@ impl Policy {
             if let Some(h) = &d.business_hours {
                 let hd = h.get_ref();
                 let tz: chrono_tz::Tz = hd.tz.parse().map_err(|_| {
-                    loc.err(&h.span(), &rule, format!("business_hours.tz: unknown time zone `{}`", hd.tz))
+                    loc.err(
+                        &h.span(),
+                        &rule,
+                        format!("business_hours.tz: unknown time zone `{}`", hd.tz),
+                    )
                 })?;
                 let mut days = 0u8;
                 for day in &hd.days {
@@ -395,13 +468,21 @@ impl Policy {
                         .iter()
                         .position(|n| day.eq_ignore_ascii_case(n))
                         .ok_or_else(|| {
-                            loc.err(&h.span(), &rule, format!("business_hours.days: `{day}` is not mon..sun"))
+                            loc.err(
+                                &h.span(),
+                                &rule,
+                                format!("business_hours.days: `{day}` is not mon..sun"),
+                            )
                         })?;
                     days |= 1 << d;
                 }
                 let hm = |s: &str, what: &str| {
                     file::parse_hhmm(s).ok_or_else(|| {
-                        loc.err(&h.span(), &rule, format!("business_hours.{what}: `{s}` is not HH:MM"))
+                        loc.err(
+                            &h.span(),
+                            &rule,
+                            format!("business_hours.{what}: `{s}` is not HH:MM"),
+                        )
                     })
                 };
                 r.hours = Some(Hours {
@@ -423,20 +504,27 @@ impl Policy {
             let rule = format!("velocity[{i}]");
             let window = file::parse_duration(d.window.get_ref())
                 .filter(|w| w.as_secs() % 60 == 0)
-                .ok_or_else(|| loc.err(&d.window.span(), &rule, "window: expected whole minutes, like 1h or 24h"))?;
+                .ok_or_else(|| {
+                    loc.err(
+                        &d.window.span(),
+                        &rule,
+                        "window: expected whole minutes, like 1h or 24h",
+                    )
+                })?;
             let asset = match &d.asset {
                 None => 0,
-                Some(s) => *asset_slots.get(&s.trim().to_ascii_uppercase()).ok_or_else(|| {
-                    loc.err(&span, &rule, format!("asset: no asset `{s}`"))
-                })?,
+                Some(s) => *asset_slots
+                    .get(&s.trim().to_ascii_uppercase())
+                    .ok_or_else(|| loc.err(&span, &rule, format!("asset: no asset `{s}`")))?,
             };
-            let scope = match (&d.account, &d.desk) {
-                (Some(a), None) => Scope::Account(*ctx.accounts.get(a).ok_or_else(|| {
-                    loc.err(&span, &rule, format!("account: no account `{a}`"))
-                })?),
-                (None, Some(desk)) => Scope::Desk(ctx.principals.intern(desk)),
-                _ => return Err(loc.err(&span, rule, "name exactly one of account or desk")),
-            };
+            let scope =
+                match (&d.account, &d.desk) {
+                    (Some(a), None) => Scope::Account(*ctx.accounts.get(a).ok_or_else(|| {
+                        loc.err(&span, &rule, format!("account: no account `{a}`"))
+                    })?),
+                    (None, Some(desk)) => Scope::Desk(ctx.principals.intern(desk)),
+                    _ => return Err(loc.err(&span, rule, "name exactly one of account or desk")),
+                };
             let max_value = match &d.max_value_wei {
                 Some(m) => Some(amount(m.get_ref(), &m.span(), &rule, "max_value_wei")?),
                 None => None,
@@ -445,13 +533,21 @@ impl Policy {
                 return Err(loc.err(&span, rule, "set max_value_wei, max_count or both"));
             }
             if !seen_keys.insert((scope.clone(), asset, window.as_secs())) {
-                return Err(loc.err(&span, rule, "a window of this length for this scope and asset is already defined"));
+                return Err(loc.err(
+                    &span,
+                    rule,
+                    "a window of this length for this scope and asset is already defined",
+                ));
             }
             let n = velocity.len() as u16;
             match &scope {
                 Scope::Account(a) => {
                     let Some(Some(acct)) = accounts.get_mut(*a as usize) else {
-                        return Err(loc.err(&span, rule, "the account has no [[account]] rules in this policy"));
+                        return Err(loc.err(
+                            &span,
+                            rule,
+                            "the account has no [[account]] rules in this policy",
+                        ));
                     };
                     acct.velocity.push(n);
                 }
@@ -465,7 +561,10 @@ impl Policy {
                 max_count: d.max_count,
             });
         }
-        let fresh_windows = velocity.iter().map(|r| Window::new(r.window_secs)).collect();
+        let fresh_windows = velocity
+            .iter()
+            .map(|r| Window::new(r.window_secs))
+            .collect();
 
         Ok(Policy {
             version,
@@ -587,7 +686,10 @@ impl Risk {
             }};
         }
         let Some(Some(acct)) = p.accounts.get(msg.account.0 as usize) else {
-            deny!(Reason::UnknownAccount, "account is not configured or has no policy")
+            deny!(
+                Reason::UnknownAccount,
+                "account is not configured or has no policy"
+            )
         };
         // What moves: the native value, or an ERC-20 transfer of a configured asset.
         let selector: Option<[u8; 4]> = data.get(..4).map(|s| [s[0], s[1], s[2], s[3]]);
@@ -600,7 +702,10 @@ impl Risk {
                 let amt = U256::from_be_slice(&data[36..68]);
                 v.amount = u128::try_from(amt).unwrap_or(u128::MAX);
                 if !msg.value.is_zero() {
-                    deny!(Reason::CallNotAllowed, "a token transfer must not carry native value")
+                    deny!(
+                        Reason::CallNotAllowed,
+                        "a token transfer must not carry native value"
+                    )
                 }
             }
         }
@@ -611,30 +716,51 @@ impl Risk {
         match msg.kind {
             IntentKind::Transfer | IntentKind::Call => {}
             IntentKind::StakeDeposit | IntentKind::StakeExit => {
-                deny!(Reason::UnsupportedKind, "staking intents are not enabled on this engine")
+                deny!(
+                    Reason::UnsupportedKind,
+                    "staking intents are not enabled on this engine"
+                )
             }
         }
         if msg.route == Route::Private {
-            deny!(Reason::RouteUnavailable, "no private relay is configured; use route public or auto")
+            deny!(
+                Reason::RouteUnavailable,
+                "no private relay is configured; use route public or auto"
+            )
         }
         if msg.kind == IntentKind::Call {
             let Some(sel) = selector else {
-                deny!(Reason::CallNotAllowed, "a call needs at least a 4-byte selector")
+                deny!(
+                    Reason::CallNotAllowed,
+                    "a call needs at least a 4-byte selector"
+                )
             };
             if !(acct.any_call_to_allowed || acct.calls.contains(&(msg.to, sel))) {
-                deny!(Reason::CallNotAllowed, "this contract and selector are not allowed for the account")
+                deny!(
+                    Reason::CallNotAllowed,
+                    "this contract and selector are not allowed for the account"
+                )
             }
         }
         if !acct.allow.contains(&v.beneficiary) {
-            deny!(Reason::NotAllowlisted, "destination is not on the account's allowlist")
+            deny!(
+                Reason::NotAllowlisted,
+                "destination is not on the account's allowlist"
+            )
         }
         match acct.caps.iter().find(|(s, _)| *s == v.asset) {
             Some((_, cap)) if v.amount > *cap => {
-                deny!(Reason::ValueCap, "value exceeds the account's per-intent cap")
+                deny!(
+                    Reason::ValueCap,
+                    "value exceeds the account's per-intent cap"
+                )
             }
             Some(_) => {}
             None if v.amount > 0 => {
-                deny!(Reason::ValueCap, "the account has no cap for this asset, so it may not move it")
+                deny!(
+                    Reason::ValueCap,
+                    "the account has no cap for this asset, so it may not move it"
+                )
             }
             None => {}
         }
@@ -645,14 +771,20 @@ impl Risk {
         }
         if let Some(f) = acct.max_fee {
             if msg.max_fee_cap > f {
-                deny!(Reason::FeeCap, "max_fee_per_gas_wei exceeds the account's maximum fee")
+                deny!(
+                    Reason::FeeCap,
+                    "max_fee_per_gas_wei exceeds the account's maximum fee"
+                )
             }
             v.max_fee = f;
         }
         if let Some(h) = &acct.hours
             && !h.is_open(now_ns)
         {
-            deny!(Reason::OutsideBusinessHours, "outside the account's business hours")
+            deny!(
+                Reason::OutsideBusinessHours,
+                "outside the account's business hours"
+            )
         }
         let mut approval: Option<&'static str> = None;
         if acct.kyt
@@ -661,9 +793,14 @@ impl Risk {
             let seen = self.kyt.lookup(&v.beneficiary, now_ns, k.ttl_ns);
             v.kyt = Some(seen);
             match seen {
-                KytLookup::Sanctioned => deny!(Reason::KytRisk, "destination is on a sanctions list"),
+                KytLookup::Sanctioned => {
+                    deny!(Reason::KytRisk, "destination is on a sanctions list")
+                }
                 KytLookup::Fresh { score, .. } if score >= k.deny_score => {
-                    deny!(Reason::KytRisk, "destination's risk score is at or above the deny level")
+                    deny!(
+                        Reason::KytRisk,
+                        "destination's risk score is at or above the deny level"
+                    )
                 }
                 KytLookup::Fresh { score, .. } => {
                     if k.approval_score.is_some_and(|a| score >= a) {
@@ -684,29 +821,38 @@ impl Risk {
             let threshold = if v.asset == 0 {
                 Some(t.threshold)
             } else {
-                t.asset_thresholds.iter().find(|(s, _)| *s == v.asset).map(|x| x.1)
+                t.asset_thresholds
+                    .iter()
+                    .find(|(s, _)| *s == v.asset)
+                    .map(|x| x.1)
             };
             if let Some(th) = threshold
                 && v.amount >= th
                 && !t.internal.contains(&v.beneficiary)
             {
                 if !msg.travel.present {
-                    deny!(Reason::TravelRuleMissing, "travel-rule data (originator, beneficiary) is required above the threshold")
+                    deny!(
+                        Reason::TravelRuleMissing,
+                        "travel-rule data (originator, beneficiary) is required above the threshold"
+                    )
                 }
                 if msg.travel.vasp_key != 0 && !t.known_vasps.contains(&msg.travel.vasp_key) {
                     match t.on_unknown_vasp {
-                        Action::Deny => deny!(Reason::UnknownVasp, "the beneficiary VASP is not a known counterparty"),
-                        Action::Approval => approval = approval.or(Some("the beneficiary VASP is not a known counterparty")),
+                        Action::Deny => deny!(
+                            Reason::UnknownVasp,
+                            "the beneficiary VASP is not a known counterparty"
+                        ),
+                        Action::Approval => {
+                            approval = approval
+                                .or(Some("the beneficiary VASP is not a known counterparty"))
+                        }
                     }
                 }
             }
         }
         // Velocity: the account's windows and the desk's windows for this asset.
         let desk = p.desk_velocity.get(&msg.origin.principal);
-        let rules = acct
-            .velocity
-            .iter()
-            .chain(desk.into_iter().flatten());
+        let rules = acct.velocity.iter().chain(desk.into_iter().flatten());
         for &ri in rules.clone() {
             let r = &p.velocity[ri as usize];
             if r.asset != v.asset {
@@ -720,7 +866,10 @@ impl Risk {
                         Exceeded::Value { used, .. } => (ri, used, 0),
                         Exceeded::Count { used, .. } => (ri, 0, used),
                     });
-                    deny!(Reason::VelocityLimit, "a rolling velocity limit would be exceeded")
+                    deny!(
+                        Reason::VelocityLimit,
+                        "a rolling velocity limit would be exceeded"
+                    )
                 }
             }
         }

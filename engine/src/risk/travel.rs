@@ -90,7 +90,10 @@ impl Person {
         if let Some(c) = &self.country
             && (c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()))
         {
-            return Err((co, "must be an ISO 3166-1 alpha-2 code such as \"CH\"".into()));
+            return Err((
+                co,
+                "must be an ISO 3166-1 alpha-2 code such as \"CH\"".into(),
+            ));
         }
         if let Some(d) = &self.date_of_birth
             && chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_err()
@@ -184,6 +187,9 @@ mod tests {
         );
         let mut d = data();
         d.originator.country = Some("Switzerland".into());
-        assert_eq!(d.validate().unwrap_err().0, "intent.travel_rule.originator.country");
+        assert_eq!(
+            d.validate().unwrap_err().0,
+            "intent.travel_rule.originator.country"
+        );
     }
 }

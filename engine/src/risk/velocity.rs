@@ -136,7 +136,10 @@ mod tests {
         let t0 = 1_700_000_000 * S + 17 * S; // not on a bucket edge
         assert!(w.check(t0, 60, Some(100), None).is_ok());
         w.commit(t0, 60);
-        assert!(w.check(t0 + S, 40, Some(100), None).is_ok(), "exactly the cap");
+        assert!(
+            w.check(t0 + S, 40, Some(100), None).is_ok(),
+            "exactly the cap"
+        );
         w.commit(t0 + S, 40);
         assert_eq!(
             w.check(t0 + 2 * S, 1, Some(100), None),

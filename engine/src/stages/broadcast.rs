@@ -117,7 +117,12 @@ impl BroadcastStage {
                 break;
             };
             let a = m.account.0 as usize;
-            if self.blocked[a] || self.kill.check(m.account.0, m.asset, Some(self.venue)).is_some() {
+            if self.blocked[a]
+                || self
+                    .kill
+                    .check(m.account.0, m.asset, Some(self.venue))
+                    .is_some()
+            {
                 self.blocked[a] = true;
                 self.held.push_back(m);
             } else {
@@ -345,5 +350,4 @@ impl BroadcastStage {
         }
         n
     }
-
 }
