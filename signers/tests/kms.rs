@@ -266,7 +266,7 @@ fn worker_signs_through_moto_concurrently_in_order_per_account() {
     let moto = Moto::spawn();
     let wakes = Arc::new(AtomicUsize::new(0));
     let w = Arc::clone(&wakes);
-    let worker = KmsWorker::start(
+    let mut worker = KmsWorker::start(
         &KmsWorkerConfig {
             capacity: 256,
             ..KmsWorkerConfig::default()
@@ -371,7 +371,7 @@ fn worker_releases_results_in_order_when_later_requests_finish_first() {
     const DEV0: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
     const DEV1: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
     let started = Arc::new(AtomicUsize::new(0));
-    let worker = KmsWorker::start(
+    let mut worker = KmsWorker::start(
         &KmsWorkerConfig {
             capacity: 8,
             ..KmsWorkerConfig::default()

@@ -163,7 +163,11 @@ impl KmsWorker {
     }
 
     /// Registers a signer and returns its account index (0, 1, 2, … in call order).
-    pub fn register(&self, signer: Arc<dyn AsyncSigner>) -> u16 {
+    ///
+    /// # Panics
+    ///
+    /// Beyond 65,536 accounts.
+    pub fn register(&mut self, signer: Arc<dyn AsyncSigner>) -> u16 {
         let index = self.shared.accounts.load(Ordering::Relaxed);
         let index = u16::try_from(index).expect("at most 65,536 accounts per worker");
         // Sent before the count is published: a request for this index can only be
