@@ -2,6 +2,7 @@
 """moto's AWS KMS server on loopback, with `MessageType=DIGEST` implemented as AWS does.
 
 Usage: .tools/venv/bin/python scripts/moto_kms_server.py --port PORT [--host 127.0.0.1]
+       [--unpatched]   (moto as released; only to show that the correction matters)
 
 Used by the KMS signer's tests and benches (signers/tests/support/moto.rs,
 benches/benches/sign_kms.rs); scripts/setup.d/30-moto.sh installs moto into .tools/venv.
@@ -155,6 +156,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--unpatched",
+        action="store_true",
+        help="run moto as released, without the DIGEST correction (for the test that shows"
+        " the correction matters)",
+    )
     args = parser.parse_args()
     if moto.__version__ != EXPECTED_MOTO:
         # The patch targets moto's private helpers of this exact version.
@@ -162,7 +169,8 @@ def main() -> None:
             f"moto_kms_server: moto {moto.__version__} installed, expected {EXPECTED_MOTO}"
             " (run scripts/setup.sh)"
         )
-    apply_digest_patch()
+    if not args.unpatched:
+        apply_digest_patch()
     from moto.server import main as moto_main
 
     moto_main(["--host", args.host, "--port", str(args.port)])

@@ -158,6 +158,40 @@ async fn moto_fixture_signs_digests_as_the_prehash_like_aws() {
     assert!(short.is_err(), "a 5-byte DIGEST must be rejected");
 }
 
+/// The other half of the proof: moto as released signs SHA-256(digest) even with
+/// `MessageType=DIGEST`, and the signer's own check refuses such a signature instead of
+/// handing out one that recovers to a random address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpatched_moto_signs_the_wrong_hash_and_the_signer_refuses_it() {
+    let moto = Moto::spawn_unpatched();
+    let signer = KmsSigner::create(&moto.config(""), "unpatched")
+        .await
+        .unwrap();
+    let (vk, _) = raw_public_key(&signer).await;
+    let digest = hash_of(7);
+    let out = signer
+        .client()
+        .sign()
+        .key_id(signer.key_id())
+        .message(Blob::new(digest.as_slice()))
+        .message_type(MessageType::Digest)
+        .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
+        .send()
+        .await
+        .unwrap();
+    let sig = low_s(out.signature().unwrap().as_ref());
+    vk.verify_prehash(&sha256(digest.as_slice()), &sig)
+        .expect("moto 5.2.5 hashes the DIGEST again");
+    assert!(vk.verify_prehash(digest.as_slice(), &sig).is_err());
+    match signer.sign_hash_async(digest).await {
+        Err(SignerError::Recovery { key_id, reason }) => {
+            assert_eq!(key_id, signer.key_id());
+            assert!(reason.contains("does not verify"), "{reason}");
+        }
+        other => panic!("expected SignerError::Recovery, got {other:?}"),
+    }
+}
+
 /// A DER signature as k256 verifies it (k256 rejects high-s signatures).
 fn low_s(der: &[u8]) -> k256::ecdsa::Signature {
     let sig = k256::ecdsa::Signature::from_der(der).unwrap();

@@ -43,8 +43,18 @@ pub fn free_port() -> u16 {
 }
 
 impl Moto {
-    /// Starts the server and waits until it accepts connections.
+    /// Starts the server (with the DIGEST correction) and waits until it accepts connections.
     pub fn spawn() -> Moto {
+        Self::spawn_with(&[])
+    }
+
+    /// Starts moto as released, WITHOUT the DIGEST correction: only for the test that shows
+    /// the correction matters.
+    pub fn spawn_unpatched() -> Moto {
+        Self::spawn_with(&["--unpatched"])
+    }
+
+    fn spawn_with(extra: &[&str]) -> Moto {
         let root = root();
         let python = root.join(".tools/venv/bin/python");
         let script = root.join("scripts/moto_kms_server.py");
@@ -62,6 +72,7 @@ impl Moto {
         let child = Command::new(&python)
             .arg(&script)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
