@@ -26,6 +26,11 @@ if ! python3 -c "import venv, ensurepip" 2>/dev/null; then
 fi
 
 mkdir -p "$root/.tools"
+if [ -e "$venv" ] && ! "$py" -c "import sys" 2>/dev/null; then
+  # A venv whose interpreter is gone (python3 moved or upgraded): make it again.
+  echo "setup: .tools/venv is broken, recreating it" >&2
+  rm -rf "$venv"
+fi
 if [ ! -x "$py" ]; then
   echo "setup: creating .tools/venv" >&2
   python3 -m venv "$venv"
