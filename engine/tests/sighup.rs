@@ -34,7 +34,7 @@ fn sighup_reloads_the_policy() {
     std::fs::write(&policy, policy_text("B", "1")).unwrap();
     // SAFETY: sends SIGHUP to this test process, whose engine installed a handler for it
     // at start (nextest runs each test in its own process).
-    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    assert_eq!(unsafe { libc::raise(libc::SIGHUP) }, 0);
     let health = |h: &Harness| -> Value {
         let mut rpc = std::net::TcpStream::connect(h.addr()).unwrap();
         use std::io::{Read, Write};
