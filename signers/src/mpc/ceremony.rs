@@ -277,7 +277,7 @@ fn ceremony_party(
                         {
                             Ok(incomplete) => KeyShare::from_parts((incomplete, aux))
                                 .map_err(|e| format!("completing key share: {e}"))
-                                .and_then(|ks| ShareFile::new(ks))
+                                .and_then(ShareFile::new)
                                 .and_then(|file| {
                                     file.write_new(path)
                                         .map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -556,14 +556,13 @@ fn accept_online(
     listener: &TcpListener,
     t: u16,
     timeout: Duration,
-) -> Result<Vec<(BufReader<TcpStream>, BufWriter<TcpStream>)>, SignerError> {
+) -> Result<Vec<Conn>, SignerError> {
     let err = |reason: String| cfg_err("mpc party connections", reason);
     listener
         .set_nonblocking(true)
         .map_err(|e| err(e.to_string()))?;
     let deadline = Instant::now() + timeout;
-    let mut slots: Vec<Option<(BufReader<TcpStream>, BufWriter<TcpStream>)>> =
-        (0..t).map(|_| None).collect();
+    let mut slots: Vec<Option<Conn>> = (0..t).map(|_| None).collect();
     let mut buf = Vec::new();
     let mut connected = 0;
     while connected < t {
@@ -807,7 +806,7 @@ fn finish(
         s = -s;
     }
     let s_inv = Option::<k256::Scalar>::from(s.invert()).ok_or("s is zero")?;
-    let z = <k256::Scalar as Reduce<k256::U256>>::reduce_bytes(&(*hash).0.into());
+    let z = <k256::Scalar as Reduce<k256::U256>>::reduce_bytes(&hash.0.into());
     let big_r =
         ProjectivePoint::lincomb(&ProjectivePoint::GENERATOR, &(z * s_inv), q, &(r * s_inv))
             .to_affine();
