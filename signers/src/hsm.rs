@@ -12,8 +12,9 @@
 //! - [`Signer::sign_hash`] pops a session from a lock-free queue
 //!   (`crossbeam_queue::ArrayQueue`), calls `C_Sign` with `CKM_ECDSA` on the 32-byte hash,
 //!   gets raw `r || s`, normalises `s` to low-s (EIP-2) and computes the recovery id from the
-//!   cached public key with one double-scalar multiplication (see [`recoverable_from_raw`]),
-//!   then pushes the session back. There is no mutex on this path; if every pooled session is
+//!   cached public key (see [`recoverable_from_raw`]: the nonce point from the verification
+//!   equation, evaluated with fixed-base tables of `G` and of the key built at start), then
+//!   pushes the session back. There is no mutex on this path; if every pooled session is
 //!   busy, an extra session is opened for the call and closed afterwards if the pool is full.
 //! - [`HsmSigner::generate_key`] makes a key pair inside the token with
 //!   `CKM_EC_KEY_PAIR_GEN` on secp256k1: the private key is a token object with
@@ -48,8 +49,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use alloy_primitives::{Address, B256, Signature, U256};
 use crossbeam_queue::ArrayQueue;
@@ -61,7 +62,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use k256::elliptic_curve::Group;
 use k256::elliptic_curve::PrimeField;
-use k256::elliptic_curve::ops::{LinearCombination, Reduce};
+use k256::elliptic_curve::ops::{Invert, Reduce};
 use k256::elliptic_curve::point::AffineCoordinates;
 use k256::elliptic_curve::scalar::IsHigh;
 use k256::elliptic_curve::sec1::ToEncodedPoint;
@@ -186,7 +187,7 @@ pub struct HsmSigner {
     token_label: String,
     key_label: String,
     pin: AuthPin,
-    public: ProjectivePoint,
+    public: RecoveryKey,
     address: Address,
     pool: ArrayQueue<Pooled>,
     epoch: AtomicU64,
@@ -281,21 +282,102 @@ fn address_of(point: &AffinePoint) -> Address {
     Address::from_raw_public_key(&encoded.as_bytes()[1..])
 }
 
+/// Multiples of one fixed point for fast variable-time multiplication by public scalars:
+/// `rows[i][j] = (j + 1)·16^i·P` for the 64 four-bit windows of a scalar, so `k·P` is at most
+/// 64 mixed additions and no doublings. About 84 KiB; built with 960 additions and affine
+/// conversions (a few milliseconds).
+struct FixedBase {
+    rows: Vec<[AffinePoint; 15]>,
+}
+
+impl FixedBase {
+    fn new(p: ProjectivePoint) -> Self {
+        let mut rows = Vec::with_capacity(64);
+        let mut base = p;
+        for _ in 0..64 {
+            let mut row = [AffinePoint::IDENTITY; 15];
+            let mut acc = base;
+            for slot in row.iter_mut() {
+                *slot = acc.to_affine();
+                acc += base;
+            }
+            // acc = 16·base: the base of the next window.
+            base = acc;
+            rows.push(row);
+        }
+        Self { rows }
+    }
+
+    /// `k·P` in variable time: only for public scalars (here: values derived from a
+    /// signature, a hash and a public key).
+    fn mul_vartime(&self, k: &Scalar) -> ProjectivePoint {
+        let bytes = k.to_bytes();
+        let mut acc = ProjectivePoint::IDENTITY;
+        for (i, row) in self.rows.iter().enumerate() {
+            let byte = bytes[31 - i / 2];
+            let digit = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            if digit != 0 {
+                acc += row[usize::from(digit) - 1];
+            }
+        }
+        acc
+    }
+}
+
+/// The generator's table, built once per process.
+fn generator_table() -> &'static FixedBase {
+    static TABLE: OnceLock<FixedBase> = OnceLock::new();
+    TABLE.get_or_init(|| FixedBase::new(ProjectivePoint::GENERATOR))
+}
+
+/// A public key prepared for [`recoverable_from_raw`]: the point and a table of its multiples
+/// (about 84 KiB), so the nonce point of a signature costs table additions only.
+pub struct RecoveryKey {
+    point: ProjectivePoint,
+    table: FixedBase,
+}
+
+impl fmt::Debug for RecoveryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecoveryKey")
+            .field("address", &address_of(&self.point.to_affine()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecoveryKey {
+    /// Builds the tables for `public` (a few milliseconds).
+    pub fn new(public: &AffinePoint) -> Self {
+        generator_table();
+        let point = ProjectivePoint::from(*public);
+        Self {
+            point,
+            table: FixedBase::new(point),
+        }
+    }
+
+    /// The public key.
+    pub fn point(&self) -> &ProjectivePoint {
+        &self.point
+    }
+}
+
 /// Turns a raw PKCS#11 ECDSA signature (`r || s`, 32 bytes each) of `hash` by the key whose
 /// public key is `public` into a recoverable, low-s Ethereum signature.
 ///
 /// The recovery id is computed, not guessed. ECDSA signs with a nonce `k`, publishes
 /// `r = (k·G).x mod n` and `s = k⁻¹(z + r·d) mod n`. Knowing the public key `Q = d·G`, the
-/// nonce point itself is `R = k·G = (z·s⁻¹)·G + (r·s⁻¹)·Q` - the verification equation,
-/// one double-scalar multiplication. Its `x` reduced mod `n` must equal `r` (otherwise the
-/// signature is not by this key over this hash, and it is rejected), and the recovery id is
-/// the parity of `R.y`. Normalising to low-s replaces `s` by `n - s`, which is the signature
-/// made with nonce `-k`, whose nonce point is `-R`: same `x`, `y` replaced by `p - y`,
-/// opposite parity - so the parity is flipped exactly when `s` was flipped. The rare case
-/// `R.x ≥ n` (`R.x = r + n`, probability about 2⁻¹²⁸) cannot be expressed by Ethereum's
-/// parity-only `v` and is rejected too.
+/// nonce point itself is `R = k·G = (z·s⁻¹)·G + (r·s⁻¹)·Q` - the verification equation, here
+/// evaluated with the fixed-base tables of `G` and `Q` (everything in it is public, so
+/// variable time is fine). Its `x` reduced mod `n` must equal `r` (otherwise the signature is
+/// not by this key over this hash, and it is rejected), and the recovery id is the parity of
+/// `R.y`. Normalising to low-s replaces `s` by `n - s`, which is the signature made with nonce
+/// `-k`, whose nonce point is `-R`: same `x`, `y` replaced by `p - y`, opposite parity - so
+/// the parity is flipped exactly when `s` was flipped. The rare case `R.x ≥ n`
+/// (`R.x = r + n`, probability about 2⁻¹²⁸) cannot be expressed by Ethereum's parity-only `v`
+/// and is rejected too.
 pub fn recoverable_from_raw(
-    public: &ProjectivePoint,
+    public: &RecoveryKey,
     hash: &B256,
     raw: &[u8],
 ) -> Result<Signature, &'static str> {
@@ -310,14 +392,10 @@ pub fn recoverable_from_raw(
     let r = scalar(&raw[..32]).ok_or("r is zero or not below the group order")?;
     let s = scalar(&raw[32..]).ok_or("s is zero or not below the group order")?;
     let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&FieldBytes::from(hash.0));
-    // `s` is non-zero, so it has an inverse modulo the prime n.
-    let s_inv = Option::<Scalar>::from(s.invert()).ok_or("s has no inverse")?;
-    let big_r = ProjectivePoint::lincomb(
-        &ProjectivePoint::GENERATOR,
-        &(z * s_inv),
-        public,
-        &(r * s_inv),
-    );
+    // `s` is non-zero, so it has an inverse modulo the prime n; it is public: variable time.
+    let s_inv = Option::<Scalar>::from(s.invert_vartime()).ok_or("s has no inverse")?;
+    let big_r =
+        generator_table().mul_vartime(&(z * s_inv)) + public.table.mul_vartime(&(r * s_inv));
     if bool::from(big_r.is_identity()) {
         return Err("signature does not verify against the key's public key");
     }
@@ -468,7 +546,7 @@ impl HsmSigner {
             token_label: cfg.token_label.clone(),
             key_label: cfg.key_label.clone(),
             pin: cfg.user_pin.clone(),
-            public: public.into(),
+            public: RecoveryKey::new(&public),
             address: address_of(&public),
             pool: pooled,
             epoch: AtomicU64::new(0),
@@ -544,8 +622,13 @@ impl HsmSigner {
     /// The key's public key (read once at start).
     pub fn public_key(&self) -> k256::PublicKey {
         // Parsed and checked on the curve at start; the identity is not a valid SEC1 point.
-        k256::PublicKey::from_affine(self.public.to_affine())
+        k256::PublicKey::from_affine(self.public.point.to_affine())
             .unwrap_or_else(|_| unreachable!("the public key was parsed from SEC1 bytes at start"))
+    }
+
+    /// The public key with its tables, as [`recoverable_from_raw`] takes it.
+    pub fn recovery_key(&self) -> &RecoveryKey {
+        &self.public
     }
 
     /// Label of the token the key lives in.
@@ -627,7 +710,7 @@ impl HsmSigner {
             Err(reason) => return fail(session, format!("key `{}`: {reason}", self.key_label)),
         };
         match read_public(&session, &self.key_label) {
-            Ok(p) if ProjectivePoint::from(p) == self.public => {}
+            Ok(p) if ProjectivePoint::from(p) == self.public.point => {}
             Ok(_) => {
                 return fail(
                     session,
@@ -872,7 +955,7 @@ mod tests {
             let hash = B256::from(hash);
             let Some(raw) = raw_ecdsa(&d, &k, &hash) else { return Ok(()) };
             let public = public_of(&d);
-            let out = recoverable_from_raw(&public.into(), &hash, &raw).unwrap();
+            let out = recoverable_from_raw(&RecoveryKey::new(&public), &hash, &raw).unwrap();
             let half_n = U256::from_be_slice(&(-Scalar::ONE).to_bytes()) >> 1;
             prop_assert!(out.s() <= half_n);
             prop_assert_eq!(out.r(), U256::from_be_slice(&raw[..32]));
@@ -880,16 +963,37 @@ mod tests {
         }
     }
 
+    /// The fixed-base tables multiply like the generic scalar multiplication.
+    #[test]
+    fn fixed_base_tables_multiply_correctly() {
+        let p = ProjectivePoint::GENERATOR * Scalar::from(0x1234_5678u64);
+        let table = FixedBase::new(p);
+        let mut ks = vec![Scalar::ZERO, Scalar::ONE, -Scalar::ONE, Scalar::from(16u64)];
+        let mut k = Scalar::from(3u64);
+        for _ in 0..100 {
+            k = k * k + Scalar::from(7u64);
+            ks.push(k);
+        }
+        for k in ks {
+            assert_eq!(table.mul_vartime(&k), p * k);
+            assert_eq!(
+                generator_table().mul_vartime(&k),
+                ProjectivePoint::GENERATOR * k
+            );
+        }
+    }
+
     #[test]
     fn both_parities_and_both_s_halves_occur() {
         let d = Scalar::from(7u64);
         let public = public_of(&d);
+        let key = RecoveryKey::new(&public);
         let (mut parity, mut flipped) = ([0usize; 2], 0usize);
         for i in 0u64..200 {
             let hash = alloy_primitives::keccak256(i.to_be_bytes());
             let raw = raw_ecdsa(&d, &Scalar::from(i + 1_000), &hash).unwrap();
             flipped += usize::from(raw[32] >= 0x80);
-            let out = recoverable_from_raw(&public.into(), &hash, &raw).unwrap();
+            let out = recoverable_from_raw(&key, &hash, &raw).unwrap();
             parity[usize::from(out.v())] += 1;
             assert_eq!(
                 out.recover_address_from_prehash(&hash).unwrap(),
@@ -903,7 +1007,7 @@ mod tests {
     #[test]
     fn rejects_wrong_hash_wrong_key_and_malformed_input() {
         let d = Scalar::from(7u64);
-        let public: ProjectivePoint = public_of(&d).into();
+        let public = RecoveryKey::new(&public_of(&d));
         let hash = B256::repeat_byte(1);
         let k = Scalar::from(99u64);
         let by_other = raw_ecdsa(&Scalar::from(8u64), &k, &hash).unwrap();

@@ -224,17 +224,26 @@ fn a_vanished_token_is_reported_unavailable() {
         let (token, signer) = token_with_key("hot-6", 2);
         signer.sign_hash_checked(&hash_of(1)).unwrap();
 
-        // Delete the token's files from the store, then make the module rescan (SoftHSM reads
-        // the token directory at C_Initialize): to the signer the HSM has restarted without
-        // the token.
+        // Delete the token's files from the store. SoftHSM notices on the next call: the
+        // objects are gone (the key handle is invalid and the key cannot be found again).
         let tokens = softhsm::store_dir().join("tokens");
         for entry in std::fs::read_dir(&tokens).unwrap() {
             std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
         }
+        let err = signer.sign_hash(&hash_of(2)).unwrap_err();
+        assert!(
+            matches!(&err, SignerError::Unavailable { key_id, reason }
+                if key_id == "hot-6" && reason.contains(softhsm::TOKEN_LABEL)
+                    && reason.contains("hot-6")),
+            "{err}"
+        );
+
+        // Then make the module rescan (SoftHSM reads the token directory at C_Initialize):
+        // to the signer the HSM has restarted without the token.
         token.ctx.clone().finalize().unwrap();
         softhsm::initialize(&token.ctx).unwrap();
 
-        let err = signer.sign_hash(&hash_of(2)).unwrap_err();
+        let err = signer.sign_hash(&hash_of(3)).unwrap_err();
         let text = err.to_string();
         assert!(
             matches!(&err, SignerError::Unavailable { key_id, reason }
@@ -244,7 +253,7 @@ fn a_vanished_token_is_reported_unavailable() {
         );
         assert!(!text.contains(USER_PIN), "{text}");
         // It stays a clear error, call after call.
-        let again = signer.sign_hash(&hash_of(3)).unwrap_err();
+        let again = signer.sign_hash(&hash_of(4)).unwrap_err();
         assert!(matches!(again, SignerError::Unavailable { .. }), "{again}");
     });
 }
