@@ -19,6 +19,16 @@
 //!     ([`LocalCurve::Secp256k1`], about 2.5x faster than k256 here) or with the pure-Rust
 //!     k256 ([`LocalCurve::K256`]). For development and for hot wallets whose policy allows
 //!     keys in memory.
+//!   - `hsm::HsmSigner` (feature `hsm`): a secp256k1 key generated inside a PKCS#11 token,
+//!     signed through a warm pool of logged-in sessions ([`Signer`]).
+//!   - `kms::KmsSigner` (feature `kms`): an AWS KMS key, `Sign` with `MessageType=DIGEST`
+//!     ([`AsyncSigner`]); `kms::KmsWorker` drives any [`AsyncSigner`] on its own runtime and
+//!     hands results back in order per account without blocking the caller.
+//!   - `mpc::MpcSigner` (feature `mpc`): threshold ECDSA (cggmp21); parties talk over
+//!     loopback, a presignature pool is kept filled, each presignature is used once
+//!     ([`AsyncSigner`]).
+//!
+//!   `signers/README.md` has each backend's design, tests and measured latency.
 //!
 //! # Invariants
 //!
