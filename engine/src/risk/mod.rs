@@ -194,11 +194,14 @@ impl RiskControl {
         *cur = None; // stops the old refresher
         if let Some((src, interval)) = &p.kyt_source {
             let tx = self.updates.clone();
+            let retired = self.retired.clone();
             let r = KytRefresher::spawn(
                 src.clone(),
                 *interval,
                 Arc::clone(&self.kyt_stats),
                 move |snap| {
+                    // Drop what the stage handed back (old snapshots) here, off its thread.
+                    while retired.try_recv().is_ok() {}
                     if let Err(TrySendError::Full(_)) = tx.try_send(RiskUpdate::Kyt(snap)) {
                         tracing::warn!(
                             "policy stage has not taken the previous KYT snapshot yet; skipped one"
