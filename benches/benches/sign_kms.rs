@@ -3,7 +3,7 @@
 //!
 //! - criterion: a bare `Sign` call through the SDK, `KmsSigner::sign_hash_async` (the same
 //!   call plus DER parsing, low-s normalisation and the recovery id), one request through the
-//!   `KmsWorker` (submit, the worker's runtime, in-order release, poll; the bench thread parks
+//!   `AsyncWorker` (submit, the worker's runtime, in-order release, poll; the bench thread parks
 //!   until the worker's wake callback unparks it, as a stage would), and the local
 //!   post-processing alone;
 //! - a latency run: N sequential calls of each into HdrHistograms, p50/p99 printed and
@@ -28,14 +28,15 @@ use criterion::Criterion;
 use hdrhistogram::Histogram;
 use pipeline::report;
 use signers::AsyncSigner;
+use signers::kms::KmsSigner;
 use signers::kms::aws_sdk_kms::primitives::Blob;
 use signers::kms::aws_sdk_kms::types::{MessageType, SigningAlgorithmSpec};
-use signers::kms::{KmsSigner, KmsWorker, KmsWorkerConfig, WakeFn};
+use signers::worker::{AsyncWorker, AsyncWorkerConfig, WakeFn};
 
 const ITERATIONS: usize = 500;
 
 struct Setup {
-    worker: KmsWorker,
+    worker: AsyncWorker,
     signer: KmsSigner,
 }
 
@@ -44,7 +45,7 @@ impl Setup {
         // The bench thread parks while waiting, the way a stage would; the worker unparks it.
         let me = std::thread::current();
         let wake: WakeFn = Box::new(move || me.unpark());
-        let mut worker = KmsWorker::start(&KmsWorkerConfig::default(), Some(wake)).unwrap();
+        let mut worker = AsyncWorker::start(&AsyncWorkerConfig::default(), Some(wake)).unwrap();
         let signer = worker
             .block_on(KmsSigner::create(&moto.config(""), "bench"))
             .unwrap();
@@ -142,7 +143,7 @@ fn latency_run(setup: &Setup) {
     let mut rows: Vec<(&str, Histogram<u64>)> = vec![
         ("bare SDK `Sign` (DIGEST)", report::ns_histogram()),
         ("`KmsSigner::sign_hash_async`", report::ns_histogram()),
-        ("`KmsWorker` submit → poll", report::ns_histogram()),
+        ("`AsyncWorker` submit → poll", report::ns_histogram()),
     ];
     let mut seq = 1_000_000u64;
     // Interleaved so that drift of the shared machine hits all three alike.

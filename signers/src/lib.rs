@@ -22,13 +22,18 @@
 //!   - `hsm::HsmSigner` (feature `hsm`): a secp256k1 key generated inside a PKCS#11 token,
 //!     signed through a warm pool of logged-in sessions ([`Signer`]).
 //!   - `kms::KmsSigner` (feature `kms`): an AWS KMS key, `Sign` with `MessageType=DIGEST`
-//!     ([`AsyncSigner`]); `kms::KmsWorker` drives any [`AsyncSigner`] on its own runtime and
-//!     hands results back in order per account without blocking the caller.
+//!     ([`AsyncSigner`]).
 //!   - `mpc::MpcSigner` (feature `mpc`): threshold ECDSA (cggmp21); parties talk over
 //!     loopback, a presignature pool is kept filled, each presignature is used once
 //!     ([`AsyncSigner`]).
 //!
 //!   `signers/README.md` has each backend's design, tests and measured latency.
+//! - `worker::AsyncWorker` (feature `async`, on with `kms` and `mpc`) drives any
+//!   [`AsyncSigner`] on a small runtime of its own and hands results back in order per
+//!   account without blocking the caller.
+//! - [`failover`]: one account's primary key and a standby for the same address in
+//!   another boundary ([`AnySigner`], [`failover::FailoverSigner`],
+//!   [`failover::FailoverAsync`]); the standby signs while the primary is unavailable.
 //!
 //! # Invariants
 //!
@@ -42,6 +47,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod failover;
 #[cfg(feature = "hsm")]
 pub mod hsm;
 #[cfg(feature = "kms")]
@@ -49,9 +55,12 @@ pub mod kms;
 mod local;
 #[cfg(feature = "mpc")]
 pub mod mpc;
+#[cfg(feature = "async")]
+pub mod worker;
 
 pub use alloy_primitives::{Address, B256, Signature};
 pub use error::SignerError;
+pub use failover::AnySigner;
 pub use local::{LocalCurve, LocalSigner};
 
 /// A boxed future returned by [`AsyncSigner::sign_hash_async`].
@@ -141,4 +150,12 @@ pub trait AsyncSigner: Send + Sync + std::fmt::Debug {
     /// Starts signing a 32-byte prehash; the future yields a recoverable, low-s signature
     /// that has been checked to recover to [`AsyncSigner::address`].
     fn sign_hash_async(&self, hash: B256) -> SignFuture;
+
+    /// How many requests started now would be served without waiting for a resource the
+    /// backend prepares ahead (an MPC presignature), or `None` when the backend has no such
+    /// resource. The signing stage compares it with its own requests in flight to tell a
+    /// desk that an intent waits (`signing_wait`).
+    fn available(&self) -> Option<usize> {
+        None
+    }
 }

@@ -1,6 +1,6 @@
 //! The AWS KMS backend against a real moto KMS server (see `support/moto.rs` for how it is
 //! started and why `scripts/moto_kms_server.py` corrects moto's `MessageType=DIGEST`), and the
-//! [`KmsWorker`] that drives async signers beside a synchronous stage.
+//! [`AsyncWorker`] that drives async signers beside a synchronous stage.
 #![cfg(feature = "kms")]
 
 #[path = "support/moto.rs"]
@@ -23,7 +23,8 @@ use k256::pkcs8::DecodePublicKey;
 use moto::Moto;
 use signers::kms::aws_sdk_kms::primitives::Blob;
 use signers::kms::aws_sdk_kms::types::{KeySpec, KeyUsageType, MessageType, SigningAlgorithmSpec};
-use signers::kms::{Completion, KmsConfig, KmsSigner, KmsWorker, KmsWorkerConfig, SubmitError};
+use signers::kms::{KmsConfig, KmsSigner};
+use signers::worker::{AsyncWorker, AsyncWorkerConfig, Completion, SubmitError};
 use signers::{AsyncSigner, Backend, LocalCurve, LocalSigner, SignFuture, Signer, SignerError};
 
 /// Bound on every wait in these tests.
@@ -280,7 +281,7 @@ async fn signing_after_the_service_went_away_is_unavailable() {
     }
 }
 
-fn drain(worker: &KmsWorker, n: usize) -> Vec<Completion> {
+fn drain(worker: &AsyncWorker, n: usize) -> Vec<Completion> {
     let mut out = Vec::with_capacity(n);
     let deadline = Instant::now() + WAIT;
     while out.len() < n {
@@ -300,10 +301,10 @@ fn worker_signs_through_moto_concurrently_in_order_per_account() {
     let moto = Moto::spawn();
     let wakes = Arc::new(AtomicUsize::new(0));
     let w = Arc::clone(&wakes);
-    let mut worker = KmsWorker::start(
-        &KmsWorkerConfig {
+    let mut worker = AsyncWorker::start(
+        &AsyncWorkerConfig {
             capacity: 256,
-            ..KmsWorkerConfig::default()
+            ..AsyncWorkerConfig::default()
         },
         Some(Box::new(move || {
             w.fetch_add(1, Ordering::Relaxed);
@@ -405,10 +406,10 @@ fn worker_releases_results_in_order_when_later_requests_finish_first() {
     const DEV0: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
     const DEV1: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
     let started = Arc::new(AtomicUsize::new(0));
-    let mut worker = KmsWorker::start(
-        &KmsWorkerConfig {
+    let mut worker = AsyncWorker::start(
+        &AsyncWorkerConfig {
             capacity: 8,
-            ..KmsWorkerConfig::default()
+            ..AsyncWorkerConfig::default()
         },
         None,
     )

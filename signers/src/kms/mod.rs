@@ -14,7 +14,7 @@
 //!   and `R`'s y parity is the recovery id that makes `ecrecover` return `Q`. No candidate is
 //!   tried and no public key is recovered.
 //! - The call crosses the network, so it is never made on a pipeline stage's thread:
-//!   [`KmsWorker`] runs requests on its own small runtime and hands results back in order per
+//!   [`crate::worker::AsyncWorker`] runs requests on its own small runtime and hands results back in order per
 //!   account.
 //!
 //! # Invariants
@@ -26,8 +26,6 @@
 //! - Errors at start-up ([`KmsSigner::connect`]) are [`SignerError::Config`] naming the key id
 //!   or the endpoint; failures to reach KMS while signing are [`SignerError::Unavailable`],
 //!   refusals by KMS are [`SignerError::Signing`].
-
-mod worker;
 
 use std::fmt;
 use std::sync::Arc;
@@ -49,7 +47,6 @@ use k256::{ProjectivePoint, Scalar};
 use crate::{AsyncSigner, Backend, SignFuture, SignerError};
 
 pub use aws_sdk_kms;
-pub use worker::{Completion, KmsWorker, KmsWorkerConfig, SubmitError, WakeFn};
 
 /// Static AWS credentials (an access key pair). For tests against a local KMS-compatible
 /// server; real deployments leave [`KmsConfig::credentials`] empty.

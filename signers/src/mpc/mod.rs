@@ -71,7 +71,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -171,6 +171,8 @@ struct Job {
 /// State shared by the signer handle and its coordinator threads.
 struct Shared {
     pool: Mutex<VecDeque<u64>>,
+    /// `pool.len()`, kept beside it so that readers on a hot path take no lock.
+    ready: AtomicUsize,
     pool_cv: Condvar,
     refill: tokio::sync::Notify,
     stop: AtomicBool,
@@ -191,6 +193,7 @@ impl Shared {
     fn try_pop(&self) -> Option<u64> {
         let mut pool = self.pool();
         let id = pool.pop_front();
+        self.ready.store(pool.len(), Ordering::Release);
         let below = pool.len() < self.low_water.max(1);
         drop(pool);
         if below {
@@ -205,6 +208,7 @@ impl Shared {
         let mut pool = self.pool();
         loop {
             if let Some(id) = pool.pop_front() {
+                self.ready.store(pool.len(), Ordering::Release);
                 let below = pool.len() < self.low_water.max(1);
                 drop(pool);
                 if below {
@@ -346,6 +350,7 @@ impl MpcSigner {
 
         let shared = Arc::new(Shared {
             pool: Mutex::new(VecDeque::with_capacity(cfg.pool_depth)),
+            ready: AtomicUsize::new(0),
             pool_cv: Condvar::new(),
             refill: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
@@ -476,7 +481,11 @@ impl MpcSigner {
     /// of the pool if it is there; if it was already used, or belongs to an earlier run, the
     /// parties refuse and the future fails with [`SignerError::Signing`].
     pub fn sign_hash_with(&self, id: PresignatureId, hash: B256) -> SignFuture {
-        self.shared.pool().retain(|&x| x != id.0);
+        {
+            let mut pool = self.shared.pool();
+            pool.retain(|&x| x != id.0);
+            self.shared.ready.store(pool.len(), Ordering::Release);
+        }
         self.submit(hash, Some(id.0))
     }
 
@@ -520,6 +529,11 @@ impl AsyncSigner for MpcSigner {
             self.shared.waits.fetch_add(1, Ordering::Relaxed);
         }
         self.submit(hash, id)
+    }
+
+    /// Presignatures ready in the pool (an atomic read, no lock).
+    fn available(&self) -> Option<usize> {
+        Some(self.shared.ready.load(Ordering::Acquire))
     }
 }
 
@@ -659,7 +673,11 @@ fn filler(
             match res {
                 Ok(_) => {
                     shared.generated.fetch_add(1, Ordering::Relaxed);
-                    shared.pool().push_back(exec);
+                    {
+                        let mut pool = shared.pool();
+                        pool.push_back(exec);
+                        shared.ready.store(pool.len(), Ordering::Release);
+                    }
                     shared.pool_cv.notify_all();
                 }
                 Err(e) => {

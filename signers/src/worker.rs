@@ -4,8 +4,8 @@
 //!
 //! # How it works
 //!
-//! - [`KmsWorker`] owns a tokio runtime with one worker thread (`signers-async`). The stage
-//!   submits `(account, seq, hash)` with [`KmsWorker::try_submit`]: a `try_send` into a
+//! - [`AsyncWorker`] owns a tokio runtime with one worker thread (`signers-async`). The stage
+//!   submits `(account, seq, hash)` with [`AsyncWorker::try_submit`]: a `try_send` into a
 //!   bounded crossbeam channel plus a wake-up of the dispatcher task; it never blocks and
 //!   fails with [`SubmitError::Full`] when `capacity` requests are outstanding.
 //! - The dispatcher starts every request at once (one task each), so requests run
@@ -13,7 +13,7 @@
 //!   A finished request's result is released only when every earlier request of the same
 //!   account has been released: results are delivered IN ORDER PER ACCOUNT even when the
 //!   service answers out of order. Accounts do not wait for each other.
-//! - Released results go to a completion queue the stage drains with [`KmsWorker::poll`]
+//! - Released results go to a completion queue the stage drains with [`AsyncWorker::poll`]
 //!   (never blocks); the optional wake callback runs after each batch of releases so that a
 //!   parked stage can be unparked.
 //!
@@ -23,7 +23,7 @@
 //!   `try_submit` calls, one per request, errors included.
 //! - At most `capacity` requests are outstanding (submitted and not yet polled).
 //! - Signers whose client does I/O should be connected on this worker's runtime
-//!   ([`KmsWorker::block_on`]), so that their pooled connections are driven by it.
+//!   ([`AsyncWorker::block_on`]), so that their pooled connections are driven by it.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -41,16 +41,16 @@ use crate::{AsyncSigner, SignerError};
 /// Callback run on the worker's thread when completions are ready (e.g. unpark the stage).
 pub type WakeFn = Box<dyn Fn() + Send + Sync>;
 
-/// Settings of a [`KmsWorker`].
+/// Settings of a [`AsyncWorker`].
 #[derive(Clone, Debug)]
-pub struct KmsWorkerConfig {
+pub struct AsyncWorkerConfig {
     /// Outstanding requests (submitted, not yet polled) at most; `try_submit` fails beyond.
     pub capacity: usize,
     /// Name of the runtime's thread.
     pub thread_name: String,
 }
 
-impl Default for KmsWorkerConfig {
+impl Default for AsyncWorkerConfig {
     fn default() -> Self {
         Self {
             capacity: 1024,
@@ -76,7 +76,7 @@ pub enum SubmitError {
 /// The result of one request, released in order per account.
 #[derive(Debug)]
 pub struct Completion {
-    /// Account index given at submission (the index [`KmsWorker::register`] returned).
+    /// Account index given at submission (the index [`AsyncWorker::register`] returned).
     pub account_index: u16,
     /// The caller's sequence number given at submission.
     pub seq: u64,
@@ -102,7 +102,7 @@ struct Shared {
 
 /// Runs [`AsyncSigner`] requests on a small runtime of its own and hands results back in
 /// order per account. See the module docs.
-pub struct KmsWorker {
+pub struct AsyncWorker {
     runtime: Option<tokio::runtime::Runtime>,
     shared: Arc<Shared>,
     requests: Sender<Request>,
@@ -111,9 +111,9 @@ pub struct KmsWorker {
     capacity: usize,
 }
 
-impl fmt::Debug for KmsWorker {
+impl fmt::Debug for AsyncWorker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KmsWorker")
+        f.debug_struct("AsyncWorker")
             .field("capacity", &self.capacity)
             .field("accounts", &self.shared.accounts.load(Ordering::Relaxed))
             .field("outstanding", &self.outstanding())
@@ -121,10 +121,10 @@ impl fmt::Debug for KmsWorker {
     }
 }
 
-impl KmsWorker {
+impl AsyncWorker {
     /// Starts the runtime and its dispatcher. `wake` runs (on the worker's thread) after
     /// completions were released.
-    pub fn start(cfg: &KmsWorkerConfig, wake: Option<WakeFn>) -> Result<Self, SignerError> {
+    pub fn start(cfg: &AsyncWorkerConfig, wake: Option<WakeFn>) -> Result<Self, SignerError> {
         let capacity = cfg.capacity.max(1);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -145,7 +145,9 @@ impl KmsWorker {
         });
         let (requests, request_rx) = crossbeam_channel::bounded(capacity);
         let (registrations, registration_rx) = crossbeam_channel::unbounded();
-        let (completion_tx, completions) = crossbeam_channel::unbounded();
+        // Bounded (array-backed): at most `capacity` results are ever outstanding, and the
+        // polling side then never frees channel blocks (no deallocation on a stage's thread).
+        let (completion_tx, completions) = crossbeam_channel::bounded(capacity);
         runtime.spawn(dispatch(
             Arc::clone(&shared),
             request_rx,
@@ -183,7 +185,7 @@ impl KmsWorker {
         index
     }
 
-    /// Submits a request without blocking. The result comes back through [`KmsWorker::poll`]
+    /// Submits a request without blocking. The result comes back through [`AsyncWorker::poll`]
     /// after the results of every earlier request of the same account.
     pub fn try_submit(&self, account_index: u16, seq: u64, hash: B256) -> Result<(), SubmitError> {
         if usize::from(account_index) >= self.shared.accounts.load(Ordering::Acquire) {
@@ -229,7 +231,13 @@ impl KmsWorker {
         n
     }
 
-    /// Requests submitted and not yet handed out by [`KmsWorker::poll`].
+    /// Whether released results wait to be polled (an atomic read; for a stage's park
+    /// re-check).
+    pub fn has_completions(&self) -> bool {
+        !self.completions.is_empty()
+    }
+
+    /// Requests submitted and not yet handed out by [`AsyncWorker::poll`].
     pub fn outstanding(&self) -> usize {
         self.shared.outstanding.load(Ordering::Acquire)
     }
@@ -257,7 +265,7 @@ impl KmsWorker {
     }
 }
 
-impl Drop for KmsWorker {
+impl Drop for AsyncWorker {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.notify.notify_one();
@@ -364,7 +372,7 @@ fn finish(
             hash,
             result: result.expect("front checked"),
         };
-        // The receiver lives in the KmsWorker, which outlives the runtime.
+        // The receiver lives in the AsyncWorker, which outlives the runtime.
         let _ = completions.send(completion);
         released += 1;
     }
