@@ -70,21 +70,159 @@ impl Layout {
     }
 }
 
-/// Where an account's key lives.
+/// Where an account's key lives. Secrets (PINs, share files, AWS secret keys) are read from
+/// files or the environment named here, never written in this file.
 #[derive(Clone, Deserialize)]
-#[serde(tag = "backend", rename_all = "kebab-case")]
+#[serde(tag = "backend", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum KeyConfig {
     /// A key in process memory (hex), for development and hot wallets.
     Local {
         /// 32-byte secret, hex.
         secret_hex: String,
     },
+    /// A secp256k1 key generated inside a PKCS#11 token (feature `hsm`).
+    Hsm {
+        /// PKCS#11 module (`.so`).
+        module: PathBuf,
+        /// Label of the token holding the key.
+        token_label: String,
+        /// `CKA_LABEL` of the key pair.
+        key_label: String,
+        /// File holding the user PIN (first line).
+        #[serde(default)]
+        pin_file: Option<PathBuf>,
+        /// Environment variable holding the user PIN (when there is no `pin_file`).
+        #[serde(default)]
+        pin_env: Option<String>,
+        /// Sessions opened and logged in at start.
+        #[serde(default = "default_hsm_sessions")]
+        sessions: usize,
+    },
+    /// An AWS KMS key, `ECC_SECG_P256K1` (feature `kms`).
+    Kms {
+        /// Key id, ARN or alias.
+        key_id: String,
+        /// AWS region.
+        region: String,
+        /// Endpoint override (a KMS-compatible server); default: AWS's endpoint.
+        #[serde(default)]
+        endpoint_url: Option<String>,
+        /// Access key id; with `secret_access_key_file`. Default: the environment.
+        #[serde(default)]
+        access_key_id: Option<String>,
+        /// File holding the secret access key (first line).
+        #[serde(default)]
+        secret_access_key_file: Option<PathBuf>,
+        /// Whole-call timeout, retries included (ms).
+        #[serde(default = "default_kms_timeout_ms")]
+        operation_timeout_ms: u64,
+    },
+    /// A threshold ECDSA key held as shares by `t` parties (feature `mpc`).
+    Mpc {
+        /// The parties' share files (written by `mpc-ceremony`).
+        share_files: Vec<PathBuf>,
+        /// Keygen indices of the `t` parties that sign.
+        parties: Vec<u16>,
+        /// Folder of the durable run counter (presignatures are never reused across runs).
+        state_dir: PathBuf,
+        /// Presignatures kept ready.
+        #[serde(default = "default_mpc_pool")]
+        pool_depth: usize,
+        /// Refill below this many.
+        #[serde(default = "default_mpc_low_water")]
+        low_water: usize,
+        /// How long a request waits for a presignature before it fails (ms).
+        #[serde(default = "default_mpc_wait_ms")]
+        wait_timeout_ms: u64,
+    },
+}
+
+fn default_hsm_sessions() -> usize {
+    4
+}
+fn default_kms_timeout_ms() -> u64 {
+    5_000
+}
+fn default_mpc_pool() -> usize {
+    8
+}
+fn default_mpc_low_water() -> usize {
+    4
+}
+fn default_mpc_wait_ms() -> u64 {
+    60_000
+}
+
+impl KeyConfig {
+    /// Backend name as written in the file.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            KeyConfig::Local { .. } => "local",
+            KeyConfig::Hsm { .. } => "hsm",
+            KeyConfig::Kms { .. } => "kms",
+            KeyConfig::Mpc { .. } => "mpc",
+        }
+    }
+
+    /// Makes relative paths relative to `base`.
+    fn rebase(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            KeyConfig::Local { .. } => {}
+            KeyConfig::Hsm { pin_file, .. } => pin_file.iter_mut().for_each(fix),
+            KeyConfig::Kms {
+                secret_access_key_file,
+                ..
+            } => secret_access_key_file.iter_mut().for_each(fix),
+            KeyConfig::Mpc {
+                share_files,
+                state_dir,
+                ..
+            } => {
+                share_files.iter_mut().for_each(fix);
+                fix(state_dir);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KeyConfig::Local { .. } => f.write_str("Local { secret_hex: <redacted> }"),
+            KeyConfig::Hsm {
+                module,
+                token_label,
+                key_label,
+                ..
+            } => f
+                .debug_struct("Hsm")
+                .field("module", module)
+                .field("token_label", token_label)
+                .field("key_label", key_label)
+                .finish_non_exhaustive(),
+            KeyConfig::Kms {
+                key_id,
+                region,
+                endpoint_url,
+                ..
+            } => f
+                .debug_struct("Kms")
+                .field("key_id", key_id)
+                .field("region", region)
+                .field("endpoint_url", endpoint_url)
+                .finish_non_exhaustive(),
+            KeyConfig::Mpc {
+                parties, state_dir, ..
+            } => f
+                .debug_struct("Mpc")
+                .field("parties", parties)
+                .field("state_dir", state_dir)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -96,6 +234,14 @@ pub struct AccountConfig {
     pub name: String,
     /// Key custody.
     pub key: KeyConfig,
+    /// A standby for the same key (same address) in another boundary; it signs while the
+    /// primary is unavailable.
+    #[serde(default)]
+    pub standby: Option<KeyConfig>,
+    /// Approvals by distinct `approver` principals (never the submitter) every intent of
+    /// this account needs before it is signed (0 = as the policy says; at most 4).
+    #[serde(default)]
+    pub approvals: u8,
     /// Destinations allowed (deny by default: an empty list allows nothing).
     #[serde(default)]
     pub allowlist: Vec<Address>,
@@ -150,6 +296,13 @@ pub struct Config {
     /// Audit trail (JSON lines, appended). Without one, records go to the log.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Requests the async signers (KMS, MPC) may have outstanding, all accounts together.
+    #[serde(default = "default_async_capacity")]
+    pub async_sign_capacity: usize,
+    /// After a primary key was unavailable, its standby signs for this long before the
+    /// primary is tried again (ms).
+    #[serde(default = "default_failover_retry_ms")]
+    pub failover_retry_ms: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -173,6 +326,12 @@ fn default_blobs() -> usize {
 fn default_io_threads() -> usize {
     1
 }
+fn default_async_capacity() -> usize {
+    1024
+}
+fn default_failover_retry_ms() -> u64 {
+    5_000
+}
 
 impl Config {
     /// Reads and validates a TOML file.
@@ -191,6 +350,12 @@ impl Config {
         {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        for a in &mut cfg.accounts {
+            a.key.rebase(base);
+            if let Some(k) = &mut a.standby {
+                k.rebase(base);
             }
         }
         cfg.validate()?;
@@ -219,6 +384,14 @@ impl Config {
             }
             if !names.insert(a.name.as_str()) {
                 return bad(format!("accounts.{}: duplicate name", a.name));
+            }
+            if usize::from(a.approvals) > crate::risk::approvals::MAX_QUORUM {
+                return bad(format!(
+                    "accounts.{}.approvals: at most {}, got {}",
+                    a.name,
+                    crate::risk::approvals::MAX_QUORUM,
+                    a.approvals
+                ));
             }
         }
         for (field, v) in [

@@ -27,6 +27,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
             key: KeyConfig::Local {
                 secret_hex: DEV_PRIVATE_KEYS[i].to_owned(),
             },
+            standby: None,
+            approvals: 0,
             allowlist: DEV_ADDRESSES[5..10].to_vec(),
             max_value_wei: dev_cap(),
         })
@@ -47,6 +49,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         pin_cores: Vec::new(),
         policy_file: None,
         audit_log: None,
+        async_sign_capacity: 1024,
+        failover_retry_ms: 5_000,
     }
 }
 

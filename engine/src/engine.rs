@@ -11,12 +11,12 @@ use pipeline::{
     CoreBudget, Input, LatencyRegistry, Output, Pipeline, PipelineBuilder, ThreadConfig, WaitKind,
     fuse, many_to_one, one_to_one,
 };
-use signers::{LocalCurve, LocalSigner, Signer};
 use venues::{FeeView, RpcClient};
 
 use crate::auth::{JwtAuth, Principals};
 use crate::blob::BlobPool;
-use crate::config::{Config, KeyConfig, Layout, WaitChoice};
+use crate::config::{Config, Layout, WaitChoice};
+use crate::custody::Custody;
 use crate::error::EngineError;
 use crate::msg::{IntentMsg, StatusMsg, TxMsg};
 use crate::risk::audit::AuditStats;
@@ -68,20 +68,6 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn build_signer(name: &str, key: &KeyConfig) -> Result<Arc<dyn Signer>, EngineError> {
-    match key {
-        KeyConfig::Local { secret_hex } => {
-            let s = LocalSigner::from_hex(name, secret_hex, LocalCurve::Secp256k1).map_err(
-                |source| EngineError::Signer {
-                    account: name.to_owned(),
-                    source,
-                },
-            )?;
-            Ok(Arc::new(s))
-        }
-    }
-}
-
 impl Engine {
     /// Starts everything: reads chain id, fees and nonces from the node, spawns the stage
     /// threads, binds the desk listener.
@@ -92,13 +78,16 @@ impl Engine {
         let mut rpc = RpcClient::connect(&cfg.node_ws_url)?;
         let chain_id = rpc.chain_id()?;
         let fees = Arc::new(FeeView::new(rpc.fee_estimate()?));
-        let mut accounts = Vec::with_capacity(cfg.accounts.len());
-        for a in &cfg.accounts {
-            let signer = build_signer(&a.name, &a.key)?;
-            let from = signer.address();
+        let custody = Custody::build(&cfg)?;
+        let mut accounts = Vec::with_capacity(custody.accounts.len());
+        let mut quorum = Vec::with_capacity(custody.accounts.len());
+        for a in custody.accounts {
+            let from = a.signer.address();
             let next_nonce = rpc.transaction_count(from, "pending")?;
+            quorum.push(a.approvals);
             accounts.push(SigningAccount {
-                signer,
+                signer: a.signer,
+                worker_index: a.worker_index,
                 from,
                 next_nonce,
             });
@@ -159,9 +148,11 @@ impl Engine {
             parts.audit,
             status.clone(),
             Arc::clone(&blobs),
+            quorum,
         );
         let signing = SigningStage::new(
             accounts,
+            custody.asynced,
             chain_id,
             Arc::clone(&fees),
             Arc::clone(&blobs),

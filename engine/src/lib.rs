@@ -41,6 +41,7 @@
 pub mod auth;
 pub mod blob;
 pub mod config;
+pub mod custody;
 pub mod demo;
 pub mod desk;
 pub mod dev;

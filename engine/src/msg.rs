@@ -232,6 +232,9 @@ pub enum State {
     PendingApproval,
     /// Approved by another principal; goes on to signing.
     Approved,
+    /// Handed to its signer, which has nothing ready for it yet (an MPC account whose
+    /// presignature pool is empty); it is signed, in order, when the signer can.
+    SigningWait,
     /// Signed; nonce assigned.
     Signed,
     /// Accepted by a venue.
@@ -246,13 +249,14 @@ pub enum State {
 
 impl State {
     /// Number of states (for per-state counters).
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     /// Every state, in declaration order (`ALL[s as usize] == s`).
     pub const ALL: [State; State::COUNT] = [
         State::Accepted,
         State::Rejected,
         State::PendingApproval,
         State::Approved,
+        State::SigningWait,
         State::Signed,
         State::Broadcast,
         State::Included,
@@ -267,6 +271,7 @@ impl State {
             State::Rejected => "rejected",
             State::PendingApproval => "pending_approval",
             State::Approved => "approved",
+            State::SigningWait => "signing_wait",
             State::Signed => "signed",
             State::Broadcast => "broadcast",
             State::Included => "included",

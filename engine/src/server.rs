@@ -413,8 +413,9 @@ fn handle_text(
             };
             Some(
                 match ctx.risk.approvals.approve(&id, sub, origin.principal) {
-                    Ok(seq) => protocol::with_req(
-                        json!({"op": "ok", "of": "approve", "id": id.as_str(), "seq": seq}),
+                    Ok(a) => protocol::with_req(
+                        json!({"op": "ok", "of": "approve", "id": id.as_str(), "seq": a.seq,
+                               "remaining": a.remaining}),
                         req.as_deref(),
                     ),
                     Err(e) => approval_error(e, req.as_deref(), &id),
@@ -606,7 +607,7 @@ fn handle_text(
 fn approval_error(e: ApprovalError, req: Option<&str>, id: &IntentId) -> String {
     let code = match e {
         ApprovalError::NotFound => ErrorCode::NotFound,
-        ApprovalError::SelfApproval => ErrorCode::Forbidden,
+        ApprovalError::SelfApproval | ApprovalError::AlreadyApproved => ErrorCode::Forbidden,
         ApprovalError::Ambiguous => ErrorCode::BadRequest,
         ApprovalError::Overloaded => ErrorCode::Overloaded,
     };

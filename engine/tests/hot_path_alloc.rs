@@ -21,7 +21,7 @@ use engine::stages::intake::IntakeStage;
 use engine::stages::policy::PolicyStage;
 use engine::stages::signing::{SigningAccount, SigningStage};
 use pipeline::{Emit, Hops, LatencyRegistry, Stage, fuse, many_to_one, now_raw};
-use signers::{LocalCurve, LocalSigner, Signer};
+use signers::{AnySigner, LocalCurve, LocalSigner, Signer};
 use venues::{DEV_ADDRESSES, DEV_PRIVATE_KEYS, FeeEstimate, FeeView};
 
 struct Counting;
@@ -83,7 +83,8 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
             );
             SigningAccount {
                 from: signer.address(),
-                signer,
+                signer: AnySigner::Sync(signer),
+                worker_index: None,
                 next_nonce: 0,
             }
         })
@@ -115,10 +116,12 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
                 audit,
                 status.clone(),
                 Arc::clone(&blobs),
+                vec![0; 5],
             ),
         ),
         SigningStage::new(
             accounts,
+            None,
             31337,
             fees,
             Arc::clone(&blobs),

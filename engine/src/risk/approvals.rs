@@ -24,6 +24,9 @@ use crate::risk::audit::{AuditKind, AuditRecord, AuditSink};
 use crate::risk::unix_now_ns;
 use crate::stages::StatusSink;
 
+/// Most approvals an intent can be made to need (an account's custody quorum).
+pub const MAX_QUORUM: usize = 4;
+
 /// An intent waiting for approval.
 #[derive(Clone, Copy, Debug)]
 pub struct PendingIntent {
@@ -33,6 +36,35 @@ pub struct PendingIntent {
     pub deadline: Instant,
     /// Why it needs an approval.
     pub why: &'static str,
+    /// Approvals by distinct approvers it needs (1 to [`MAX_QUORUM`]).
+    pub needed: u8,
+    /// Approvers so far (`approvers[..got]`).
+    pub approvers: [u32; MAX_QUORUM],
+    /// How many approved so far.
+    pub got: u8,
+}
+
+impl PendingIntent {
+    /// An intent that needs `needed` approvals (clamped to 1..=[`MAX_QUORUM`]).
+    pub fn new(msg: IntentMsg, deadline: Instant, why: &'static str, needed: u8) -> Self {
+        Self {
+            msg,
+            deadline,
+            why,
+            needed: needed.clamp(1, MAX_QUORUM as u8),
+            approvers: [0; MAX_QUORUM],
+            got: 0,
+        }
+    }
+}
+
+/// What an accepted approval did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Approved {
+    /// The intent's sequence number.
+    pub seq: u64,
+    /// Approvals still needed (0: the intent went on to signing).
+    pub remaining: u8,
 }
 
 /// Why an approval op was refused.
@@ -47,6 +79,9 @@ pub enum ApprovalError {
     /// Several principals have a waiting intent with this id.
     #[error("several submitters have a waiting intent with this id; name the `submitter`")]
     Ambiguous,
+    /// This approver has already approved the intent (a quorum needs distinct approvers).
+    #[error("this approver has already approved the intent; another approver must")]
+    AlreadyApproved,
     /// The intake ring is full; the intent still waits.
     #[error("the engine is overloaded; the intent still waits, retry the approval")]
     Overloaded,
@@ -123,35 +158,54 @@ impl Approvals {
         }
     }
 
-    /// Approves; returns the intent's sequence number.
+    /// Approves. When the intent has all the approvals it needs it goes back to intake
+    /// (then `remaining` is 0); otherwise it keeps waiting for other approvers.
     pub fn approve(
         &self,
         id: &IntentId,
         submitter: Option<u32>,
         approver: u32,
-    ) -> Result<u64, ApprovalError> {
+    ) -> Result<Approved, ApprovalError> {
         let mut map = self.lock();
         let key = Self::find(&map, id, submitter)?;
         if key.0 == approver {
             return Err(ApprovalError::SelfApproval);
         }
-        let Some(p) = map.remove(&key) else {
+        let Some(p) = map.get_mut(&key) else {
             return Err(ApprovalError::NotFound);
         };
+        if p.approvers[..usize::from(p.got)].contains(&approver) {
+            return Err(ApprovalError::AlreadyApproved);
+        }
+        let seq = p.msg.seq;
+        if p.got + 1 < p.needed {
+            p.approvers[usize::from(p.got)] = approver;
+            p.got += 1;
+            let remaining = p.needed - p.got;
+            let record = AuditRecord {
+                kind: AuditKind::Approved,
+                actor: approver,
+                ..AuditRecord::decision_free(&p.msg)
+            };
+            drop(map);
+            self.audit.record(record);
+            return Ok(Approved { seq, remaining });
+        }
         let msg = IntentMsg {
             approved_by: approver,
             ..p.msg
         };
         if let Err(Full(_)) = self.intake.try_push(msg) {
-            map.insert(key, p);
             return Err(ApprovalError::Overloaded);
         }
+        let p = map.remove(&key).expect("found above");
+        drop(map);
         self.audit.record(AuditRecord {
             kind: AuditKind::Approved,
             actor: approver,
             ..AuditRecord::decision_free(&p.msg)
         });
-        Ok(p.msg.seq)
+        Ok(Approved { seq, remaining: 0 })
     }
 
     /// Rejects; returns the intent's sequence number.

@@ -22,6 +22,9 @@ use crate::risk::rules::{Outcome, Risk};
 use crate::risk::{Retired, RiskUpdate, StageLink, unix_now_ns};
 use crate::stages::StatusSink;
 
+/// Why an intent of an account with a custody quorum waits.
+const CUSTODY_QUORUM: &str = "the account's custody requires approvals by distinct approvers";
+
 /// The policy stage.
 #[derive(Debug)]
 pub struct PolicyStage {
@@ -31,6 +34,8 @@ pub struct PolicyStage {
     audit: AuditSink,
     status: StatusSink,
     blobs: Arc<BlobPool>,
+    /// Approvals each account's custody requires (index = account; 0 = as the policy says).
+    quorum: Box<[u8]>,
 }
 
 impl PolicyStage {
@@ -42,6 +47,7 @@ impl PolicyStage {
         audit: AuditSink,
         status: StatusSink,
         blobs: Arc<BlobPool>,
+        quorum: Vec<u8>,
     ) -> Self {
         link.active_version
             .store(risk.policy().version, Ordering::Release);
@@ -52,6 +58,7 @@ impl PolicyStage {
             audit,
             status,
             blobs,
+            quorum: quorum.into_boxed_slice(),
         }
     }
 
@@ -98,7 +105,17 @@ impl Stage for PolicyStage {
         } else {
             &[]
         };
-        let v = self.risk.decide(&msg, data, now_ns);
+        let mut v = self.risk.decide(&msg, data, now_ns);
+        // The account's custody quorum: approvals by distinct approvers on top of what the
+        // policy asks (an approved re-entry has had them all).
+        let quorum = self
+            .quorum
+            .get(msg.account.0 as usize)
+            .copied()
+            .unwrap_or(0);
+        if quorum > 0 && msg.approved_by == 0 && v.outcome == Outcome::Allow {
+            v.outcome = Outcome::Approval(CUSTODY_QUORUM);
+        }
         msg.policy_version = v.policy_version;
         msg.asset = v.asset;
         self.audit.record(AuditRecord::decision(&msg, &v, now_ns));
@@ -129,11 +146,12 @@ impl Stage for PolicyStage {
                     detail: crate::msg::Detail::new(why),
                     ..StatusMsg::event(msg.seq, msg.origin, State::PendingApproval, at)
                 });
-                let p = PendingIntent {
+                let p = PendingIntent::new(
                     msg,
-                    deadline: Instant::now() + self.risk.policy().approval_ttl,
+                    Instant::now() + self.risk.policy().approval_ttl,
                     why,
-                };
+                    quorum.max(1),
+                );
                 // The pending set drains this channel continuously; waiting here is
                 // back-pressure, never a drop.
                 let _ = self.pending.send(p);

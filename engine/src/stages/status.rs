@@ -177,7 +177,7 @@ impl StatusStage {
         }
         match m.state {
             State::Accepted | State::Approved => {}
-            State::PendingApproval => {
+            State::PendingApproval | State::SigningWait => {
                 v["message"] = json!(m.detail.as_str());
             }
             State::Rejected | State::Failed => {

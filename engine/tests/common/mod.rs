@@ -145,3 +145,85 @@ pub fn states(frames: &[Value]) -> Vec<String> {
         })
         .collect()
 }
+
+/// Gives `addr` 100 ETH on the harness's anvil (`anvil_setBalance`).
+pub fn fund(h: &Harness, addr: alloy_primitives::Address) {
+    let mut rpc = venues::RpcClient::connect(&h.anvil.ws_url()).unwrap();
+    let _: Value = rpc
+        .call(
+            "anvil_setBalance",
+            json!([addr, "0x56bc75e2d63100000"]), // 100 ETH
+        )
+        .unwrap();
+}
+
+/// An account signing with `key`, allowed to send to the dev addresses 5–9.
+pub fn custody_account(
+    name: &str,
+    key: engine::config::KeyConfig,
+) -> engine::config::AccountConfig {
+    engine::config::AccountConfig {
+        name: name.into(),
+        key,
+        standby: None,
+        approvals: 0,
+        allowlist: venues::DEV_ADDRESSES[5..10].to_vec(),
+        max_value_wei: dev::dev_cap(),
+    }
+}
+
+/// Submits `n` transfers from `account` in one burst and waits for all to be confirmed;
+/// checks each was signed by `from`, on consecutive nonces in submission order, and mined
+/// by anvil with `from` as its sender. Returns each intent's frames in submission order.
+pub fn transfers_confirm(
+    h: &Harness,
+    account: &str,
+    from: alloy_primitives::Address,
+    tag: &str,
+    n: usize,
+) -> Vec<Vec<Value>> {
+    let mut desk = h.desk();
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+    let mut frames = h.rt.block_on(async {
+        for (i, id) in ids.iter().enumerate() {
+            desk.send(&submit(transfer(id, account, 5 + i % 5, 1_000 + i as u128)))
+                .await
+                .unwrap();
+        }
+        collect_until_final(&mut desk, &ids, Duration::from_secs(90)).await
+    });
+    let mut rpc = venues::RpcClient::connect(&h.anvil.ws_url()).unwrap();
+    let mut nonces = Vec::new();
+    let mut out = Vec::new();
+    for id in &ids {
+        let f = frames.remove(id).unwrap();
+        let st = states(&f);
+        assert_eq!(
+            st.last().map(String::as_str),
+            Some("confirmed"),
+            "{id}: {f:?}"
+        );
+        let signed = f
+            .iter()
+            .find(|x| x["state"] == "signed")
+            .expect("signed event");
+        assert_eq!(
+            signed["from"].as_str().unwrap().to_lowercase(),
+            from.to_string().to_lowercase(),
+            "{id} signed by the account's key"
+        );
+        nonces.push(signed["nonce"].as_u64().unwrap());
+        let hash: alloy_primitives::B256 = signed["tx_hash"].as_str().unwrap().parse().unwrap();
+        let r = rpc.receipt(hash).unwrap().expect("receipt");
+        assert!(r.success, "{id} succeeded on chain");
+        assert_eq!(r.from, from, "{id}: anvil recovered the signer's address");
+        out.push(f);
+    }
+    let first = nonces[0];
+    assert_eq!(
+        nonces,
+        (first..first + n as u64).collect::<Vec<_>>(),
+        "nonces are consecutive in submission order"
+    );
+    out
+}

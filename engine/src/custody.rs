@@ -1,0 +1,284 @@
+//! The signing orchestrator: for every account, which custody boundary and key signs, the
+//! standby that takes over when it is unavailable, and how many approvals its intents need.
+//!
+//! [`Custody::build`] turns the accounts' [`KeyConfig`]s into [`AnySigner`]s at start-up:
+//! local keys and HSM keys sign inline on the signing stage's thread; KMS and MPC keys
+//! (and any pair with a standby where one side is async) are registered with one
+//! [`AsyncWorker`] that runs beside the stage. Every start-up failure names the account and
+//! what is wrong (wrong PIN, missing token, unknown KMS key, missing share file, a standby
+//! with a different address, a backend this binary was built without).
+//!
+//! Invariants: an account's primary and standby have the same address; secrets (PINs,
+//! share contents, AWS secret keys) are read here from their files or the environment and
+//! never logged or kept in the configuration.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use signers::worker::{AsyncWorker, AsyncWorkerConfig, WakeFn};
+use signers::{AnySigner, Backend, LocalCurve, LocalSigner, SignerError};
+
+use crate::config::{AccountConfig, Config, KeyConfig};
+use crate::error::EngineError;
+use crate::stages::signing::{AsyncSigning, WakeCell};
+
+/// One account's signing set-up.
+#[derive(Debug)]
+pub struct CustodyAccount {
+    /// The key, with its standby when configured.
+    pub signer: AnySigner,
+    /// Index at the async worker (async keys only).
+    pub worker_index: Option<u16>,
+    /// Backend of the primary key.
+    pub backend: Backend,
+    /// Backend of the standby, if any.
+    pub standby: Option<Backend>,
+    /// Approvals by distinct approvers its intents need (0 = as the policy says).
+    pub approvals: u8,
+}
+
+/// Every account's signing set-up and the async worker they share.
+#[derive(Debug)]
+pub struct Custody {
+    /// In configuration order.
+    pub accounts: Vec<CustodyAccount>,
+    /// Present when any key is async.
+    pub asynced: Option<AsyncSigning>,
+}
+
+fn err(account: &str, source: SignerError) -> EngineError {
+    EngineError::Signer {
+        account: account.to_owned(),
+        source,
+    }
+}
+
+fn cfg_err(what: impl Into<String>, reason: impl Into<String>) -> SignerError {
+    SignerError::Config {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+/// First line of a secret file (trailing newline removed).
+#[cfg_attr(not(any(feature = "hsm", feature = "kms")), allow(dead_code))]
+fn read_secret(path: &Path, what: &str) -> Result<String, SignerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| cfg_err(what, format!("cannot read {}: {e}", path.display())))?;
+    let line = text.lines().next().unwrap_or("").trim_end().to_owned();
+    if line.is_empty() {
+        return Err(cfg_err(what, format!("{} is empty", path.display())));
+    }
+    Ok(line)
+}
+
+/// Lazily started worker (only when some key is async).
+struct WorkerSlot {
+    worker: Option<AsyncWorker>,
+    wake: WakeCell,
+    capacity: usize,
+}
+
+impl WorkerSlot {
+    fn get(&mut self) -> Result<&mut AsyncWorker, SignerError> {
+        if self.worker.is_none() {
+            let cell = Arc::clone(&self.wake);
+            let wake: WakeFn = Box::new(move || {
+                if let Some(signal) = cell.get() {
+                    signal.notify();
+                }
+            });
+            let cfg = AsyncWorkerConfig {
+                capacity: self.capacity,
+                thread_name: "signers-async".into(),
+            };
+            self.worker = Some(AsyncWorker::start(&cfg, Some(wake))?);
+        }
+        Ok(self.worker.as_mut().expect("started above"))
+    }
+}
+
+impl Custody {
+    /// Builds every account's signer; fails on the first account that cannot sign.
+    pub fn build(cfg: &Config) -> Result<Custody, EngineError> {
+        let mut slot = WorkerSlot {
+            worker: None,
+            wake: Arc::new(OnceLock::new()),
+            capacity: cfg.async_sign_capacity.max(1),
+        };
+        let retry = Duration::from_millis(cfg.failover_retry_ms);
+        let mut built = Vec::with_capacity(cfg.accounts.len());
+        for a in &cfg.accounts {
+            built.push(Self::account(a, &mut slot, retry)?);
+        }
+        let mut accounts = Vec::with_capacity(built.len());
+        for (a, (signer, backend, standby)) in cfg.accounts.iter().zip(built) {
+            let worker_index = match &signer {
+                AnySigner::Async(s) => Some(
+                    slot.get()
+                        .map_err(|e| err(&a.name, e))?
+                        .register(Arc::clone(s)),
+                ),
+                AnySigner::Sync(_) => None,
+            };
+            tracing::info!(
+                account = %a.name,
+                address = %signer.address(),
+                backend = backend.as_str(),
+                standby = standby.map(Backend::as_str),
+                key_id = signer.key_id(),
+                "custody"
+            );
+            accounts.push(CustodyAccount {
+                signer,
+                worker_index,
+                backend,
+                standby,
+                approvals: a.approvals,
+            });
+        }
+        let asynced = slot.worker.map(|w| AsyncSigning {
+            worker: Arc::new(w),
+            wake: slot.wake,
+            queue_limit: cfg.async_sign_capacity.max(1),
+        });
+        Ok(Custody { accounts, asynced })
+    }
+
+    fn account(
+        a: &AccountConfig,
+        slot: &mut WorkerSlot,
+        retry: Duration,
+    ) -> Result<(AnySigner, Backend, Option<Backend>), EngineError> {
+        let primary = key(&a.name, &a.key, slot).map_err(|e| err(&a.name, e))?;
+        let backend = primary.backend();
+        let Some(standby_cfg) = &a.standby else {
+            return Ok((primary, backend, None));
+        };
+        let standby =
+            key(&format!("{}-standby", a.name), standby_cfg, slot).map_err(|e| err(&a.name, e))?;
+        let sb = standby.backend();
+        let pair = primary
+            .with_standby(standby, retry)
+            .map_err(|e| err(&a.name, e))?;
+        Ok((pair, backend, Some(sb)))
+    }
+}
+
+/// Builds one key.
+#[allow(unused_variables)]
+fn key(name: &str, k: &KeyConfig, slot: &mut WorkerSlot) -> Result<AnySigner, SignerError> {
+    match k {
+        KeyConfig::Local { secret_hex } => Ok(AnySigner::Sync(Arc::new(LocalSigner::from_hex(
+            name,
+            secret_hex,
+            LocalCurve::Secp256k1,
+        )?))),
+        KeyConfig::Hsm {
+            module,
+            token_label,
+            key_label,
+            pin_file,
+            pin_env,
+            sessions,
+        } => {
+            #[cfg(feature = "hsm")]
+            {
+                use signers::hsm::{AuthPin, HsmConfig, HsmSigner};
+                let pin = match (pin_file, pin_env) {
+                    (Some(f), _) => read_secret(f, "hsm pin_file")?,
+                    (None, Some(var)) => std::env::var(var).map_err(|_| {
+                        cfg_err(
+                            "hsm pin_env",
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?,
+                    (None, None) => {
+                        return Err(cfg_err("hsm", "pin_file or pin_env is required"));
+                    }
+                };
+                let cfg = HsmConfig {
+                    sessions: (*sessions).max(1),
+                    ..HsmConfig::new(
+                        module.clone(),
+                        token_label.clone(),
+                        AuthPin::from(pin),
+                        key_label.clone(),
+                    )
+                };
+                Ok(AnySigner::Sync(Arc::new(HsmSigner::open(&cfg)?)))
+            }
+            #[cfg(not(feature = "hsm"))]
+            Err(not_built("hsm"))
+        }
+        KeyConfig::Kms {
+            key_id,
+            region,
+            endpoint_url,
+            access_key_id,
+            secret_access_key_file,
+            operation_timeout_ms,
+        } => {
+            #[cfg(feature = "kms")]
+            {
+                use signers::kms::{KmsConfig, KmsCredentials, KmsSigner};
+                let credentials = match (access_key_id, secret_access_key_file) {
+                    (Some(id), Some(f)) => Some(KmsCredentials {
+                        access_key_id: id.clone(),
+                        secret_access_key: read_secret(f, "kms secret_access_key_file")?,
+                    }),
+                    (None, None) => None,
+                    _ => {
+                        return Err(cfg_err(
+                            "kms",
+                            "access_key_id and secret_access_key_file go together",
+                        ));
+                    }
+                };
+                let cfg = KmsConfig {
+                    endpoint_url: endpoint_url.clone(),
+                    credentials,
+                    operation_timeout: Duration::from_millis(*operation_timeout_ms),
+                    ..KmsConfig::new(region.clone(), key_id.clone())
+                };
+                let worker = slot.get()?;
+                // Connected on the worker's runtime so its connections are driven there.
+                let signer = worker.block_on(KmsSigner::connect(&cfg))?;
+                Ok(AnySigner::Async(Arc::new(signer)))
+            }
+            #[cfg(not(feature = "kms"))]
+            Err(not_built("kms"))
+        }
+        KeyConfig::Mpc {
+            share_files,
+            parties,
+            state_dir,
+            pool_depth,
+            low_water,
+            wait_timeout_ms,
+        } => {
+            #[cfg(feature = "mpc")]
+            {
+                use signers::mpc::{MpcConfig, MpcSigner};
+                let cfg = MpcConfig {
+                    pool_depth: *pool_depth,
+                    low_water: *low_water,
+                    wait_timeout: Duration::from_millis(*wait_timeout_ms),
+                    ..MpcConfig::new(share_files.clone(), parties.clone(), state_dir.clone())
+                };
+                Ok(AnySigner::Async(Arc::new(MpcSigner::start(&cfg)?)))
+            }
+            #[cfg(not(feature = "mpc"))]
+            Err(not_built("mpc"))
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn not_built(backend: &str) -> SignerError {
+    cfg_err(
+        format!("backend `{backend}`"),
+        format!("this engine was built without it (build with `--features {backend}`)"),
+    )
+}
