@@ -201,8 +201,6 @@ pub struct TxMsg {
     pub tx_hash: B256,
     /// The raw EIP-2718 bytes (owned by this message until broadcast releases them).
     pub raw: BlobRef,
-    /// From broadcast to receipts: stop watching this hash (the node refused it).
-    pub forget: bool,
     /// Asset slot of the kill switch (copied from the intent).
     pub asset: u8,
     /// Hop timestamps carried over from the intent.

@@ -142,12 +142,16 @@ fn signed_transactions_are_held_while_killed_and_sent_in_order_after() {
         &mut status_rx,
     );
     assert_eq!(stage.held(), 0);
-    let order: Vec<u64> = out
+    // The node may answer a batch in any order; the order they were written in is each
+    // hand-off's second hop stamp (taken as the request was written).
+    let mut sent: Vec<(u64, u64)> = out
         .0
         .iter()
         .filter(|m| m.account.0 == 0)
-        .map(|m| m.nonce)
+        .map(|m| (m.hops.get(1).expect("sent stamp"), m.nonce))
         .collect();
+    sent.sort();
+    let order: Vec<u64> = sent.iter().map(|&(_, n)| n).collect();
     assert_eq!(order, vec![0, 1, 2]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap() < 3 {

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy_primitives::B256;
-use pipeline::{Emit, Recorder, Signal, Stage, Waker, now_raw, ticks_to_ns};
+use pipeline::{Emit, Hops, Recorder, Signal, Stage, Waker, now_raw, ticks_to_ns};
 use venues::{BroadcastConnection, RpcErrorInfo};
 
-use crate::blob::{BlobPool, BlobRef};
+use crate::blob::BlobPool;
 use crate::msg::{Origin, Reason, Route, State, StatusMsg, TxMsg};
 use crate::risk::kill::KillSwitch;
 use crate::stages::StatusSink;
@@ -107,7 +107,7 @@ impl BroadcastStage {
 
     /// Sends what the kill switch no longer holds, keeping each account's order: a
     /// transaction stays held while an earlier one of its account is.
-    fn release<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+    fn release(&mut self) -> usize {
         self.held_epoch = self.kill.epoch();
         let mut sent = 0;
         let mut keep = self.held.len();
@@ -126,7 +126,7 @@ impl BroadcastStage {
                 self.blocked[a] = true;
                 self.held.push_back(m);
             } else {
-                self.send(m, out);
+                self.send(m);
                 sent += 1;
             }
         }
@@ -147,8 +147,8 @@ impl BroadcastStage {
             return;
         };
         match res {
-            Ok(_) => self.accepted(tag, f, now),
-            Err(e) if is_already_known(&e) => self.accepted(tag, f, now),
+            Ok(_) => self.accepted(tag, f, now, out),
+            Err(e) if is_already_known(&e) => self.accepted(tag, f, now, out),
             Err(e) => {
                 self.status.send(StatusMsg::refusal(
                     tag,
@@ -158,26 +158,34 @@ impl BroadcastStage {
                     &e.message,
                     now,
                 ));
-                out.emit(TxMsg {
-                    seq: tag,
-                    origin: f.origin,
-                    account: f.account,
-                    nonce: f.nonce,
-                    tx_hash: f.tx_hash,
-                    forget: true,
-                    ..TxMsg::default()
-                });
             }
         }
     }
 
-    fn accepted(&mut self, seq: u64, f: InFlight, now: u64) {
+    /// The node took the transaction: `broadcast` goes to the status ring first, then the
+    /// hash to the receipt watcher, so `included` can never overtake `broadcast`. (A block
+    /// holding the transaction may be announced before the node's answer arrives; the
+    /// watcher keeps recent blocks' receipts for exactly that race.)
+    fn accepted<E: Emit<TxMsg>>(&mut self, seq: u64, f: InFlight, now: u64, out: &mut E) {
         self.rec.ws_to_node.record(ticks_to_ns(f.first_raw, now));
         self.rec.node_rtt.record(ticks_to_ns(f.sent_raw, now));
         self.status.send(StatusMsg {
             tx_hash: f.tx_hash,
             route: Route::Public,
             ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
+        });
+        // Hops: the intent's first stamp (for end-to-end time to inclusion) and when it was
+        // written to the node.
+        let mut hops = Hops::starting_at(f.first_raw);
+        hops.stamp(f.sent_raw);
+        out.emit(TxMsg {
+            seq,
+            origin: f.origin,
+            account: f.account,
+            nonce: f.nonce,
+            tx_hash: f.tx_hash,
+            hops,
+            ..TxMsg::default()
         });
     }
 
@@ -218,7 +226,7 @@ impl Stage for BroadcastStage {
     }
 
     #[inline]
-    fn on_message<E: Emit<TxMsg>>(&mut self, msg: TxMsg, out: &mut E) {
+    fn on_message<E: Emit<TxMsg>>(&mut self, msg: TxMsg, _out: &mut E) {
         // A kill switch holds signed transactions here, unsent, until it is turned off.
         if !self.held.is_empty()
             || self
@@ -227,15 +235,15 @@ impl Stage for BroadcastStage {
                 .is_some()
         {
             self.held.push_back(msg);
-            self.release(out);
+            self.release();
             return;
         }
-        self.send(msg, out);
+        self.send(msg);
     }
 
     fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
         let released = if !self.held.is_empty() && self.kill.epoch() != self.held_epoch {
-            self.release(out)
+            self.release()
         } else {
             0
         };
@@ -285,7 +293,7 @@ impl Stage for BroadcastStage {
 
 impl BroadcastStage {
     #[inline]
-    fn send<E: Emit<TxMsg>>(&mut self, msg: TxMsg, out: &mut E) {
+    fn send(&mut self, msg: TxMsg) {
         let first_raw = msg.hops.first().unwrap_or(0);
         let sent = if self.lost {
             Err(venues::VenueError::Closed)
@@ -310,13 +318,6 @@ impl BroadcastStage {
                         sent_raw: now,
                     },
                 );
-                // Watch the hash now; the block holding it may be announced before the
-                // node's answer to the send arrives (the receipt watcher also keeps recent
-                // blocks' receipts for exactly that race).
-                out.emit(TxMsg {
-                    raw: BlobRef::NONE,
-                    ..msg
-                });
             }
             Err(_) => {
                 self.lost = true;

@@ -170,10 +170,6 @@ impl Stage for ReceiptsStage {
     }
 
     fn on_message<E: Emit<NoMessage>>(&mut self, msg: TxMsg, _out: &mut E) {
-        if msg.forget {
-            self.watching.remove(&msg.tx_hash);
-            return;
-        }
         let w = Watch {
             seq: msg.seq,
             origin: msg.origin,

@@ -249,7 +249,6 @@ impl SigningStage {
             },
             asset: msg.asset,
             hops: msg.hops,
-            ..TxMsg::default()
         });
         true
     }
