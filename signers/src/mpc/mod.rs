@@ -15,10 +15,11 @@
 //!   refills it whenever it drops below [`MpcConfig::low_water`].
 //! - Signing ([`AsyncSigner::sign_hash_async`]) takes one presignature from the pool; the
 //!   coordinator sends the hash to each party, each party issues its partial signature, the
-//!   coordinator combines them, **verifies** the result against the cached public key,
-//!   normalises `s` to the low half, and derives the recovery id from the point
-//!   `R = (z/s)·G + (r/s)·Q` it computed while verifying (its `y` parity), so the
-//!   verification and the recovery id cost one double-scalar multiplication together.
+//!   coordinator combines them, normalises `s` to the low half and **verifies** the result
+//!   by recovering the public key with libsecp256k1: recovering the cached key proves the
+//!   signature valid and names its recovery id. The parties report the parity of the
+//!   presignature's nonce point `R` (public), so the right recovery id is usually tried
+//!   first; the report only orders the attempts and is never trusted.
 //!   If the pool is empty the request waits for the next presignature (up to
 //!   [`MpcConfig::wait_timeout`]); [`MpcSigner::try_sign_hash_async`] instead reports
 //!   [`PoolEmpty`] at once so the caller can emit an event, and
@@ -79,8 +80,6 @@ use std::time::{Duration, Instant};
 use alloy_primitives::{Address, B256, Signature, U256};
 use cggmp21::PartialSignature;
 use cggmp21::supported_curves::Secp256k1;
-use k256::elliptic_curve::ops::{LinearCombination, Reduce};
-use k256::elliptic_curve::point::AffineCoordinates;
 use k256::elliptic_curve::scalar::IsHigh;
 use k256::elliptic_curve::sec1::FromEncodedPoint;
 use k256::{AffinePoint, EncodedPoint, ProjectivePoint};
@@ -704,8 +703,11 @@ fn online_loop(
     key_id: &str,
     wait: Duration,
 ) {
+    let q = uncompressed(q);
+    let q = &q;
     let mut buf = Vec::with_capacity(256);
     let mut partials = Vec::with_capacity(conns.len());
+    let mut r_odd = None;
     let mut broken: Option<String> = None;
     while let Ok(job) = jobs.recv() {
         let unavailable = |reason: String| SignerError::Unavailable {
@@ -727,12 +729,21 @@ fn online_loop(
                 }
             },
         };
-        let res = match sign_round(&mut conns, &mut buf, &mut partials, id, job.hash) {
+        let res = match sign_round(
+            &mut conns,
+            &mut buf,
+            &mut partials,
+            &mut r_odd,
+            id,
+            job.hash,
+        ) {
             Ok(Ok(())) => match PartialSignature::combine(&partials) {
-                Some(sig) => finish(&job.hash, &sig, q).map_err(|reason| SignerError::Signing {
-                    key_id: key_id.to_owned(),
-                    reason,
-                }),
+                Some(sig) => {
+                    finish(&job.hash, &sig, q, r_odd).map_err(|reason| SignerError::Signing {
+                        key_id: key_id.to_owned(),
+                        reason,
+                    })
+                }
                 None => Err(SignerError::Signing {
                     key_id: key_id.to_owned(),
                     reason: "partial signatures do not combine".into(),
@@ -762,10 +773,13 @@ fn sign_round(
     conns: &mut [Conn],
     buf: &mut Vec<u8>,
     partials: &mut Vec<PartialSignature<Secp256k1>>,
+    r_odd: &mut Option<bool>,
     id: u64,
     hash: B256,
 ) -> std::io::Result<Result<(), String>> {
     partials.clear();
+    *r_odd = None;
+    let mut first = true;
     let req = Frame::Sign { id, hash };
     for (_, w) in conns.iter_mut() {
         write_frame_sync(w, &req)?;
@@ -777,10 +791,21 @@ fn sign_round(
             Frame::Partial {
                 id: got,
                 partial: Ok(p),
-            } if got == id => partials.push(p),
+                r_odd: odd,
+            } if got == id => {
+                partials.push(p);
+                // A hint only when every party gives the same one.
+                if first {
+                    *r_odd = odd;
+                } else if *r_odd != odd {
+                    *r_odd = None;
+                }
+                first = false;
+            }
             Frame::Partial {
                 id: got,
                 partial: Err(e),
+                ..
             } if got == id => {
                 refused.get_or_insert(e);
             }
@@ -798,13 +823,17 @@ fn sign_round(
     })
 }
 
-/// Verifies a combined signature against the public key `q` and returns it low-s with its
-/// recovery id: computes `R = (z/s)·G + (r/s)·Q` once, checks `R.x == r` (ECDSA
-/// verification) and takes `R.y`'s parity.
+/// Verifies a combined signature against the public key `q` (uncompressed SEC1) and returns
+/// it low-s with its recovery id. libsecp256k1 recovers the public key from `(r, s, v)`:
+/// recovering `q` proves the signature valid for `q` and names its recovery id. `r_odd`, the
+/// parties' report of the nonce point's parity, says which `v` to try first (flipped when
+/// `s` is normalised), so one recovery (about 30 µs here, against about 70 µs for k256's
+/// `R = (z/s)·G + (r/s)·Q`) usually suffices; the hint is only an ordering, never trusted.
 fn finish(
     hash: &B256,
     sig: &cggmp21::Signature<Secp256k1>,
-    q: &ProjectivePoint,
+    q: &[u8; 65],
+    r_odd: Option<bool>,
 ) -> Result<Signature, String> {
     let r_bytes: [u8; 32] = sig
         .r
@@ -818,25 +847,31 @@ fn finish(
         .as_bytes()
         .try_into()
         .map_err(|_| "s is not 32 bytes")?;
-    let r = scalar(&r_bytes).ok_or("r is not a canonical scalar")?;
+    scalar(&r_bytes).ok_or("r is not a canonical scalar")?;
     let mut s = scalar(&s_bytes).ok_or("s is not a canonical scalar")?;
-    if bool::from(s.is_high()) {
+    let negated = bool::from(s.is_high());
+    if negated {
         s = -s;
     }
-    let s_inv = Option::<k256::Scalar>::from(s.invert()).ok_or("s is zero")?;
-    let z = <k256::Scalar as Reduce<k256::U256>>::reduce_bytes(&hash.0.into());
-    let big_r =
-        ProjectivePoint::lincomb(&ProjectivePoint::GENERATOR, &(z * s_inv), q, &(r * s_inv))
-            .to_affine();
-    // The identity maps to x = 0 here, and r is non-zero, so this also rejects it.
-    if big_r.x()[..] != r_bytes[..] {
-        return Err("combined signature does not verify against the public key".into());
+    let r = U256::from_be_bytes(r_bytes);
+    let s = U256::from_be_bytes(s.to_bytes().into());
+    let first = r_odd.is_some_and(|odd| odd != negated);
+    for parity in [first, !first] {
+        let candidate = Signature::new(r, s, parity);
+        if let Ok(pk) = candidate.recover_from_prehash_secp256k1(hash)
+            && pk.serialize_uncompressed() == *q
+        {
+            return Ok(candidate);
+        }
     }
-    Ok(Signature::new(
-        U256::from_be_bytes(r_bytes),
-        U256::from_be_bytes(s.to_bytes().into()),
-        bool::from(big_r.y_is_odd()),
-    ))
+    Err("combined signature does not verify against the public key".into())
+}
+
+fn uncompressed(q: &ProjectivePoint) -> [u8; 65] {
+    use k256::elliptic_curve::sec1::ToEncodedPoint;
+    let mut out = [0u8; 65];
+    out.copy_from_slice(q.to_affine().to_encoded_point(false).as_bytes());
+    out
 }
 
 fn scalar(bytes: &[u8; 32]) -> Option<k256::Scalar> {
@@ -916,12 +951,19 @@ mod tests {
                 .unwrap()
             };
             let generic = cggmp21::Signature::from_raw_parts(to_generic(&r), to_generic(&s));
-            let out = finish(&hash, &generic, &q).unwrap();
+            let out = finish(&hash, &generic, &uncompressed(&q), None).unwrap();
+            // A hint only orders the attempts: right or wrong, the result is the same.
+            for hint in [Some(true), Some(false)] {
+                assert_eq!(
+                    finish(&hash, &generic, &uncompressed(&q), hint).unwrap(),
+                    out
+                );
+            }
             assert!(out.normalize_s().is_none(), "low-s");
             assert_eq!(out.recover_address_from_prehash(&hash).unwrap(), address);
             // A different hash must not verify.
             let other = B256::repeat_byte(0xee);
-            assert!(finish(&other, &generic, &q).is_err());
+            assert!(finish(&other, &generic, &uncompressed(&q), None).is_err());
         }
     }
 

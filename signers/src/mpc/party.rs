@@ -134,17 +134,22 @@ fn online_loop(i: u16, coordinator: SocketAddr, table: &Table) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
-        let partial = match presig {
+        let (partial, r_odd) = match presig {
             Some(p) => {
+                let r_odd = p.R.to_bytes(true).as_bytes().first() == Some(&0x03);
                 let m = DataToSign::from_scalar(Scalar::<Secp256k1>::from_be_bytes_mod_order(hash));
-                Ok(p.issue_partial_signature(m))
+                (Ok(p.issue_partial_signature(m)), Some(r_odd))
             }
-            None => Err(format!(
-                "party {i} refused: presignature {} is unknown or already used",
-                super::PresignatureId(id)
-            )),
+            None => (
+                Err(format!(
+                    "party {i} refused: presignature {} is unknown or already used",
+                    super::PresignatureId(id)
+                )),
+                None,
+            ),
         };
-        if write_frame_sync(&mut w, &Frame::Partial { id, partial }).is_err() || w.flush().is_err()
+        if write_frame_sync(&mut w, &Frame::Partial { id, partial, r_odd }).is_err()
+            || w.flush().is_err()
         {
             return;
         }

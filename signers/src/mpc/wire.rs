@@ -83,6 +83,10 @@ pub(crate) enum Frame {
         id: u64,
         /// The partial signature, or the reason it was not issued.
         partial: Result<PartialSignature<Secp256k1>, String>,
+        /// Parity of the presignature's nonce point `R` (public: `r` is its x coordinate),
+        /// so the coordinator can try the right recovery id first.
+        #[serde(default)]
+        r_odd: Option<bool>,
     },
     /// Coordinator -> party: stop.
     Shutdown,
