@@ -282,3 +282,112 @@ fn not_built(backend: &str) -> SignerError {
         format!("this engine was built without it (build with `--features {backend}`)"),
     )
 }
+
+/// What `/metrics` and `/health` show of custody: per account its backend, standby,
+/// fail-overs and (MPC) presignatures ready; the async worker's outstanding requests.
+#[derive(Debug, Clone)]
+pub struct CustodyView {
+    /// One row per account, in configuration order.
+    pub accounts: Vec<CustodyRow>,
+    /// The async worker, when any key is async.
+    pub worker: Option<Arc<AsyncWorker>>,
+}
+
+/// One account in [`CustodyView`].
+#[derive(Debug, Clone)]
+pub struct CustodyRow {
+    /// Account name.
+    pub name: String,
+    /// The account's signer (for its live counters).
+    pub signer: AnySigner,
+    /// Primary backend.
+    pub backend: Backend,
+    /// Standby backend.
+    pub standby: Option<Backend>,
+    /// Custody quorum.
+    pub approvals: u8,
+}
+
+impl Custody {
+    /// The view for metrics and health (clones handles; call before the accounts move on).
+    pub fn view(&self, names: &[String]) -> CustodyView {
+        CustodyView {
+            accounts: self
+                .accounts
+                .iter()
+                .zip(names)
+                .map(|(a, name)| CustodyRow {
+                    name: name.clone(),
+                    signer: a.signer.clone(),
+                    backend: a.backend,
+                    standby: a.standby,
+                    approvals: a.approvals,
+                })
+                .collect(),
+            worker: self.asynced.as_ref().map(|a| Arc::clone(&a.worker)),
+        }
+    }
+}
+
+impl CustodyView {
+    /// Prometheus text.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::with_capacity(1024);
+        s.push_str("# HELP engine_signer_info Custody of each account (value 1).\n# TYPE engine_signer_info gauge\n");
+        for a in &self.accounts {
+            let _ = writeln!(
+                s,
+                "engine_signer_info{{account=\"{}\",backend=\"{}\",standby=\"{}\",address=\"{}\",approvals=\"{}\"}} 1",
+                a.name,
+                a.backend.as_str(),
+                a.standby.map_or("", Backend::as_str),
+                a.signer.address(),
+                a.approvals
+            );
+        }
+        s.push_str("# HELP engine_signer_failovers_total Signatures made by a standby because the primary was unavailable.\n# TYPE engine_signer_failovers_total counter\n");
+        for a in self.accounts.iter().filter(|a| a.standby.is_some()) {
+            let _ = writeln!(
+                s,
+                "engine_signer_failovers_total{{account=\"{}\"}} {}",
+                a.name,
+                a.signer.failovers()
+            );
+        }
+        s.push_str("# HELP engine_signer_ready Requests the account's signer can serve without waiting (MPC: presignatures ready).\n# TYPE engine_signer_ready gauge\n");
+        for a in &self.accounts {
+            if let Some(n) = a.signer.available() {
+                let _ = writeln!(s, "engine_signer_ready{{account=\"{}\"}} {n}", a.name);
+            }
+        }
+        if let Some(w) = &self.worker {
+            let _ = writeln!(
+                s,
+                "# HELP engine_async_sign_outstanding Signing requests at async signers (KMS, MPC).\n# TYPE engine_async_sign_outstanding gauge\nengine_async_sign_outstanding {}",
+                w.outstanding()
+            );
+        }
+        s
+    }
+
+    /// `/health` entries: one object per account.
+    pub fn health_json(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.accounts
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "account": a.name,
+                        "address": a.signer.address(),
+                        "backend": a.backend.as_str(),
+                        "standby": a.standby.map(Backend::as_str),
+                        "failovers": a.signer.failovers(),
+                        "ready": a.signer.available(),
+                        "approvals": a.approvals,
+                    })
+                })
+                .collect(),
+        )
+    }
+}

@@ -79,6 +79,8 @@ impl Engine {
         let chain_id = rpc.chain_id()?;
         let fees = Arc::new(FeeView::new(rpc.fee_estimate()?));
         let custody = Custody::build(&cfg)?;
+        let names: Vec<String> = cfg.accounts.iter().map(|a| a.name.clone()).collect();
+        let custody_view = Arc::new(custody.view(&names));
         let mut accounts = Vec::with_capacity(custody.accounts.len());
         let mut quorum = Vec::with_capacity(custody.accounts.len());
         for a in custody.accounts {
@@ -286,6 +288,7 @@ impl Engine {
             Arc::clone(&health),
             principals,
             Arc::clone(&risk_admin),
+            custody_view,
         ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         runtime.spawn(server::serve(listener, ctx, stop_rx.clone()));

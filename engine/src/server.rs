@@ -73,6 +73,8 @@ pub struct ServerCtx {
     pub principals: Arc<Principals>,
     /// The risk engine's admin side (policy reloads, kill switch, approvals).
     pub risk: Arc<RiskAdmin>,
+    /// Custody of each account, for `/metrics` and `/health`.
+    pub custody: Arc<crate::custody::CustodyView>,
     next_conn: AtomicU32,
 }
 
@@ -97,6 +99,7 @@ impl ServerCtx {
         health: Arc<Health>,
         principals: Arc<Principals>,
         risk: Arc<RiskAdmin>,
+        custody: Arc<crate::custody::CustodyView>,
     ) -> Self {
         Self {
             auth,
@@ -110,6 +113,7 @@ impl ServerCtx {
             health,
             principals,
             risk,
+            custody,
             next_conn: AtomicU32::new(1),
         }
     }
@@ -173,7 +177,8 @@ fn route(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             crate::metrics::prometheus(&ctx.latency, &ctx.counters)
-                + &crate::metrics::risk_prometheus(&ctx.risk),
+                + &crate::metrics::risk_prometheus(&ctx.risk)
+                + &ctx.custody.prometheus(),
         ),
         (&Method::GET, "/v1/latency") => {
             json_response(StatusCode::OK, crate::metrics::latency_json(&ctx.latency))
@@ -211,6 +216,7 @@ fn health(ctx: &ServerCtx) -> Response<Body<Bytes>> {
             "kill_switches": ctx.risk.kill.active(&ctx.risk.account_names),
             "pending_approvals": ctx.risk.approvals.pending().len(),
             "blob_slots_free": ctx.blobs.available(),
+            "signers": ctx.custody.health_json(),
         }),
     )
 }
@@ -708,6 +714,10 @@ mod tests {
             Arc::new(Health::default()),
             principals,
             parts.admin,
+            Arc::new(crate::custody::CustodyView {
+                accounts: Vec::new(),
+                worker: None,
+            }),
         );
         (Arc::new(ctx), intake_rx)
     }

@@ -127,6 +127,20 @@ fn standby_signs_when_the_token_vanishes() {
         let direct = HsmSigner::open(&token.config("replicated", 1));
         assert!(direct.is_err(), "the token really is gone");
         transfers_confirm(&h, "replicated", address, "after", 3);
+
+        // SREs see it: the standby's signatures are counted, and /health names both.
+        let metrics = common::http_get(h.addr(), "/metrics");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("engine_signer_failovers_total{account=\"replicated\"}"))
+            .unwrap_or_else(|| panic!("no fail-over counter in:\n{metrics}"));
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1, "{line}");
+        let health = common::http_get(h.addr(), "/health");
+        assert!(
+            health.contains(r#""backend":"hsm""#) && health.contains(r#""standby":"local""#),
+            "{health}"
+        );
     });
 }
 

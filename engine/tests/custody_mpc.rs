@@ -78,6 +78,14 @@ fn mpc_account_waits_visibly_for_presignatures_and_anvil_mines_it() {
         "{wait_event}"
     );
 
+    // The pool's state is on /metrics.
+    let metrics = common::http_get(h.addr(), "/metrics");
+    assert!(
+        metrics.contains("engine_signer_ready{account=\"mpc\"}")
+            && metrics.contains("engine_async_sign_outstanding"),
+        "{metrics}"
+    );
+
     // The engine kept serving the other accounts meanwhile.
     transfers_confirm(&h, "dev1", venues::DEV_ADDRESSES[1], "local", 2);
 }

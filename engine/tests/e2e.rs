@@ -217,20 +217,6 @@ fn bad_tokens_get_401_and_no_socket() {
     assert!(body.contains("\"status\":\"ok\""), "{body}");
 }
 
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 #[test]
 fn malformed_frames_get_bad_request_and_the_session_continues() {
     let h = Harness::start(Layout::Auto);

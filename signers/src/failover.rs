@@ -62,6 +62,22 @@ impl AnySigner {
         }
     }
 
+    /// Times a standby signed instead of the primary (0 without a standby).
+    pub fn failovers(&self) -> u64 {
+        match self {
+            AnySigner::Sync(s) => s.failovers(),
+            AnySigner::Async(s) => s.failovers(),
+        }
+    }
+
+    /// Presignatures (or similar) ready, for async signers that prepare ahead.
+    pub fn available(&self) -> Option<usize> {
+        match self {
+            AnySigner::Sync(_) => None,
+            AnySigner::Async(s) => s.available(),
+        }
+    }
+
     /// Whether the stage must hand requests to the async worker.
     pub fn is_async(&self) -> bool {
         matches!(self, AnySigner::Async(_))
@@ -181,11 +197,6 @@ impl FailoverSigner {
             health: Health::new(retry_after),
         })
     }
-
-    /// How many times the standby took over.
-    pub fn failovers(&self) -> u64 {
-        self.health.failovers.load(Ordering::Relaxed)
-    }
 }
 
 impl Signer for FailoverSigner {
@@ -199,6 +210,10 @@ impl Signer for FailoverSigner {
 
     fn backend(&self) -> Backend {
         self.primary.backend()
+    }
+
+    fn failovers(&self) -> u64 {
+        self.health.failovers.load(Ordering::Relaxed)
     }
 
     fn sign_hash(&self, hash: &B256) -> Result<Signature, SignerError> {
@@ -249,11 +264,6 @@ impl FailoverAsync {
             health: Arc::new(Health::new(retry_after)),
         })
     }
-
-    /// How many times the standby took over.
-    pub fn failovers(&self) -> u64 {
-        self.health.failovers.load(Ordering::Relaxed)
-    }
 }
 
 impl AsyncSigner for FailoverAsync {
@@ -289,6 +299,10 @@ impl AsyncSigner for FailoverAsync {
                 Err(e) => Err(e),
             }
         })
+    }
+
+    fn failovers(&self) -> u64 {
+        self.health.failovers.load(Ordering::Relaxed)
     }
 
     fn available(&self) -> Option<usize> {

@@ -111,6 +111,12 @@ pub trait Signer: Send + Sync + std::fmt::Debug {
     /// Signs a 32-byte prehash, returning a recoverable, low-s signature.
     fn sign_hash(&self, hash: &B256) -> Result<Signature, SignerError>;
 
+    /// How many times a standby signed because this signer's primary was unavailable
+    /// (fail-over pairs only; 0 otherwise). For metrics.
+    fn failovers(&self) -> u64 {
+        0
+    }
+
     /// Signs and verifies that the signature recovers to [`Signer::address`].
     ///
     /// Costs one public-key recovery on top of the signature; used where a backend's output
@@ -157,5 +163,11 @@ pub trait AsyncSigner: Send + Sync + std::fmt::Debug {
     /// desk that an intent waits (`signing_wait`).
     fn available(&self) -> Option<usize> {
         None
+    }
+
+    /// How many times a standby signed because the primary was unavailable (fail-over
+    /// pairs only; 0 otherwise). For metrics.
+    fn failovers(&self) -> u64 {
+        0
     }
 }
