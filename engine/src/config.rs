@@ -469,4 +469,64 @@ mod tests {
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("jwt_secret"), "{e}");
     }
+
+    #[test]
+    fn custody_keys_parse_with_paths_relative_to_the_file() {
+        let text = r#"
+            jwt_secret = "0123456789abcdef0123"
+            node_ws_url = "ws://127.0.0.1:8545"
+            [[accounts]]
+            name = "hot"
+            max_value_wei = "1"
+            key = { backend = "hsm", module = "/usr/lib/softhsm/libsofthsm2.so", token_label = "t", key_label = "k", pin_file = "secrets/pin" }
+            standby = { backend = "kms", key_id = "alias/k", region = "eu-west-1" }
+            approvals = 2
+            [[accounts]]
+            name = "cold"
+            max_value_wei = "1"
+            key = { backend = "mpc", share_files = ["s/p0.json", "/abs/p1.json"], parties = [0, 1], state_dir = "state" }
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("engine.toml");
+        std::fs::write(&p, text).unwrap();
+        let cfg = Config::load(&p).unwrap();
+        let hot = &cfg.accounts[0];
+        assert_eq!(hot.approvals, 2);
+        match &hot.key {
+            KeyConfig::Hsm {
+                pin_file, sessions, ..
+            } => {
+                assert_eq!(
+                    pin_file.as_deref(),
+                    Some(dir.path().join("secrets/pin").as_path())
+                );
+                assert_eq!(*sessions, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hot.standby.as_ref().map(KeyConfig::backend), Some("kms"));
+        match &cfg.accounts[1].key {
+            KeyConfig::Mpc {
+                share_files,
+                state_dir,
+                pool_depth,
+                ..
+            } => {
+                assert_eq!(share_files[0], dir.path().join("s/p0.json"));
+                assert_eq!(share_files[1], PathBuf::from("/abs/p1.json"));
+                assert_eq!(*state_dir, dir.path().join("state"));
+                assert_eq!(*pool_depth, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A quorum above the most approvals an intent can collect is refused, naming it.
+        std::fs::write(&p, text.replace("approvals = 2", "approvals = 9")).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("accounts.hot.approvals"), "{e}");
+        // So is a misspelt key field.
+        std::fs::write(&p, text.replace("token_label", "token_lable")).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("token_lable"), "{e}");
+    }
 }
