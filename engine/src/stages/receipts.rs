@@ -150,6 +150,8 @@ impl ReceiptsStage {
                 }
                 self.confirm();
             }
+            // handled by the receipts stage's reorg path
+            HeadEvent::Reorg { .. } => {}
         }
     }
 }
