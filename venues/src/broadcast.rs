@@ -48,6 +48,10 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 const REQ_HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
 const REQ_METHOD: &[u8] = br#","method":"eth_sendRawTransaction","params":["0x"#;
 const REQ_TAIL: &[u8] = br#""]}"#;
+const HEARTBEAT_METHOD: &[u8] = br#","method":"eth_blockNumber","params":[]}"#;
+
+/// Tag of heartbeat requests in the in-flight table; their replies are consumed here.
+const HEARTBEAT_TAG: u64 = u64::MAX;
 
 /// One persistent WebSocket to a node, for `eth_sendRawTransaction`.
 ///
@@ -69,15 +73,20 @@ pub struct BroadcastConnection {
     write_pending: bool,
     /// Set after a fatal error; every later call returns `Closed`.
     closed: bool,
+    /// When the outstanding heartbeat was sent, if one is.
+    heartbeat_sent: Option<std::time::Instant>,
+    /// Round trip of the last answered heartbeat.
+    heartbeat_rtt: Option<std::time::Duration>,
 }
 
-/// A reply to `eth_sendRawTransaction`, decoded without allocating.
+/// A reply to `eth_sendRawTransaction` (a hash) or to a heartbeat (a quantity), decoded
+/// without allocating: the result is borrowed and parsed by what the request was.
 #[derive(Deserialize)]
-struct SendReply {
+struct SendReply<'a> {
     #[serde(default)]
     id: Option<u64>,
-    #[serde(default)]
-    result: Option<B256>,
+    #[serde(default, borrow)]
+    result: Option<&'a str>,
     #[serde(default)]
     error: Option<ws::ErrorObject>,
     /// Present on notifications, which this connection never subscribes to.
@@ -89,7 +98,12 @@ impl BroadcastConnection {
     /// Connects and performs the WebSocket handshake (blocking, bounded),
     /// then makes the socket non-blocking.
     pub fn connect(ws_url: &str) -> Result<Self, VenueError> {
-        let ws = ws::connect_blocking(ws_url, READ_BUFFER, HANDSHAKE_TIMEOUT)?;
+        Self::connect_timeout(ws_url, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`BroadcastConnection::connect`] with its own bound on dial plus handshake.
+    pub fn connect_timeout(ws_url: &str, timeout: std::time::Duration) -> Result<Self, VenueError> {
+        let ws = ws::connect_blocking(ws_url, READ_BUFFER, timeout)?;
         ws::set_nonblocking(&ws)?;
         Ok(BroadcastConnection {
             ws,
@@ -98,7 +112,53 @@ impl BroadcastConnection {
             in_flight: VecDeque::with_capacity(IN_FLIGHT_CAPACITY),
             write_pending: false,
             closed: false,
+            heartbeat_sent: None,
+            heartbeat_rtt: None,
         })
+    }
+
+    /// Sends a heartbeat (`eth_blockNumber`) unless one is outstanding; its answer is
+    /// consumed by [`BroadcastConnection::poll_responses`] and its round trip read with
+    /// [`BroadcastConnection::heartbeat_rtt`]. Returns whether a heartbeat was sent.
+    pub fn send_heartbeat(&mut self) -> Result<bool, VenueError> {
+        if self.closed {
+            return Err(VenueError::Closed);
+        }
+        if self.heartbeat_sent.is_some() {
+            return Ok(false);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        debug_assert!(self.request.is_empty());
+        self.request
+            .reserve(REQ_HEAD.len() + 20 + HEARTBEAT_METHOD.len());
+        self.request.extend_from_slice(REQ_HEAD);
+        ws::push_decimal(&mut self.request, id);
+        self.request.extend_from_slice(HEARTBEAT_METHOD);
+        let text = Utf8Bytes::try_from(self.request.split().freeze())
+            .map_err(|_| VenueError::Protocol("request is not UTF-8"))?;
+        self.in_flight.push_back((id, HEARTBEAT_TAG));
+        match self.ws.write(Message::Text(text)) {
+            Ok(()) => {}
+            Err(e) if ws::is_would_block(&e) => {}
+            Err(e) => {
+                self.in_flight.pop_back();
+                return Err(self.fail(e.into()));
+            }
+        }
+        self.heartbeat_sent = Some(std::time::Instant::now());
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// How long the outstanding heartbeat has waited, if one is outstanding.
+    pub fn heartbeat_waiting(&self) -> Option<std::time::Duration> {
+        self.heartbeat_sent.map(|t| t.elapsed())
+    }
+
+    /// Round trip of the last answered heartbeat.
+    pub fn heartbeat_rtt(&self) -> Option<std::time::Duration> {
+        self.heartbeat_rtt
     }
 
     /// Registers the socket with `registry` for read and write readiness
@@ -194,12 +254,25 @@ impl BroadcastConnection {
                 // A reply to nothing we sent: ignore rather than misattribute.
                 continue;
             };
+            if tag == HEARTBEAT_TAG {
+                // Any answer, result or error, shows the provider alive and how fast.
+                if let Some(sent) = self.heartbeat_sent.take() {
+                    self.heartbeat_rtt = Some(sent.elapsed());
+                }
+                continue;
+            }
             let outcome = match (reply.result, reply.error) {
                 (_, Some(err)) => Err(RpcErrorInfo {
                     code: err.code,
                     message: err.message,
                 }),
-                (Some(hash), None) => Ok(hash),
+                (Some(hash), None) => match parse_hash(hash) {
+                    Some(hash) => Ok(hash),
+                    None => Err(RpcErrorInfo {
+                        code: MALFORMED_REPLY_CODE,
+                        message: "reply's result is not a transaction hash".to_owned(),
+                    }),
+                },
                 (None, None) => Err(RpcErrorInfo {
                     code: MALFORMED_REPLY_CODE,
                     message: "reply carried neither a result nor an error".to_owned(),
@@ -222,6 +295,11 @@ impl BroadcastConnection {
     /// Whether bytes are queued that the kernel has not accepted yet.
     pub fn write_pending(&self) -> bool {
         self.write_pending
+    }
+
+    /// Requests sent whose reply has not been handled yet, heartbeats excluded.
+    pub fn tx_in_flight(&self) -> usize {
+        self.in_flight.len() - usize::from(self.heartbeat_sent.is_some())
     }
 
     fn take_tag(&mut self, id: u64) -> Option<u64> {
@@ -253,4 +331,12 @@ impl BroadcastConnection {
         self.closed = true;
         e
     }
+}
+
+/// A `0x`-prefixed 32-byte hex string, without allocating.
+fn parse_hash(s: &str) -> Option<B256> {
+    let hex_digits = s.strip_prefix("0x")?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digits, &mut out).ok()?;
+    Some(B256::from(out))
 }

@@ -64,6 +64,22 @@ pub enum VenueError {
     /// The connection is closed (by the node, or after an earlier fatal error).
     #[error("connection closed")]
     Closed,
+    /// A relay URL this crate cannot use (not `http://host:port[/path]`).
+    #[error("invalid relay URL {0:?} (expected http://host:port[/path]; TLS is not supported)")]
+    InvalidRelayUrl(String),
+    /// An `X-Flashbots-Signature` header that cannot be checked (malformed),
+    /// or a relay-auth key that failed to sign.
+    #[error("X-Flashbots-Signature: {0}")]
+    RelaySignature(&'static str),
+    /// An `X-Flashbots-Signature` whose signature recovers to another address
+    /// than the one the header claims.
+    #[error("X-Flashbots-Signature claims {claimed} but was signed by {recovered}")]
+    RelaySignatureMismatch {
+        /// The address written in the header.
+        claimed: alloy_primitives::Address,
+        /// The address the signature recovers to.
+        recovered: alloy_primitives::Address,
+    },
 }
 
 impl From<tungstenite::Error> for VenueError {

@@ -4,6 +4,8 @@
 //! ([`anvil`]), blocking JSON-RPC for start-up and slow paths ([`rpc`]), the
 //! hot path's broadcast connection ([`broadcast`]), the head and receipt
 //! subscription ([`heads`]) and the fee view it keeps warm ([`fees`]).
+//! Private order flow goes to a builder's relay instead ([`relay`]): signed
+//! `eth_sendPrivateTransaction` over one persistent HTTP/1.1 connection.
 //!
 //! ## Design
 //!
@@ -45,6 +47,14 @@
 //! - [`HeadEvent::NewHead`] for a block is reported before its
 //!   [`HeadEvent::BlockReceipts`], and the [`FeeView`] holds the head's base
 //!   fee before `NewHead` is reported.
+//! - [`HeadFollower`] reports reorganisations: a [`HeadEvent::Reorg`] comes
+//!   before the `NewHead` of the first block replacing the dropped ones, and
+//!   the new canonical blocks follow in ascending order, each the child of the
+//!   one before (the first, of `common_ancestor`). `dropped` holds only blocks
+//!   reported as `NewHead`, and no `BlockReceipts` for a dropped block follows
+//!   its `Reorg`. Missing headers (a deep fork, skipped heads) are fetched on
+//!   the same connection, without blocking; a fork deeper than
+//!   [`heads::REORG_WINDOW`] blocks is reported with `beyond_window`.
 //! - An [`Anvil`] owns its child process: the child is killed and reaped when
 //!   the value drops, and its output pipes are always drained.
 //!
@@ -57,6 +67,8 @@
 //! | [`RpcClient`] methods | yes, one round trip (≤ its timeout, 10 s default) |
 //! | [`BroadcastConnection::send_raw_transaction`], [`BroadcastConnection::poll_responses`] | no |
 //! | [`HeadFollower::poll`] | no |
+//! | [`RelayConnection::connect`] | yes, dial only (≤ 5 s per address) |
+//! | [`RelayConnection::send_private_transaction`], [`RelayConnection::cancel_private_transaction`], [`RelayConnection::poll_responses`] | no |
 //! | [`FeeView::load`], [`FeeView::store`] | no |
 
 #![deny(missing_docs)]
@@ -64,8 +76,13 @@
 pub mod anvil;
 pub mod broadcast;
 pub mod error;
+#[cfg(feature = "testkit")]
+pub mod fault;
 pub mod fees;
 pub mod heads;
+pub mod relay;
+#[cfg(feature = "testkit")]
+pub mod relay_sim;
 pub mod rpc;
 mod types;
 mod ws;
@@ -77,4 +94,5 @@ pub use broadcast::{BroadcastConnection, RpcErrorInfo};
 pub use error::VenueError;
 pub use fees::{FeeSnapshot, FeeView};
 pub use heads::{HeadEvent, HeadFollower};
+pub use relay::{RelayAuth, RelayConnection, RelayReply, verify_flashbots_signature};
 pub use rpc::{FeeEstimate, ReceiptSummary, RpcClient, TxView};
