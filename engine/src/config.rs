@@ -134,6 +134,15 @@ pub enum KeyConfig {
         /// How long a request waits for a presignature before it fails (ms).
         #[serde(default = "default_mpc_wait_ms")]
         wait_timeout_ms: u64,
+        /// Party spin window (µs): how long each party polls its socket for the next
+        /// request before blocking, so that signatures in a burst reach the parties
+        /// without thread wake-ups. 0 blocks at once.
+        #[serde(default = "default_mpc_spin_us")]
+        spin_us: u64,
+        /// Coordinator spin window (µs): how long the signing thread polls for the
+        /// parties' answers before blocking. 0 (default) suits machines with few cores.
+        #[serde(default)]
+        coordinator_spin_us: u64,
     },
 }
 
@@ -151,6 +160,9 @@ fn default_mpc_low_water() -> usize {
 }
 fn default_mpc_wait_ms() -> u64 {
     60_000
+}
+fn default_mpc_spin_us() -> u64 {
+    500
 }
 
 impl KeyConfig {

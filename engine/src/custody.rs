@@ -257,6 +257,8 @@ fn key(name: &str, k: &KeyConfig, slot: &mut WorkerSlot) -> Result<AnySigner, Si
             pool_depth,
             low_water,
             wait_timeout_ms,
+            spin_us,
+            coordinator_spin_us,
         } => {
             #[cfg(feature = "mpc")]
             {
@@ -265,6 +267,8 @@ fn key(name: &str, k: &KeyConfig, slot: &mut WorkerSlot) -> Result<AnySigner, Si
                     pool_depth: *pool_depth,
                     low_water: *low_water,
                     wait_timeout: Duration::from_millis(*wait_timeout_ms),
+                    spin: Duration::from_micros(*spin_us),
+                    coordinator_spin: Duration::from_micros(*coordinator_spin_us),
                     ..MpcConfig::new(share_files.clone(), parties.clone(), state_dir.clone())
                 };
                 Ok(AnySigner::Async(Arc::new(MpcSigner::start(&cfg)?)))

@@ -35,6 +35,8 @@ fn key_config(out: &CeremonyOutput, state: &Path) -> KeyConfig {
         pool_depth: 1,
         low_water: 1,
         wait_timeout_ms: 60_000,
+        spin_us: 500,
+        coordinator_spin_us: 0,
     }
 }
 
@@ -109,6 +111,8 @@ fn missing_share_file_stops_the_start_naming_it() {
             pool_depth: 1,
             low_water: 1,
             wait_timeout_ms: 1_000,
+            spin_us: 500,
+            coordinator_spin_us: 0,
         },
     ));
     let err = engine::Engine::start(cfg).expect_err("refused").to_string();

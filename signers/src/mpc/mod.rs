@@ -115,10 +115,22 @@ pub struct MpcConfig {
     pub state_dir: PathBuf,
     /// How long a signing request waits for a presignature when the pool is empty.
     pub wait_timeout: Duration,
+    /// Party spin window: how long a party keeps polling its socket for the next request
+    /// after answering one before its thread blocks in the kernel (spin, then yield, then
+    /// park). Within a burst a request then reaches the parties without a thread wake-up;
+    /// an idle signer blocks and uses no CPU. Zero blocks at once.
+    pub spin: Duration,
+    /// Coordinator spin window: how long the signing thread polls for the parties'
+    /// answers before it blocks. Zero (the default) blocks at once, which leaves the
+    /// cores to the parties: on two cores a spinning coordinator only delays them
+    /// (measured: p50 110 µs spinning against 88 µs blocking). Worth setting where every
+    /// party and the coordinator have a core of their own.
+    pub coordinator_spin: Duration,
 }
 
 impl MpcConfig {
-    /// A configuration with pool depth 8, low-water mark 4 and a 60 s wait limit.
+    /// A configuration with pool depth 8, low-water mark 4, a 60 s wait limit, a 500 µs
+    /// party spin window and a coordinator that blocks at once.
     pub fn new(share_files: Vec<PathBuf>, parties: Vec<u16>, state_dir: PathBuf) -> Self {
         Self {
             share_files,
@@ -127,9 +139,14 @@ impl MpcConfig {
             low_water: 4,
             state_dir,
             wait_timeout: Duration::from_secs(60),
+            spin: DEFAULT_SPIN,
+            coordinator_spin: Duration::ZERO,
         }
     }
 }
+
+/// Default [`MpcConfig::spin`] (parties).
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(500);
 
 /// Identifies one presignature: `epoch << 32 | sequence` (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -239,6 +256,9 @@ pub struct MpcSigner {
     public_key: String,
     epoch: u32,
     shared: Arc<Shared>,
+    /// The online connections, used by one signing at a time: on the calling thread when
+    /// a presignature is ready, on the coordinator thread when the request has to wait.
+    online: Arc<Mutex<Online>>,
     jobs: Option<mpsc::Sender<Job>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
@@ -341,8 +361,15 @@ impl MpcSigner {
         let t = cfg.parties.len() as u16;
         let mut threads = Vec::new();
         for (i, share) in shares.into_iter().enumerate() {
-            let handles = party::spawn(i as u16, cfg.parties.clone(), share, hub_addr, online_addr)
-                .map_err(|e| cfg_err("mpc party threads", e.to_string()))?;
+            let handles = party::spawn(
+                i as u16,
+                cfg.parties.clone(),
+                share,
+                hub_addr,
+                online_addr,
+                cfg.spin,
+            )
+            .map_err(|e| cfg_err("mpc party threads", e.to_string()))?;
             threads.extend(handles);
         }
         let conns = accept_online(&online_listener, t, Duration::from_secs(10))?;
@@ -372,16 +399,27 @@ impl MpcSigner {
         threads.push(filler);
 
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
-        let online = {
+        let online = Arc::new(Mutex::new(Online {
+            partials: Vec::with_capacity(conns.len()),
+            conns,
+            buf: Vec::with_capacity(256),
+            r_odd: None,
+            broken: None,
+            q: uncompressed(&q),
+            key_id: key_id.clone(),
+            spin: cfg.coordinator_spin,
+        }));
+        let coordinator = {
             let shared = Arc::clone(&shared);
+            let online = Arc::clone(&online);
             let key_id = key_id.clone();
             let wait = cfg.wait_timeout;
             std::thread::Builder::new()
                 .name("mpc-coordinator-online".into())
-                .spawn(move || online_loop(conns, &jobs_rx, &shared, &q, &key_id, wait))
+                .spawn(move || online_loop(&online, &jobs_rx, &shared, &key_id, wait))
                 .map_err(|e| cfg_err("mpc coordinator thread", e.to_string()))?
         };
-        threads.push(online);
+        threads.push(coordinator);
 
         Ok(MpcSigner {
             key_id,
@@ -389,6 +427,7 @@ impl MpcSigner {
             public_key,
             epoch,
             shared,
+            online,
             jobs: Some(jobs_tx),
             stop_tx,
             threads,
@@ -485,7 +524,19 @@ impl MpcSigner {
             pool.retain(|&x| x != id.0);
             self.shared.ready.store(pool.len(), Ordering::Release);
         }
-        self.submit(hash, Some(id.0))
+        self.sign_inline(id.0, hash)
+    }
+
+    /// Signs with presignature `id` on the thread that polls the future: sends the hash to
+    /// the parties and waits for their partial signatures itself (no coordinator hand-off).
+    fn sign_inline(&self, id: u64, hash: B256) -> SignFuture {
+        let online = Arc::clone(&self.online);
+        Box::pin(async move {
+            online
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sign(id, hash)
+        })
     }
 
     fn submit(&self, hash: B256, id: Option<u64>) -> SignFuture {
@@ -523,11 +574,15 @@ impl AsyncSigner for MpcSigner {
     /// Takes a presignature (waiting for one if the pool is empty, counted by
     /// [`MpcSigner::pool_empty_waits`]) and signs over loopback.
     fn sign_hash_async(&self, hash: B256) -> SignFuture {
-        let id = self.shared.try_pop();
-        if id.is_none() {
-            self.shared.waits.fetch_add(1, Ordering::Relaxed);
+        match self.shared.try_pop() {
+            // A presignature is ready: the round runs on the polling thread.
+            Some(id) => self.sign_inline(id, hash),
+            // None: the coordinator thread waits for the pool, then signs.
+            None => {
+                self.shared.waits.fetch_add(1, Ordering::Relaxed);
+                self.submit(hash, None)
+            }
         }
-        self.submit(hash, id)
     }
 
     /// Presignatures ready in the pool (an atomic read, no lock).
@@ -694,74 +749,110 @@ fn filler(
 
 type Conn = (BufReader<TcpStream>, BufWriter<TcpStream>);
 
-/// The signing path: one request at a time, each over all `t` online connections.
+/// The online connections and scratch space of one signer.
+struct Online {
+    conns: Vec<Conn>,
+    buf: Vec<u8>,
+    partials: Vec<PartialSignature<Secp256k1>>,
+    r_odd: Option<bool>,
+    /// Set when a connection failed: every later request is refused as unavailable.
+    broken: Option<String>,
+    /// The public key, uncompressed SEC1.
+    q: [u8; 65],
+    key_id: String,
+    /// [`MpcConfig::coordinator_spin`].
+    spin: Duration,
+}
+
+impl Online {
+    /// Parity of the recovery id the parties' report of `R` implies for `sig`.
+    fn parity_hint(&self, sig: &cggmp21::Signature<Secp256k1>) -> Option<bool> {
+        let raw_s = self.partials.iter().fold(
+            cggmp21::generic_ec::Scalar::<Secp256k1>::zero(),
+            |acc, p| acc + p.sigma,
+        );
+        self.r_odd.map(|odd| odd != (raw_s != sig.s))
+    }
+
+    /// One online signing round with presignature `id`, over all `t` connections, then
+    /// combination and verification.
+    fn sign(&mut self, id: u64, hash: B256) -> Result<Signature, SignerError> {
+        let key_id = &self.key_id;
+        if let Some(reason) = &self.broken {
+            return Err(SignerError::Unavailable {
+                key_id: key_id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        match sign_round(
+            &mut self.conns,
+            &mut self.buf,
+            &mut self.partials,
+            &mut self.r_odd,
+            id,
+            hash,
+            self.spin,
+        ) {
+            Ok(Ok(())) => match PartialSignature::combine(&self.partials) {
+                // `combine` returns `s` normalised to the low half; when that negated the sum
+                // of the partial signatures, the recovery id is the opposite of `R`'s parity.
+                Some(sig) => {
+                    finish(&hash, &sig, &self.q, self.parity_hint(&sig)).map_err(|reason| {
+                        SignerError::Signing {
+                            key_id: key_id.clone(),
+                            reason,
+                        }
+                    })
+                }
+                None => Err(SignerError::Signing {
+                    key_id: key_id.clone(),
+                    reason: "partial signatures do not combine".into(),
+                }),
+            },
+            Ok(Err(refused)) => Err(SignerError::Signing {
+                key_id: key_id.clone(),
+                reason: refused,
+            }),
+            Err(io) => {
+                let reason = format!("party connection failed: {io}");
+                self.broken = Some(reason.clone());
+                Err(SignerError::Unavailable {
+                    key_id: key_id.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+/// The coordinator: serves requests that found the pool empty (waiting for a presignature,
+/// then signing), and at the end tells the parties to stop.
 fn online_loop(
-    mut conns: Vec<Conn>,
+    online: &Mutex<Online>,
     jobs: &mpsc::Receiver<Job>,
     shared: &Shared,
-    q: &ProjectivePoint,
     key_id: &str,
     wait: Duration,
 ) {
-    let q = uncompressed(q);
-    let q = &q;
-    let mut buf = Vec::with_capacity(256);
-    let mut partials = Vec::with_capacity(conns.len());
-    let mut r_odd = None;
-    let mut broken: Option<String> = None;
+    let lock = || online.lock().unwrap_or_else(PoisonError::into_inner);
     while let Ok(job) = jobs.recv() {
-        let unavailable = |reason: String| SignerError::Unavailable {
-            key_id: key_id.to_owned(),
-            reason,
-        };
-        if let Some(reason) = &broken {
-            let _ = job.reply.send(Err(unavailable(reason.clone())));
-            continue;
-        }
         let id = match job.id {
             Some(id) => id,
             None => match shared.pop_wait(wait) {
                 Some(id) => id,
                 None => {
-                    let reason = format!("no presignature became ready within {wait:?}");
-                    let _ = job.reply.send(Err(unavailable(reason)));
+                    let _ = job.reply.send(Err(SignerError::Unavailable {
+                        key_id: key_id.to_owned(),
+                        reason: format!("no presignature became ready within {wait:?}"),
+                    }));
                     continue;
                 }
             },
         };
-        let res = match sign_round(
-            &mut conns,
-            &mut buf,
-            &mut partials,
-            &mut r_odd,
-            id,
-            job.hash,
-        ) {
-            Ok(Ok(())) => match PartialSignature::combine(&partials) {
-                Some(sig) => {
-                    finish(&job.hash, &sig, q, r_odd).map_err(|reason| SignerError::Signing {
-                        key_id: key_id.to_owned(),
-                        reason,
-                    })
-                }
-                None => Err(SignerError::Signing {
-                    key_id: key_id.to_owned(),
-                    reason: "partial signatures do not combine".into(),
-                }),
-            },
-            Ok(Err(refused)) => Err(SignerError::Signing {
-                key_id: key_id.to_owned(),
-                reason: refused,
-            }),
-            Err(io) => {
-                let reason = format!("party connection failed: {io}");
-                broken = Some(reason.clone());
-                Err(unavailable(reason))
-            }
-        };
+        let res = lock().sign(id, job.hash);
         let _ = job.reply.send(res);
     }
-    for (_, w) in &mut conns {
+    for (_, w) in &mut lock().conns {
         let _ = write_frame_sync(w, &Frame::Shutdown);
         let _ = w.flush();
     }
@@ -776,6 +867,7 @@ fn sign_round(
     r_odd: &mut Option<bool>,
     id: u64,
     hash: B256,
+    spin: Duration,
 ) -> std::io::Result<Result<(), String>> {
     partials.clear();
     *r_odd = None;
@@ -787,6 +879,7 @@ fn sign_round(
     }
     let mut refused = None;
     for (r, _) in conns.iter_mut() {
+        wire::spin_until_readable(r, spin);
         match read_frame_sync(r, buf)? {
             Frame::Partial {
                 id: got,

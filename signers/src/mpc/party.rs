@@ -16,6 +16,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use cggmp21::generic_ec::Scalar;
 use cggmp21::round_based::MpcParty;
@@ -25,7 +26,10 @@ use rand::rngs::OsRng;
 use tokio::net::TcpStream;
 
 use super::net::delivery;
-use super::wire::{Frame, ProtoKind, read_frame, read_frame_sync, write_frame, write_frame_sync};
+use super::wire::{
+    Frame, ProtoKind, read_frame, read_frame_sync, spin_until_readable, write_frame,
+    write_frame_sync,
+};
 
 type Table = Arc<Mutex<HashMap<u64, Presignature<Secp256k1>>>>;
 
@@ -37,6 +41,7 @@ pub(crate) fn spawn(
     share: KeyShare<Secp256k1>,
     hub: SocketAddr,
     online: SocketAddr,
+    spin: Duration,
 ) -> std::io::Result<[JoinHandle<()>; 2]> {
     let table: Table = Arc::default();
     let t2 = Arc::clone(&table);
@@ -45,7 +50,7 @@ pub(crate) fn spawn(
         .spawn(move || offline_loop(i, &parties_at_keygen, &share, hub, &table))?;
     let online = std::thread::Builder::new()
         .name(format!("mpc-party-{i}-online"))
-        .spawn(move || online_loop(i, online, &t2))?;
+        .spawn(move || online_loop(i, online, &t2, spin))?;
     Ok([offline, online])
 }
 
@@ -109,7 +114,7 @@ fn offline_loop(
     });
 }
 
-fn online_loop(i: u16, coordinator: SocketAddr, table: &Table) {
+fn online_loop(i: u16, coordinator: SocketAddr, table: &Table, spin: Duration) {
     let Ok(stream) = std::net::TcpStream::connect(coordinator) else {
         return;
     };
@@ -124,6 +129,7 @@ fn online_loop(i: u16, coordinator: SocketAddr, table: &Table) {
     }
     let mut buf = Vec::with_capacity(256);
     loop {
+        spin_until_readable(&r, spin);
         let (id, hash) = match read_frame_sync(&mut r, &mut buf) {
             Ok(Frame::Sign { id, hash }) => (id, hash),
             Ok(Frame::Shutdown) | Err(_) => return,
