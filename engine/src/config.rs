@@ -275,6 +275,14 @@ pub struct Config {
     /// Name of the node provider in `broadcast` events.
     #[serde(default = "default_provider_name")]
     pub provider_name: String,
+    /// The RPC providers broadcast sends to, best first when nothing is measured yet.
+    /// Empty: `node_ws_url` is the one provider, named `provider_name`. `node_ws_url`
+    /// serves the start-up reads and the head subscription either way.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// Hedging, demotion, heartbeats and reconnection of the providers.
+    #[serde(default)]
+    pub broadcast: BroadcastConfig,
     /// Blocks on top of the inclusion block before `confirmed`.
     #[serde(default = "default_confirmations")]
     pub confirmations: u32,
@@ -317,6 +325,76 @@ pub struct Config {
     pub failover_retry_ms: u64,
 }
 
+/// One more RPC provider.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name in `broadcast` events, metrics and the kill switch's `venue` scope.
+    pub name: String,
+    /// WebSocket URL (`ws://…`).
+    pub ws_url: String,
+}
+
+/// `[broadcast]`: how transactions are spread over the providers.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BroadcastConfig {
+    /// A transaction not accepted this long after its last send also goes to the next
+    /// provider (µs).
+    pub hedge_delay_us: u64,
+    /// An answer slower than this demotes the provider (µs).
+    pub latency_budget_us: u64,
+    /// How long a demoted provider is ranked last (ms).
+    pub demote_ms: u64,
+    /// A provider that answered nothing for this long gets a heartbeat (ms).
+    pub heartbeat_ms: u64,
+    /// A heartbeat unanswered this long drops the connection and redials it (ms).
+    pub heartbeat_timeout_ms: u64,
+    /// First redial delay, doubled per failure (ms).
+    pub reconnect_min_ms: u64,
+    /// Longest redial delay (ms).
+    pub reconnect_max_ms: u64,
+    /// How long a transaction waits for any provider to be connected before it fails
+    /// with `venue_unavailable` (ms).
+    pub venue_wait_ms: u64,
+    /// Bound on one redial of a provider: TCP connect plus WebSocket handshake (ms).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        Self {
+            hedge_delay_us: 2_000,
+            latency_budget_us: 50_000,
+            demote_ms: 10_000,
+            heartbeat_ms: 1_000,
+            heartbeat_timeout_ms: 2_000,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 5_000,
+            venue_wait_ms: 10_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl BroadcastConfig {
+    /// As the broadcast stage takes it.
+    pub fn tuning(&self) -> crate::stages::broadcast::BroadcastTuning {
+        use std::time::Duration;
+        crate::stages::broadcast::BroadcastTuning {
+            hedge_delay: Duration::from_micros(self.hedge_delay_us),
+            latency_budget: Duration::from_micros(self.latency_budget_us),
+            demote_for: Duration::from_millis(self.demote_ms),
+            heartbeat_every: Duration::from_millis(self.heartbeat_ms),
+            heartbeat_timeout: Duration::from_millis(self.heartbeat_timeout_ms),
+            reconnect_min: Duration::from_millis(self.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(self.reconnect_max_ms),
+            venue_wait: Duration::from_millis(self.venue_wait_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+        }
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7300))
 }
@@ -346,6 +424,18 @@ fn default_failover_retry_ms() -> u64 {
 }
 
 impl Config {
+    /// Every broadcast provider as `(name, ws_url)`: `providers`, or `node_ws_url` named
+    /// `provider_name` when none are listed.
+    pub fn provider_list(&self) -> Vec<(String, String)> {
+        if self.providers.is_empty() {
+            return vec![(self.provider_name.clone(), self.node_ws_url.clone())];
+        }
+        self.providers
+            .iter()
+            .map(|p| (p.name.clone(), p.ws_url.clone()))
+            .collect()
+    }
+
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, EngineError> {
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::Config {
@@ -382,6 +472,26 @@ impl Config {
         }
         if self.accounts.is_empty() {
             return bad("accounts: at least one account is required".into());
+        }
+        let max = crate::stages::broadcast::MAX_PROVIDERS;
+        if self.providers.len() > max {
+            return bad(format!("providers: at most {max}"));
+        }
+        let mut names: Vec<String> = Vec::new();
+        for p in &self.providers {
+            if names.contains(&p.name.to_ascii_lowercase()) {
+                return bad(format!("providers.{}: the name is used twice", p.name));
+            }
+            if !p.ws_url.starts_with("ws://") && !p.ws_url.starts_with("wss://") {
+                return bad(format!(
+                    "providers.{}.ws_url: expected a ws:// URL, got `{}`",
+                    p.name, p.ws_url
+                ));
+            }
+            names.push(p.name.to_ascii_lowercase());
+        }
+        if self.broadcast.heartbeat_timeout_ms == 0 || self.broadcast.heartbeat_ms == 0 {
+            return bad("broadcast.heartbeat_ms and heartbeat_timeout_ms: must be above 0".into());
         }
         if self.accounts.len() >= u16::MAX as usize {
             return bad("accounts: too many".into());

@@ -38,6 +38,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         jwt_secret,
         node_ws_url: node_ws_url.to_owned(),
         provider_name: "anvil".into(),
+        providers: Vec::new(),
+        broadcast: crate::config::BroadcastConfig::default(),
         confirmations: 2,
         accounts,
         layout: Layout::Auto,

@@ -23,7 +23,7 @@ use crate::risk::audit::AuditStats;
 use crate::risk::{self, RiskAdmin};
 use crate::server::{self, Health, ServerCtx};
 use crate::stages::StatusSink;
-use crate::stages::broadcast::{BroadcastRecorders, BroadcastStage};
+use crate::stages::broadcast::{BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec};
 use crate::stages::intake::IntakeStage;
 use crate::stages::policy::PolicyStage;
 use crate::stages::receipts::ReceiptsStage;
@@ -162,8 +162,21 @@ impl Engine {
             latency.recorder("signing.sign_call"),
             Arc::clone(&kill),
         );
+        let provider_list = cfg.provider_list();
+        let provider_names: Vec<String> = provider_list.iter().map(|(n, _)| n.clone()).collect();
+        let mut specs = Vec::with_capacity(provider_list.len());
+        for (name, ws_url) in provider_list {
+            let venue = kill.venue_slot(&name).unwrap_or(0);
+            specs.push(ProviderSpec {
+                name,
+                ws_url,
+                venue,
+            });
+        }
+        let broadcast_stats = Arc::new(BroadcastStats::new(&provider_names));
         let broadcast = BroadcastStage::connect(
-            &cfg.node_ws_url,
+            &specs,
+            cfg.broadcast.tuning(),
             Arc::clone(&blobs),
             status.clone(),
             BroadcastRecorders {
@@ -173,7 +186,7 @@ impl Engine {
             },
             cap,
             Arc::clone(&kill),
-            kill.venue_slot(&cfg.provider_name).unwrap_or(0),
+            Arc::clone(&broadcast_stats),
         )?;
         let receipts = ReceiptsStage::connect(
             &cfg.node_ws_url,
@@ -182,9 +195,9 @@ impl Engine {
             status.clone(),
             latency.recorder("e2e.ws_to_included"),
             cap,
+            Arc::clone(&blobs),
         )?;
-        let status_stage =
-            StatusStage::new(control_rx, cfg.provider_name.clone(), Arc::clone(&counters));
+        let status_stage = StatusStage::new(control_rx, provider_names, Arc::clone(&counters));
 
         let mut threads: Vec<String> = Vec::new();
         let mut next = |name: &str| {
@@ -252,6 +265,7 @@ impl Engine {
         // Desk listener.
         let health = Arc::new(Health {
             chain_id,
+            broadcast: Some(Arc::clone(&broadcast_stats)),
             ..Health::default()
         });
         let std_listener =

@@ -143,3 +143,122 @@ pub fn risk_prometheus(risk: &crate::risk::RiskAdmin) -> String {
     );
     s
 }
+
+/// Prometheus text of the broadcast providers: health, demotion, counters, round trip,
+/// hedges, and the share of intents sent through private routes.
+pub fn broadcast_prometheus(b: &crate::stages::broadcast::BroadcastStats) -> String {
+    let mut s = String::with_capacity(2048);
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    s.push_str("# HELP engine_provider_up Whether the RPC provider is connected.\n# TYPE engine_provider_up gauge\n");
+    for p in &b.providers {
+        let _ = writeln!(
+            s,
+            "engine_provider_up{{provider=\"{}\"}} {}",
+            p.name,
+            u8::from(p.up.load(Ordering::Relaxed))
+        );
+    }
+    s.push_str("# HELP engine_provider_demoted Whether the RPC provider is demoted (ranked last).\n# TYPE engine_provider_demoted gauge\n");
+    for p in &b.providers {
+        let _ = writeln!(
+            s,
+            "engine_provider_demoted{{provider=\"{}\"}} {}",
+            p.name,
+            u8::from(p.demoted.load(Ordering::Relaxed))
+        );
+    }
+    s.push_str("# HELP engine_provider_rtt_seconds Smoothed round trip of the provider's answers.\n# TYPE engine_provider_rtt_seconds gauge\n");
+    for p in &b.providers {
+        let _ = writeln!(
+            s,
+            "engine_provider_rtt_seconds{{provider=\"{}\"}} {:.9}",
+            p.name,
+            ld(&p.rtt_ns) as f64 / 1e9
+        );
+    }
+    for (metric, help, get) in [
+        (
+            "engine_provider_sent_total",
+            "Transactions written to the provider.",
+            (|p: &crate::stages::broadcast::ProviderStats| &p.sent)
+                as fn(&crate::stages::broadcast::ProviderStats) -> &std::sync::atomic::AtomicU64,
+        ),
+        (
+            "engine_provider_first_accepts_total",
+            "Transactions the provider accepted first.",
+            |p| &p.first_accepts,
+        ),
+        (
+            "engine_provider_errors_total",
+            "Refusals and malformed answers from the provider.",
+            |p| &p.errors,
+        ),
+        (
+            "engine_provider_demotions_total",
+            "Times the provider was demoted.",
+            |p| &p.demotions,
+        ),
+        (
+            "engine_provider_disconnects_total",
+            "Connections to the provider lost.",
+            |p| &p.disconnects,
+        ),
+        (
+            "engine_provider_reconnects_total",
+            "Successful reconnects to the provider.",
+            |p| &p.reconnects,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for p in &b.providers {
+            let _ = writeln!(s, "{metric}{{provider=\"{}\"}} {}", p.name, ld(get(p)));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_broadcast_hedges_total Sends to one more provider after the hedge delay.\n# TYPE engine_broadcast_hedges_total counter\nengine_broadcast_hedges_total {}",
+        ld(&b.hedges)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_broadcast_resends_total Sends repeated elsewhere after a provider was lost.\n# TYPE engine_broadcast_resends_total counter\nengine_broadcast_resends_total {}",
+        ld(&b.resends)
+    );
+    let public = ld(&b.public_routed);
+    let private = ld(&b.private_routed);
+    let share = if public + private == 0 {
+        0.0
+    } else {
+        private as f64 / (public + private) as f64
+    };
+    let _ = writeln!(
+        s,
+        "# HELP engine_broadcast_routed_total Transactions accepted, by route.\n# TYPE engine_broadcast_routed_total counter\nengine_broadcast_routed_total{{route=\"public\"}} {public}\nengine_broadcast_routed_total{{route=\"private\"}} {private}"
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_private_route_share Share of accepted transactions sent through private relays.\n# TYPE engine_private_route_share gauge\nengine_private_route_share {share:.6}"
+    );
+    s
+}
+
+/// The providers for `/health`.
+pub fn broadcast_json(b: &crate::stages::broadcast::BroadcastStats) -> Value {
+    Value::Array(
+        b.providers
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "up": p.up.load(Ordering::Relaxed),
+                    "demoted": p.demoted.load(Ordering::Relaxed),
+                    "rtt_us": p.rtt_ns.load(Ordering::Relaxed) / 1000,
+                    "sent": p.sent.load(Ordering::Relaxed),
+                    "first_accepts": p.first_accepts.load(Ordering::Relaxed),
+                    "errors": p.errors.load(Ordering::Relaxed),
+                    "reconnects": p.reconnects.load(Ordering::Relaxed),
+                })
+            })
+            .collect(),
+    )
+}

@@ -140,6 +140,8 @@ pub struct IntentMsg {
     pub kind: IntentKind,
     /// Requested route.
     pub route: Route,
+    /// Send to every RPC provider at once instead of hedging after a delay.
+    pub urgent: bool,
     /// Destination.
     pub to: Address,
     /// Value in wei.
@@ -203,6 +205,10 @@ pub struct TxMsg {
     pub raw: BlobRef,
     /// Asset slot of the kill switch (copied from the intent).
     pub asset: u8,
+    /// Send to every RPC provider at once (copied from the intent).
+    pub urgent: bool,
+    /// Route requested (copied from the intent).
+    pub route: Route,
     /// Hop timestamps carried over from the intent.
     pub hops: Hops,
 }
@@ -485,6 +491,9 @@ pub struct StatusMsg {
     pub depth: u32,
     /// Route taken (broadcast).
     pub route: Route,
+    /// Providers the transaction was written to, one bit per provider in configuration
+    /// order (broadcast).
+    pub venues: u32,
     /// Version of the policy that decided (accepted, rejected, pending_approval).
     pub policy_version: u32,
     /// Free-text detail (rejection message, node error).

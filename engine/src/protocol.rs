@@ -127,6 +127,8 @@ pub struct DecodedIntent {
     pub max_fee_cap: u128,
     /// Route.
     pub route: Route,
+    /// Send to every provider at once (`"urgent": true`).
+    pub urgent: bool,
     /// Travel-rule data summary (`present == false` when none was attached).
     pub travel: TravelInfo,
 }
@@ -489,6 +491,7 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
         gas_limit,
         max_fee_cap,
         route,
+        urgent: optional::<bool>(f, "urgent", "intent.urgent")?.unwrap_or(false),
         travel,
     })
 }

@@ -47,6 +47,8 @@ pub struct Health {
     pub chain_id: u64,
     /// Set when the engine is stopping.
     pub stopping: AtomicBool,
+    /// The broadcast stage's provider counters.
+    pub broadcast: Option<Arc<crate::stages::broadcast::BroadcastStats>>,
 }
 
 /// Everything a connection task needs; shared read-only (plus lock-free handles).
@@ -178,7 +180,13 @@ fn route(
             "text/plain; version=0.0.4",
             crate::metrics::prometheus(&ctx.latency, &ctx.counters)
                 + &crate::metrics::risk_prometheus(&ctx.risk)
-                + &ctx.custody.prometheus(),
+                + &ctx.custody.prometheus()
+                + &ctx
+                    .health
+                    .broadcast
+                    .as_deref()
+                    .map(crate::metrics::broadcast_prometheus)
+                    .unwrap_or_default(),
         ),
         (&Method::GET, "/v1/latency") => {
             json_response(StatusCode::OK, crate::metrics::latency_json(&ctx.latency))
@@ -217,6 +225,7 @@ fn health(ctx: &ServerCtx) -> Response<Body<Bytes>> {
             "pending_approvals": ctx.risk.approvals.pending().len(),
             "blob_slots_free": ctx.blobs.available(),
             "signers": ctx.custody.health_json(),
+            "providers": ctx.health.broadcast.as_deref().map(crate::metrics::broadcast_json),
         }),
     )
 }
@@ -581,6 +590,7 @@ fn handle_text(
                     .map_or(AccountIdx::UNKNOWN, |&i| AccountIdx(i)),
                 kind: intent.kind,
                 route: intent.route,
+                urgent: intent.urgent,
                 to: intent.to,
                 value: intent.value,
                 gas_limit: intent.gas_limit,

@@ -13,7 +13,9 @@ use engine::blob::BlobPool;
 use engine::msg::{AccountIdx, Origin, State, StatusKind, StatusMsg, TxMsg};
 use engine::risk::kill::{KillScope, KillSwitch};
 use engine::stages::StatusSink;
-use engine::stages::broadcast::{BroadcastRecorders, BroadcastStage};
+use engine::stages::broadcast::{
+    BroadcastRecorders, BroadcastStage, BroadcastStats, BroadcastTuning, ProviderSpec,
+};
 use pipeline::{Emit, LatencyRegistry, Stage, many_to_one};
 use signers::{LocalCurve, LocalSigner, Signer};
 use venues::{Anvil, AnvilConfig, DEV_ADDRESSES, DEV_PRIVATE_KEYS, RpcClient};
@@ -38,7 +40,12 @@ fn signed_transactions_are_held_while_killed_and_sent_in_order_after() {
     let venue = kill.venue_slot("anvil").unwrap();
     let reg = LatencyRegistry::new();
     let mut stage = BroadcastStage::connect(
-        &anvil.ws_url(),
+        &[ProviderSpec {
+            name: "anvil".into(),
+            ws_url: anvil.ws_url(),
+            venue,
+        }],
+        BroadcastTuning::default(),
         Arc::clone(&blobs),
         status,
         BroadcastRecorders {
@@ -48,7 +55,7 @@ fn signed_transactions_are_held_while_killed_and_sent_in_order_after() {
         },
         64,
         Arc::clone(&kill),
-        venue,
+        Arc::new(BroadcastStats::new(&["anvil".to_owned()])),
     )
     .unwrap();
     let fee = rpc.fee_estimate().unwrap();
@@ -157,6 +164,12 @@ fn signed_transactions_are_held_while_killed_and_sent_in_order_after() {
     while rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap() < 3 {
         assert!(Instant::now() < deadline, "mined");
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // Accepted transactions hand their raw slot on to the receipt watcher, which releases
+    // it; here the test plays that part.
+    for m in &out.0 {
+        assert!(m.raw.is_some(), "the raw slot goes on with the hash");
+        blobs.release(m.raw);
     }
     assert_eq!(
         blobs.available(),

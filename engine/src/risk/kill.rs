@@ -183,6 +183,12 @@ impl KillSwitch {
         None
     }
 
+    /// Whether the switch of venue slot `venue` is on (only that switch).
+    #[inline]
+    pub fn venue_killed(&self, venue: u8) -> bool {
+        self.venues[venue as usize % MAX_VENUES].load(Ordering::Acquire)
+    }
+
     /// Changes so far (compare two readings to notice a change).
     #[inline]
     pub fn epoch(&self) -> u64 {

@@ -51,6 +51,7 @@ pub struct ReceiptsStage {
     status: StatusSink,
     ws_to_included: Recorder,
     pending_events: Vec<HeadEvent>,
+    blobs: Arc<crate::blob::BlobPool>,
 }
 
 impl ReceiptsStage {
@@ -63,6 +64,7 @@ impl ReceiptsStage {
         status: StatusSink,
         ws_to_included: Recorder,
         capacity: usize,
+        blobs: Arc<crate::blob::BlobPool>,
     ) -> Result<Self, venues::VenueError> {
         let mut heads = HeadFollower::connect(node_ws_url, fees)?;
         let poll = mio::Poll::new()?;
@@ -82,6 +84,7 @@ impl ReceiptsStage {
             status,
             ws_to_included,
             pending_events: Vec::with_capacity(16),
+            blobs,
         })
     }
 
@@ -172,6 +175,9 @@ impl Stage for ReceiptsStage {
     }
 
     fn on_message<E: Emit<NoMessage>>(&mut self, msg: TxMsg, _out: &mut E) {
+        // The raw transaction's slot came along from broadcast (release is a no-op for
+        // an empty reference).
+        self.blobs.release(msg.raw);
         let w = Watch {
             seq: msg.seq,
             origin: msg.origin,

@@ -248,6 +248,8 @@ impl SigningStage {
                 len: len as u32,
             },
             asset: msg.asset,
+            urgent: msg.urgent,
+            route: msg.route,
             hops: msg.hops,
         });
         true

@@ -98,13 +98,18 @@ pub struct StatusStage {
     control: Receiver<ConnControl>,
     base_raw: u64,
     base_unix_us: u64,
-    provider: String,
+    providers: Vec<String>,
     counters: Arc<Counters>,
 }
 
 impl StatusStage {
-    /// A status stage; `provider` names the venue in `broadcast` events.
-    pub fn new(control: Receiver<ConnControl>, provider: String, counters: Arc<Counters>) -> Self {
+    /// A status stage; `providers` names the venues of `broadcast` events (bit `i` of an
+    /// event's venue mask is `providers[i]`).
+    pub fn new(
+        control: Receiver<ConnControl>,
+        providers: Vec<String>,
+        counters: Arc<Counters>,
+    ) -> Self {
         let base_raw = pipeline::now_raw();
         let base_unix_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -117,7 +122,7 @@ impl StatusStage {
             control,
             base_raw,
             base_unix_us,
-            provider,
+            providers,
             counters,
         }
     }
@@ -192,7 +197,14 @@ impl StatusStage {
             State::Broadcast => {
                 v["tx_hash"] = json!(m.tx_hash);
                 v["route"] = json!(m.route.as_str());
-                v["venues"] = json!([self.provider]);
+                let venues: Vec<&str> = self
+                    .providers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| m.venues & (1u32 << i) != 0)
+                    .map(|(_, n)| n.as_str())
+                    .collect();
+                v["venues"] = json!(venues);
             }
             State::Included => {
                 v["tx_hash"] = json!(m.tx_hash);
