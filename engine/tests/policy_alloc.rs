@@ -1,11 +1,13 @@
 //! A policy decision allocates nothing: 10,000 allowlisted addresses, 1,000 KYT entries,
 //! 100 velocity windows, business hours with a time zone, travel rule, four-eyes
-//! thresholds. Checked with a counting global allocator (one test in this binary, so no
-//! other test thread allocates meanwhile).
+//! thresholds, and a `[routing]` section that resolves `auto` intents to both routes.
+//! Checked with a counting global allocator (one test in this binary, so no other test
+//! thread allocates meanwhile).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use engine::msg::Route;
 use engine::risk::fixture::{Sizes, large};
 use engine::risk::rules::Outcome;
 
@@ -38,6 +40,7 @@ fn a_decision_allocates_nothing() {
     let now = engine::risk::unix_now_ns();
     let (mut risk, intents) = large(Sizes::default(), now);
     let mut tally = [0usize; 3];
+    let mut routes = [0usize; 3];
     let mut run = |risk: &mut engine::risk::rules::Risk, from: usize, n: usize| {
         for i in from..from + n {
             let m = &intents[i % intents.len()];
@@ -47,6 +50,9 @@ fn a_decision_allocates_nothing() {
                 Outcome::Deny(..) => 1,
                 Outcome::Approval(_) => 2,
             }] += 1;
+            if v.outcome == Outcome::Allow {
+                routes[v.route as usize] += 1;
+            }
         }
     };
     run(&mut risk, 0, 10_000); // warm-up: time-zone tables, first touches
@@ -54,5 +60,10 @@ fn a_decision_allocates_nothing() {
     run(&mut risk, 10_000, 100_000);
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
     assert!(tally.iter().all(|&n| n > 1000), "every path ran: {tally:?}");
+    assert_eq!(routes[Route::Auto as usize], 0, "auto always resolves");
+    assert!(
+        routes[Route::Public as usize] > 1000 && routes[Route::Private as usize] > 1000,
+        "both routes taken: {routes:?}"
+    );
     assert_eq!(allocs, 0, "allocations over 100,000 decisions");
 }

@@ -1,7 +1,7 @@
 //! The policy rules, case by case, at their boundaries: exact caps, window edges, KYT
 //! TTL expiry, time zones across midnight and daylight saving, contract-call selectors,
-//! token transfers, travel rule, four-eyes thresholds, kill switch; and policy files that
-//! must be refused with the file, line and rule named.
+//! token transfers, travel rule, four-eyes thresholds, kill switch, how `route: auto`
+//! resolves; and policy files that must be refused with the file, line and rule named.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -61,9 +61,12 @@ fn compile(
 }
 
 fn world() -> World {
+    world_with(include_str!("policy/table.toml"))
+}
+
+fn world_with(text: &str) -> World {
     let kill = Arc::new(KillSwitch::new(3));
     let principals = Arc::new(Principals::default());
-    let text = include_str!("policy/table.toml");
     let p = compile(text, &kill, &principals, 1).expect("the table policy compiles");
     let mut risk = Risk::new(Box::new(p), Arc::clone(&kill));
     let fresh = |score| KytEntry {
@@ -802,6 +805,49 @@ fn malformed_policy_files_are_refused_with_file_line_and_rule() {
             "account \"hot\"",
             "selector `0xa9059c`",
         ),
+        // Routing.
+        (
+            good.replace(
+                "private_above_wei = \"3000000000000000000\"",
+                "private_above_wei = \"3 ETH\"",
+            ),
+            line_of("private_above_wei = "),
+            "routing",
+            "private_above_wei: `3 ETH` is not a decimal amount in base units",
+        ),
+        (
+            good.replace(
+                "private_accounts = [\"plain\"]",
+                "private_accounts = [\"plain\", \"ghost\"]",
+            ),
+            line_of("private_accounts = "),
+            "routing",
+            "private_accounts[1]: no account `ghost` in the engine configuration",
+        ),
+        (
+            good.replace(
+                "private_contracts = [\"0x000000000000000000000000000000000000000f\"]",
+                "private_contracts = [\"0xrouter\"]",
+            ),
+            line_of("private_contracts = "),
+            "routing",
+            "private_contracts[0]: `0xrouter` is not an address",
+        ),
+        (
+            good.replace("default = \"public\"", "default = \"dark\""),
+            line_of("default = \"public\""),
+            "routing",
+            "default: `dark` is not public or private",
+        ),
+        (
+            good.replace(
+                "default = \"public\"",
+                "default = \"public\"\nprivate_below_wei = \"1\"",
+            ),
+            line_of("default = \"public\"") + 1,
+            "file",
+            "unknown field `private_below_wei`",
+        ),
     ];
     for (text, line, rule, needle) in cases {
         let e = compile(&text, &kill, &principals, 9).expect_err("must be refused");
@@ -840,4 +886,232 @@ fn the_shipped_example_policy_compiles_against_the_dev_accounts() {
     };
     let bytes = std::fs::read(f).expect("the feed sits next to the policy");
     assert_eq!(KytSnapshot::parse(&bytes, 0).unwrap().len(), 6);
+}
+
+/// Which policy a routing case runs under.
+#[derive(Clone, Copy, Debug)]
+enum Pol {
+    /// `policy/table.toml`: `[routing]` with a 3 ETH threshold, account `plain` flagged,
+    /// contract 0x…0f private, default public.
+    Table,
+    /// The same with `default = "private"`.
+    DefaultPrivate,
+}
+
+#[test]
+fn routing_resolves_auto_and_keeps_the_desks_choice() {
+    let table = include_str!("policy/table.toml");
+    let default_private = table.replace("default = \"public\"", "default = \"private\"");
+    let threshold = 3 * ETH;
+    let with_travel = |m: IntentMsg| IntentMsg {
+        travel: travel(None),
+        ..m
+    };
+    let routed = |r: Route, m: IntentMsg| IntentMsg { route: r, ..m };
+    // (name, policy, private relay configured, intent, calldata, outcome, route)
+    type Case = (
+        &'static str,
+        Pol,
+        bool,
+        IntentMsg,
+        Vec<u8>,
+        Box<dyn Fn(Outcome) -> bool>,
+        Route,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "auto at exactly the value threshold goes private",
+            Pol::Table,
+            true,
+            with_travel(transfer(0, a(1), threshold)),
+            vec![],
+            Box::new(is_allow),
+            Route::Private,
+        ),
+        (
+            "auto one wei below the value threshold goes public",
+            Pol::Table,
+            true,
+            with_travel(transfer(0, a(1), threshold - 1)),
+            vec![],
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "auto from a flagged account goes private",
+            Pol::Table,
+            true,
+            transfer(2, a(1), 1),
+            vec![],
+            Box::new(is_allow),
+            Route::Private,
+        ),
+        (
+            "auto call to a private contract goes private",
+            Pol::Table,
+            true,
+            call(a(0x0f), 100_000),
+            vec![0x12, 0x34, 0x56, 0x78],
+            Box::new(is_allow),
+            Route::Private,
+        ),
+        (
+            "auto with no rule matching takes the default, public",
+            Pol::Table,
+            true,
+            transfer(0, a(1), 1),
+            vec![],
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "a token amount does not count towards the native threshold",
+            Pol::Table,
+            true,
+            call(a(0xc0), 60_000),
+            erc20_transfer(a(1), 999_999_999),
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "auto with no rule matching takes the default, private",
+            Pol::DefaultPrivate,
+            true,
+            transfer(0, a(1), 1),
+            vec![],
+            Box::new(is_allow),
+            Route::Private,
+        ),
+        (
+            "desk public with a large value stays public",
+            Pol::Table,
+            true,
+            routed(Route::Public, with_travel(transfer(0, a(1), threshold + 1))),
+            vec![],
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "desk public from a flagged account stays public",
+            Pol::Table,
+            true,
+            routed(Route::Public, transfer(2, a(1), 1)),
+            vec![],
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "desk private with a small value stays private",
+            Pol::Table,
+            true,
+            routed(Route::Private, transfer(0, a(1), 1)),
+            vec![],
+            Box::new(is_allow),
+            Route::Private,
+        ),
+        (
+            "auto that would go private without a relay goes public",
+            Pol::Table,
+            false,
+            with_travel(transfer(0, a(1), threshold)),
+            vec![],
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "default private without a relay goes public",
+            Pol::DefaultPrivate,
+            false,
+            transfer(2, a(1), 1),
+            vec![],
+            Box::new(is_allow),
+            Route::Public,
+        ),
+        (
+            "desk private without a relay is refused",
+            Pol::Table,
+            false,
+            routed(Route::Private, transfer(0, a(1), 1)),
+            vec![],
+            Box::new(deny(Reason::RouteUnavailable)),
+            Route::Private,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, pol, relay, msg, data, check, route) in &cases {
+        let mut w = world_with(match pol {
+            Pol::Table => table,
+            Pol::DefaultPrivate => &default_private,
+        });
+        w.risk.set_private_relay(*relay);
+        let v = w.risk.decide(msg, data, T0);
+        if !check(v.outcome) || v.route != *route {
+            failures.push(format!(
+                "{name}: got {:?} via {:?}, want {route:?}",
+                v.outcome, v.route
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn a_public_venue_kill_stops_only_what_goes_public() {
+    let mut w = world();
+    w.risk.set_private_relay(true);
+    w.kill
+        .set(&KillScope::Venue("node-0".into()), true)
+        .unwrap();
+    let big = IntentMsg {
+        travel: travel(None),
+        ..transfer(0, a(1), 3 * ETH)
+    };
+    let v = w.risk.decide(&big, &[], T0);
+    assert_eq!((v.outcome, v.route), (Outcome::Allow, Route::Private));
+    let v = w.risk.decide(&transfer(0, a(1), 1), &[], T0);
+    assert!(deny(Reason::KillSwitch)(v.outcome), "{v:?}");
+    assert_eq!(v.route, Route::Public);
+}
+
+#[test]
+fn the_audit_record_and_the_accepted_event_carry_the_resolved_route() {
+    let mut w = world();
+    w.risk.set_private_relay(true);
+    let msg = IntentMsg {
+        travel: travel(None),
+        ..transfer(0, a(1), 3 * ETH)
+    };
+    let v = w.risk.decide(&msg, &[], T0);
+    assert_eq!(v.route, Route::Private);
+    let rec = engine::risk::audit::AuditRecord::decision(&msg, &v, T0);
+    let json = engine::risk::audit::render(&rec, &w.principals, &["hot".to_owned()]);
+    assert_eq!(json["route"], "private", "{json}");
+    assert_eq!(json["route_requested"], "auto", "{json}");
+
+    let (_tx, control) = crossbeam_channel::bounded(1);
+    let status = engine::stages::status::StatusStage::new(
+        control,
+        vec!["node-0".to_owned()],
+        Arc::default(),
+    );
+    let id = engine::msg::IntentId::new("desk7-000123").unwrap();
+    for (state, route) in [
+        (engine::msg::State::Accepted, Route::Private),
+        (engine::msg::State::Approved, Route::Public),
+    ] {
+        let ev = engine::msg::StatusMsg {
+            route,
+            policy_version: 1,
+            ..engine::msg::StatusMsg::event(1, Origin::default(), state, pipeline::now_raw())
+        };
+        let text = status.render(&id, &ev);
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["state"], state.as_str(), "{text}");
+        assert_eq!(json["route"], route.as_str(), "{text}");
+    }
 }

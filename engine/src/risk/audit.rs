@@ -75,8 +75,11 @@ pub struct AuditRecord {
     pub account: u16,
     /// Intent kind.
     pub intent_kind: IntentKind,
-    /// Route asked for.
+    /// Route: for a decision, the one it resolved (`public` or `private`); otherwise the
+    /// intent's route as it stood.
     pub route: Route,
+    /// For a decision, the route the desk asked for (`auto`, `public` or `private`).
+    pub route_requested: Option<Route>,
     /// Transaction destination.
     pub to: Address,
     /// Beneficiary (token recipient for a token transfer).
@@ -118,7 +121,8 @@ impl AuditRecord {
             principal: msg.origin.principal,
             account: msg.account.0,
             intent_kind: msg.kind,
-            route: msg.route,
+            route: v.route,
+            route_requested: Some(msg.route),
             to: msg.to,
             beneficiary: v.beneficiary,
             amount: v.amount,
@@ -178,6 +182,9 @@ pub fn render(r: &AuditRecord, principals: &Principals, accounts: &[String]) -> 
         v["account"] = json!(accounts.get(r.account as usize));
         v["intent_kind"] = json!(r.intent_kind.as_str());
         v["route"] = json!(r.route.as_str());
+        if let Some(asked) = r.route_requested {
+            v["route_requested"] = json!(asked.as_str());
+        }
         v["to"] = json!(r.to);
         v["beneficiary"] = json!(r.beneficiary);
         v["amount"] = json!(r.amount.to_string());

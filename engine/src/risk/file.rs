@@ -52,6 +52,8 @@ pub(crate) struct PolicyFile {
     pub accounts: Vec<Spanned<AccountDef>>,
     #[serde(default)]
     pub velocity: Vec<Spanned<VelocityDef>>,
+    #[serde(default)]
+    pub routing: Option<Spanned<RoutingDef>>,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +157,24 @@ pub(crate) struct VelocityDef {
     pub max_value_wei: Option<Spanned<String>>,
     #[serde(default)]
     pub max_count: Option<u64>,
+}
+
+/// `[routing]`: how `route: auto` resolves.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RoutingDef {
+    /// Native value (wei) at or above which an intent goes private.
+    #[serde(default)]
+    pub private_above_wei: Option<Spanned<String>>,
+    /// Accounts whose intents always go private.
+    #[serde(default)]
+    pub private_accounts: Vec<Spanned<String>>,
+    /// Destinations (addresses or `group:NAME`) whose intents go private.
+    #[serde(default)]
+    pub private_contracts: Vec<Spanned<String>>,
+    /// `public` (the default) or `private`.
+    #[serde(default)]
+    pub default: Option<Spanned<String>>,
 }
 
 fn default_refresh() -> Spanned<String> {

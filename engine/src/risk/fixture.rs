@@ -1,6 +1,8 @@
 //! A large, realistic policy for benchmarks and the allocation test: 10,000 allowlisted
 //! addresses, 1,000 KYT entries, 100 velocity windows (and the other rule types), plus a
-//! stream of intents that exercises allow, deny and approval paths.
+//! stream of intents that exercises allow, deny and approval paths, and routing: with a
+//! private relay configured, `auto` intents resolve to either route (by value, account and
+//! destination).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,6 +53,14 @@ pub fn large(sizes: Sizes, now_ns: u64) -> (Risk, Vec<IntentMsg>) {
     }
     text.push_str("]\n[kyt]\ndeny_score = 80\napproval_score = 60\nttl = \"10m\"\nrefresh = \"1m\"\non_missing = \"approval\"\non_expired = \"deny\"\n");
     text.push_str("[travel_rule]\nthreshold_wei = \"1000000000000000000\"\nknown_vasps = [\"LEI:5493001KJTIIGC8Y1R12\"]\n");
+    // Routing: half the values go private, two accounts always do, and so do 32 of the
+    // destinations.
+    text.push_str("[routing]\nprivate_above_wei = \"500000000000\"\ndefault = \"public\"\n");
+    text.push_str("private_accounts = [\"acct-3\", \"acct-7\"]\nprivate_contracts = [\n");
+    for i in 0..32 {
+        text.push_str(&format!("  \"{}\",\n", addr(i * 31)));
+    }
+    text.push_str("]\n");
     let mut accounts = HashMap::new();
     for a in 0..sizes.accounts {
         let name = format!("acct-{a}");
@@ -78,6 +88,7 @@ pub fn large(sizes: Sizes, now_ns: u64) -> (Risk, Vec<IntentMsg>) {
     )
     .unwrap_or_else(|e| panic!("the large fixture compiles: {e}"));
     let mut risk = Risk::new(Box::new(policy), kill);
+    risk.set_private_relay(true);
     let entries = (0..sizes.kyt_entries).map(|i| {
         (
             addr(i),

@@ -3,7 +3,8 @@
 //! - [`rules`]: the compiled policy and the decision function, run by the policy stage
 //!   from memory only (allowlists and groups, per-asset caps, contract-call rules,
 //!   gas and fee maxima, business hours with time zones, KYT, travel rule, velocity, and
-//!   four-eyes thresholds), deny by default.
+//!   four-eyes thresholds), deny by default; it also resolves `route: auto` to public or
+//!   private (`[routing]`).
 //! - [`file`]: policy files (TOML), validated with errors naming file, line and rule.
 //! - [`velocity`]: O(1) rolling windows. [`kyt`]: address-risk snapshots and their
 //!   refresher. [`travel`]: travel-rule data. [`kill`]: the kill switch.
@@ -344,7 +345,8 @@ impl RiskAdmin {
 pub struct RiskParts {
     /// Admin side.
     pub admin: Arc<RiskAdmin>,
-    /// Decision state for the policy stage.
+    /// Decision state for the policy stage. It assumes no private relay: whoever gives
+    /// broadcast one turns routing to it on with [`rules::Risk::set_private_relay`].
     pub risk: rules::Risk,
     /// Update channel for the policy stage.
     pub link: StageLink,

@@ -4,6 +4,12 @@
 //! engine configuration ([`Policy::from_config`]) and is immutable afterwards. [`Risk`]
 //! is the policy stage's state: the current policy, the velocity windows, the KYT snapshot
 //! and the kill switch. [`Risk::decide`] reads only memory: no I/O, no lock, no allocation.
+//!
+//! Routing: a decision also resolves the intent's route. `public` and `private` asked by
+//! the desk are kept (`private` is refused with `route_unavailable` when the engine has no
+//! private relay, [`Risk::set_private_relay`]); `auto` becomes `private` when a `[routing]`
+//! rule asks for it and a relay exists, else `public`. Every allowed intent therefore
+//! leaves the policy stage with `Public` or `Private`, never `Auto`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -118,6 +124,36 @@ struct AssetRule {
     slot: u8,
 }
 
+/// The compiled `[routing]` section: which `auto` intents go private. Deciding is a few
+/// comparisons: a threshold, a bit of an account bitmap and a binary search of a sorted
+/// address slice.
+#[derive(Debug, Clone, Default)]
+struct Routing {
+    /// Native value at or above which an intent goes private.
+    private_above: Option<U256>,
+    /// One bit per account index: that account's intents go private.
+    private_accounts: Box<[u64]>,
+    /// Sorted destinations whose intents go private.
+    private_contracts: Box<[Address]>,
+    /// With no rule matching: private (else public).
+    default_private: bool,
+}
+
+impl Routing {
+    /// Whether an `auto` intent should go private.
+    #[inline]
+    fn wants_private(&self, msg: &IntentMsg) -> bool {
+        let acct = msg.account.0 as usize;
+        self.default_private
+            || self.private_above.is_some_and(|t| msg.value >= t)
+            || self
+                .private_accounts
+                .get(acct / 64)
+                .is_some_and(|w| (w >> (acct % 64)) & 1 == 1)
+            || self.private_contracts.binary_search(&msg.to).is_ok()
+    }
+}
+
 /// A compiled, immutable policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -141,6 +177,7 @@ pub struct Policy {
     desk_velocity: HashMap<u32, Vec<u16>>,
     fresh_windows: Vec<Window>,
     venue: u8,
+    routing: Routing,
 }
 
 fn parse_u128(s: &str) -> Option<u128> {
@@ -184,6 +221,7 @@ impl Policy {
             desk_velocity: HashMap::new(),
             fresh_windows: Vec::new(),
             venue: ctx.kill.venue_slot(ctx.venue).unwrap_or(0),
+            routing: Routing::default(),
         }
     }
 
@@ -566,6 +604,58 @@ impl Policy {
             .map(|r| Window::new(r.window_secs))
             .collect();
 
+        // Routing.
+        let mut routing = Routing::default();
+        if let Some(r) = &f.routing {
+            let d = r.get_ref();
+            if let Some(t) = &d.private_above_wei {
+                routing.private_above = Some(U256::from(amount(
+                    t.get_ref(),
+                    &t.span(),
+                    "routing",
+                    "private_above_wei",
+                )?));
+            }
+            let mut bits = vec![0u64; ctx.accounts.len().div_ceil(64)];
+            for (i, name) in d.private_accounts.iter().enumerate() {
+                let Some(&idx) = ctx.accounts.get(name.get_ref().trim()) else {
+                    return Err(loc.err(
+                        &name.span(),
+                        "routing",
+                        format!(
+                            "private_accounts[{i}]: no account `{}` in the engine configuration",
+                            name.get_ref()
+                        ),
+                    ));
+                };
+                let idx = idx as usize;
+                if idx / 64 >= bits.len() {
+                    bits.resize(idx / 64 + 1, 0);
+                }
+                bits[idx / 64] |= 1 << (idx % 64);
+            }
+            routing.private_accounts = bits.into_boxed_slice();
+            let mut contracts: Vec<Address> =
+                resolve_list(&d.private_contracts, "routing", "private_contracts")?
+                    .into_iter()
+                    .collect();
+            contracts.sort_unstable();
+            routing.private_contracts = contracts.into_boxed_slice();
+            if let Some(def) = &d.default {
+                routing.default_private = match def.get_ref().trim() {
+                    "public" => false,
+                    "private" => true,
+                    other => {
+                        return Err(loc.err(
+                            &def.span(),
+                            "routing",
+                            format!("default: `{other}` is not public or private"),
+                        ));
+                    }
+                };
+            }
+        }
+
         Ok(Policy {
             version,
             label: f.label.unwrap_or_default(),
@@ -581,6 +671,7 @@ impl Policy {
             desk_velocity,
             fresh_windows,
             venue: ctx.kill.venue_slot(ctx.venue).unwrap_or(0),
+            routing,
         })
     }
 }
@@ -615,6 +706,10 @@ pub struct Verdict {
     pub velocity: Option<(u16, u128, u64)>,
     /// Fee cap the policy imposes when the desk gave none (0 = none).
     pub max_fee: u128,
+    /// The route the intent takes: the desk's `public` or `private`, or what `auto`
+    /// resolved to. Only a refusal before the route is resolved (unknown account) leaves
+    /// the requested route here.
+    pub route: Route,
 }
 
 /// The policy stage's decision state.
@@ -624,10 +719,12 @@ pub struct Risk {
     windows: Vec<Window>,
     kyt: Box<KytSnapshot>,
     kill: Arc<KillSwitch>,
+    private_relay: bool,
 }
 
 impl Risk {
-    /// State for a first policy.
+    /// State for a first policy, for an engine without a private relay (see
+    /// [`Risk::set_private_relay`]).
     pub fn new(mut policy: Box<Policy>, kill: Arc<KillSwitch>) -> Self {
         let windows = std::mem::take(&mut policy.fresh_windows);
         Self {
@@ -635,7 +732,20 @@ impl Risk {
             windows,
             kyt: Box::default(),
             kill,
+            private_relay: false,
         }
+    }
+
+    /// Whether the engine's broadcast has a private relay, set once when the engine is
+    /// assembled; it outlives policy reloads. Without one, `route: private` is refused with
+    /// `route_unavailable` and `route: auto` always resolves to public.
+    pub fn set_private_relay(&mut self, on: bool) {
+        self.private_relay = on;
+    }
+
+    /// Whether a private relay is configured.
+    pub fn private_relay(&self) -> bool {
+        self.private_relay
     }
 
     /// The policy in force.
@@ -678,6 +788,7 @@ impl Risk {
             kyt: None,
             velocity: None,
             max_fee: 0,
+            route: msg.route,
         };
         macro_rules! deny {
             ($r:expr, $m:expr) => {{
@@ -690,6 +801,13 @@ impl Risk {
                 Reason::UnknownAccount,
                 "account is not configured or has no policy"
             )
+        };
+        // Route: the desk's choice, or `auto` resolved by the routing rules; private only
+        // when a relay can take it.
+        v.route = match msg.route {
+            Route::Auto if self.private_relay && p.routing.wants_private(msg) => Route::Private,
+            Route::Auto => Route::Public,
+            r => r,
         };
         // What moves: the native value, or an ERC-20 transfer of a configured asset.
         let selector: Option<[u8; 4]> = data.get(..4).map(|s| [s[0], s[1], s[2], s[3]]);
@@ -709,7 +827,7 @@ impl Risk {
                 }
             }
         }
-        let venue = (msg.route != Route::Private).then_some(p.venue);
+        let venue = (v.route == Route::Public).then_some(p.venue);
         if let Some(k) = self.kill.check(msg.account.0, v.asset, venue) {
             deny!(Reason::KillSwitch, k.message())
         }
@@ -722,7 +840,7 @@ impl Risk {
                 )
             }
         }
-        if msg.route == Route::Private {
+        if v.route == Route::Private && !self.private_relay {
             deny!(
                 Reason::RouteUnavailable,
                 "no private relay is configured; use route public or auto"

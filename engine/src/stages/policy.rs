@@ -6,6 +6,11 @@
 //! replaced ones back to be dropped elsewhere. Intents that need a four-eyes approval
 //! leave the rings for the pending set; approved ones come back through intake marked with
 //! their approver and are decided again. Every decision goes to the audit trail.
+//!
+//! Routing: an allowed intent leaves with the route the decision resolved (`Public` or
+//! `Private`, never `Auto`), which signing copies into the transaction for broadcast. An
+//! intent sent for approval keeps the route the desk asked for, so that its second
+//! decision resolves it under the policy then in force.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -125,6 +130,7 @@ impl Stage for PolicyStage {
                 if msg.max_fee_cap == 0 {
                     msg.max_fee_cap = v.max_fee;
                 }
+                msg.route = v.route;
                 let state = if msg.approved_by != 0 {
                     State::Approved
                 } else {
@@ -132,6 +138,7 @@ impl Stage for PolicyStage {
                 };
                 self.status.send(StatusMsg {
                     policy_version: v.policy_version,
+                    route: v.route,
                     ..StatusMsg::event(msg.seq, msg.origin, state, at)
                 });
                 out.emit(msg);
@@ -139,6 +146,7 @@ impl Stage for PolicyStage {
             Outcome::Approval(why) => {
                 self.status.send(StatusMsg {
                     policy_version: v.policy_version,
+                    route: v.route,
                     ..StatusMsg::event(msg.seq, msg.origin, State::Accepted, at)
                 });
                 self.status.send(StatusMsg {

@@ -181,7 +181,9 @@ impl StatusStage {
             v["policy_version"] = json!(m.policy_version);
         }
         match m.state {
-            State::Accepted | State::Approved => {}
+            State::Accepted | State::Approved => {
+                v["route"] = json!(m.route.as_str());
+            }
             State::PendingApproval | State::SigningWait => {
                 v["message"] = json!(m.detail.as_str());
             }
