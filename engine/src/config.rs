@@ -280,7 +280,18 @@ pub struct Config {
     /// serves the start-up reads and the head subscription either way.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
-    /// Hedging, demotion, heartbeats and reconnection of the providers.
+    /// Private relays (Flashbots `eth_sendPrivateTransaction`) for intents routed
+    /// `private`. Empty: no private route (the policy refuses `private` and resolves `auto`
+    /// to `public`).
+    #[serde(default)]
+    pub relays: Vec<RelayConfig>,
+    /// File holding the hex secret of the dedicated relay-auth key that signs every relay
+    /// request (`X-Flashbots-Signature`). Not a custody key: it holds no funds. Required
+    /// with `relays`; the file must not be readable by group or others.
+    #[serde(default)]
+    pub relay_auth_key_file: Option<PathBuf>,
+    /// Hedging, demotion, heartbeats and reconnection of the providers; the private
+    /// route's inclusion window.
     #[serde(default)]
     pub broadcast: BroadcastConfig,
     /// Blocks on top of the inclusion block before `confirmed`.
@@ -335,10 +346,24 @@ pub struct ProviderConfig {
     pub ws_url: String,
 }
 
-/// `[broadcast]`: how transactions are spread over the providers.
+/// One private relay.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name in `broadcast` events, metrics and the kill switch's `venue` scope (distinct
+    /// from every provider's name).
+    pub name: String,
+    /// HTTP endpoint (`http://host:port[/path]`; TLS is not supported).
+    pub url: String,
+}
+
+/// `[broadcast]`: how transactions are spread over the providers and relays.
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BroadcastConfig {
+    /// A public transaction not included after this many blocks is replaced with fees
+    /// raised by at least 10 % (up to the intent's fee cap); 0 never replaces.
+    pub stuck_blocks: u64,
     /// A transaction not accepted this long after its last send also goes to the next
     /// provider (µs).
     pub hedge_delay_us: u64,
@@ -359,6 +384,9 @@ pub struct BroadcastConfig {
     pub venue_wait_ms: u64,
     /// Bound on one redial of a provider: TCP connect plus WebSocket handshake (ms).
     pub connect_timeout_ms: u64,
+    /// A private transaction may be included up to this many blocks after the head it
+    /// was sent at (its `maxBlockNumber` is head + this).
+    pub private_max_blocks: u64,
 }
 
 impl Default for BroadcastConfig {
@@ -373,6 +401,8 @@ impl Default for BroadcastConfig {
             reconnect_max_ms: 5_000,
             venue_wait_ms: 10_000,
             connect_timeout_ms: 2_000,
+            stuck_blocks: 3,
+            private_max_blocks: 25,
         }
     }
 }
@@ -391,6 +421,7 @@ impl BroadcastConfig {
             reconnect_max: Duration::from_millis(self.reconnect_max_ms),
             venue_wait: Duration::from_millis(self.venue_wait_ms),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            private_max_blocks: self.private_max_blocks,
         }
     }
 }
@@ -446,9 +477,13 @@ impl Config {
         })?;
         // Relative paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.policy_file, &mut cfg.audit_log]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut cfg.policy_file,
+            &mut cfg.audit_log,
+            &mut cfg.relay_auth_key_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -473,9 +508,16 @@ impl Config {
         if self.accounts.is_empty() {
             return bad("accounts: at least one account is required".into());
         }
-        let max = crate::stages::broadcast::MAX_PROVIDERS;
+        let max = crate::stages::broadcast::MAX_VENUES;
         if self.providers.len() > max {
             return bad(format!("providers: at most {max}"));
+        }
+        let provider_count = self.providers.len().max(1);
+        if provider_count + self.relays.len() > max {
+            return bad(format!(
+                "relays: at most {max} providers and relays together, got {provider_count} and {}",
+                self.relays.len()
+            ));
         }
         let mut names: Vec<String> = Vec::new();
         for p in &self.providers {
@@ -489,6 +531,36 @@ impl Config {
                 ));
             }
             names.push(p.name.to_ascii_lowercase());
+        }
+        if self.providers.is_empty() {
+            names.push(self.provider_name.to_ascii_lowercase());
+        }
+        for r in &self.relays {
+            if r.name.is_empty() {
+                return bad("relays.name: must not be empty".into());
+            }
+            if names.contains(&r.name.to_ascii_lowercase()) {
+                return bad(format!(
+                    "relays.{}: the name is used twice (relay and provider names share one namespace)",
+                    r.name
+                ));
+            }
+            if !r.url.starts_with("http://") {
+                return bad(format!(
+                    "relays.{}.url: expected an http:// URL (TLS is not supported), got `{}`",
+                    r.name, r.url
+                ));
+            }
+            names.push(r.name.to_ascii_lowercase());
+        }
+        if !self.relays.is_empty() && self.relay_auth_key_file.is_none() {
+            return bad(
+                "relay_auth_key_file: required when relays are configured (a file holding the hex secret of the relay-auth key)"
+                    .into(),
+            );
+        }
+        if self.broadcast.private_max_blocks == 0 {
+            return bad("broadcast.private_max_blocks: must be at least 1".into());
         }
         if self.broadcast.heartbeat_timeout_ms == 0 || self.broadcast.heartbeat_ms == 0 {
             return bad("broadcast.heartbeat_ms and heartbeat_timeout_ms: must be above 0".into());
@@ -540,6 +612,49 @@ impl Config {
             return bad("io_threads: must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The relay-auth identity read from `relay_auth_key_file`, or `None` when no relay is
+    /// configured. The file holds the key's 32-byte secret in hex (`0x` optional,
+    /// surrounding whitespace ignored). A file that group or others may read or write is
+    /// refused, naming the file; no error ever carries the file's content.
+    pub fn relay_auth(&self) -> Result<Option<venues::RelayAuth>, EngineError> {
+        if self.relays.is_empty() {
+            return Ok(None);
+        }
+        let Some(path) = &self.relay_auth_key_file else {
+            return Err(EngineError::Config {
+                what: "relay_auth_key_file: required when relays are configured".into(),
+            });
+        };
+        let bad = |why: String| EngineError::Config {
+            what: format!("relay_auth_key_file: {}: {why}", path.display()),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(bad(format!(
+                    "group or others may access it (mode {mode:04o}); make it 0600"
+                )));
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = meta;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let t = text.trim();
+        let t = t.strip_prefix("0x").unwrap_or(t);
+        let mut secret = [0u8; 32];
+        if hex::decode_to_slice(t, &mut secret).is_err() {
+            return Err(bad("expected the 32-byte secret in hex".into()));
+        }
+        let signer = alloy_signer_local::PrivateKeySigner::from_bytes(&secret.into())
+            .map_err(|_| bad("not a valid secp256k1 secret key".into()))?;
+        secret.fill(0);
+        Ok(Some(venues::RelayAuth::new(signer)))
     }
 
     /// Index of the account called `name`.
@@ -650,5 +765,78 @@ mod tests {
         std::fs::write(&p, text.replace("token_label", "token_lable")).unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("token_lable"), "{e}");
+    }
+
+    #[test]
+    fn relays_are_validated_and_their_key_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let text = r#"
+            jwt_secret = "0123456789abcdef0123"
+            node_ws_url = "ws://127.0.0.1:8545"
+            relay_auth_key_file = "secrets/relay.key"
+            [[relays]]
+            name = "fb"
+            url = "http://127.0.0.1:9000"
+            [broadcast]
+            private_max_blocks = 10
+            [[accounts]]
+            name = "a"
+            max_value_wei = "1"
+            key = { backend = "local", secret_hex = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80" }
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("engine.toml");
+        std::fs::write(&p, text).unwrap();
+        let cfg = Config::load(&p).unwrap();
+        assert_eq!(cfg.relays.len(), 1);
+        assert_eq!(cfg.broadcast.private_max_blocks, 10);
+        let key_path = dir.path().join("secrets/relay.key");
+        assert_eq!(cfg.relay_auth_key_file.as_deref(), Some(key_path.as_path()));
+
+        // Missing file, then a file others may read, then a good one.
+        let e = cfg.relay_auth().unwrap_err().to_string();
+        assert!(
+            e.contains("relay_auth_key_file") && e.contains("relay.key"),
+            "{e}"
+        );
+        std::fs::create_dir_all(key_path.parent().unwrap()).unwrap();
+        let secret = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+        std::fs::write(&key_path, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = cfg.relay_auth().unwrap_err().to_string();
+        assert!(e.contains("relay.key") && e.contains("0644"), "{e}");
+        assert!(!e.contains(&secret[2..]), "the key leaked into the error");
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let auth = cfg.relay_auth().unwrap().expect("relays configured");
+        assert_eq!(
+            auth.address(),
+            "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+                .parse::<Address>()
+                .unwrap()
+        );
+        assert!(!format!("{auth:?}").contains(&secret[2..]));
+        std::fs::write(&key_path, "not hex").unwrap();
+        let e = cfg.relay_auth().unwrap_err().to_string();
+        assert!(e.contains("32-byte secret"), "{e}");
+
+        // Each mistake is named.
+        for (from, to, field) in [
+            ("http://127.0.0.1:9000", "https://relay", "relays.fb.url"),
+            ("name = \"fb\"", "name = \"node-0\"", "relays.node-0"),
+            (
+                "relay_auth_key_file = \"secrets/relay.key\"",
+                "",
+                "relay_auth_key_file",
+            ),
+            (
+                "private_max_blocks = 10",
+                "private_max_blocks = 0",
+                "broadcast.private_max_blocks",
+            ),
+        ] {
+            std::fs::write(&p, text.replace(from, to)).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
     }
 }

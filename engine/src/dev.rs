@@ -39,6 +39,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         node_ws_url: node_ws_url.to_owned(),
         provider_name: "anvil".into(),
         providers: Vec::new(),
+        relays: Vec::new(),
+        relay_auth_key_file: None,
         broadcast: crate::config::BroadcastConfig::default(),
         confirmations: 2,
         accounts,
@@ -98,4 +100,19 @@ pub fn start_chain(anvil_path: Option<&Path>, block_time: Duration) -> Result<An
         ..AnvilConfig::default()
     };
     Ok(Anvil::spawn(&cfg)?)
+}
+
+/// `n` broadcast providers `anvil-0`…, each its own WebSocket connection to the one dev
+/// chain at `node_ws_url`, so that ranking and hedging run for real. One provider: none
+/// listed (`node_ws_url` is the provider, named as in [`dev_config`]).
+pub fn dev_providers(node_ws_url: &str, n: usize) -> Vec<crate::config::ProviderConfig> {
+    if n <= 1 {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|i| crate::config::ProviderConfig {
+            name: format!("anvil-{i}"),
+            ws_url: node_ws_url.to_owned(),
+        })
+        .collect()
 }

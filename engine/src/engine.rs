@@ -23,10 +23,12 @@ use crate::risk::audit::AuditStats;
 use crate::risk::{self, RiskAdmin};
 use crate::server::{self, Health, ServerCtx};
 use crate::stages::StatusSink;
-use crate::stages::broadcast::{BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec};
+use crate::stages::broadcast::{
+    BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec, RelaySpec,
+};
 use crate::stages::intake::IntakeStage;
 use crate::stages::policy::PolicyStage;
-use crate::stages::receipts::ReceiptsStage;
+use crate::stages::receipts::{ReceiptsStage, ReceiptsStats};
 use crate::stages::signing::{SigningAccount, SigningStage};
 use crate::stages::status::{Counters, StatusStage};
 
@@ -73,11 +75,15 @@ impl Engine {
     /// threads, binds the desk listener.
     pub fn start(cfg: Config) -> Result<Engine, EngineError> {
         cfg.validate()?;
+        // The relay-auth key (refused if its file is readable by others).
+        let relay_auth = cfg.relay_auth()?;
 
         // Warm state, read once, off the hot path.
         let mut rpc = RpcClient::connect(&cfg.node_ws_url)?;
         let chain_id = rpc.chain_id()?;
         let fees = Arc::new(FeeView::new(rpc.fee_estimate()?));
+        // The head's number too: a private send's `maxBlockNumber` counts from it.
+        fees.store_at(fees.load(), rpc.block_number()?);
         let custody = Custody::build(&cfg)?;
         let names: Vec<String> = cfg.accounts.iter().map(|a| a.name.clone()).collect();
         let custody_view = Arc::new(custody.view(&names));
@@ -132,7 +138,7 @@ impl Engine {
         // The risk engine: kill switch, audit trail, policy (file or configuration),
         // four-eyes pending set.
         let principals = Arc::new(Principals::default());
-        let parts = risk::assemble(
+        let mut parts = risk::assemble(
             &cfg,
             intake_tx.clone(),
             status.clone(),
@@ -143,6 +149,8 @@ impl Engine {
         let risk_admin = Arc::clone(&parts.admin);
         let risk_stop = Arc::clone(&parts.stop);
         let audit_stats = Arc::clone(&parts.audit_stats);
+        // `private` (and `auto` resolved to it) needs a relay.
+        parts.risk.set_private_relay(relay_auth.is_some());
         let policy = PolicyStage::new(
             parts.risk,
             parts.link,
@@ -173,8 +181,18 @@ impl Engine {
                 venue,
             });
         }
-        let broadcast_stats = Arc::new(BroadcastStats::new(&provider_names));
-        let broadcast = BroadcastStage::connect(
+        let relay_names: Vec<String> = cfg.relays.iter().map(|r| r.name.clone()).collect();
+        let relay_specs: Vec<RelaySpec> = cfg
+            .relays
+            .iter()
+            .map(|r| RelaySpec {
+                name: r.name.clone(),
+                url: r.url.clone(),
+                venue: kill.venue_slot(&r.name).unwrap_or(0),
+            })
+            .collect();
+        let broadcast_stats = Arc::new(BroadcastStats::with_relays(&provider_names, &relay_names));
+        let mut broadcast = BroadcastStage::connect(
             &specs,
             cfg.broadcast.tuning(),
             Arc::clone(&blobs),
@@ -188,16 +206,38 @@ impl Engine {
             Arc::clone(&kill),
             Arc::clone(&broadcast_stats),
         )?;
-        let receipts = ReceiptsStage::connect(
-            &cfg.node_ws_url,
+        if let Some(auth) = &relay_auth {
+            broadcast = broadcast.with_relays(&relay_specs, auth, Arc::clone(&fees))?;
+        }
+        // The head subscription: on the node, resumed on the providers in turn if lost.
+        let mut head_urls = vec![cfg.node_ws_url.clone()];
+        for p in &cfg.providers {
+            if !head_urls.contains(&p.ws_url) {
+                head_urls.push(p.ws_url.clone());
+            }
+        }
+        let receipts_stats = Arc::new(ReceiptsStats::default());
+        let mut receipts = ReceiptsStage::connect(
+            head_urls,
             Arc::clone(&fees),
             cfg.confirmations,
             status.clone(),
             latency.recorder("e2e.ws_to_included"),
             cap,
             Arc::clone(&blobs),
+            Arc::clone(&receipts_stats),
         )?;
-        let status_stage = StatusStage::new(control_rx, provider_names, Arc::clone(&counters));
+        // Reorged transactions go back through broadcast, byte for byte.
+        receipts.set_resend(broadcast.resend_handle());
+        // Venue bits: the providers, then the relays.
+        let venue_names: Vec<String> = provider_names.into_iter().chain(relay_names).collect();
+        let mut status_stage = StatusStage::new(control_rx, venue_names, Arc::clone(&counters));
+        // After signing: cancellations from desks, stuck and settled transactions from the
+        // receipt watcher, nonces no provider took from broadcast.
+        let notices = signing.notices();
+        status_stage.set_notices(notices.clone());
+        receipts.set_notices(notices.clone(), cfg.broadcast.stuck_blocks);
+        broadcast.set_notices(notices);
 
         let mut threads: Vec<String> = Vec::new();
         let mut next = |name: &str| {
@@ -266,6 +306,7 @@ impl Engine {
         let health = Arc::new(Health {
             chain_id,
             broadcast: Some(Arc::clone(&broadcast_stats)),
+            receipts: Some(Arc::clone(&receipts_stats)),
             ..Health::default()
         });
         let std_listener =

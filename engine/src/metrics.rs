@@ -144,7 +144,7 @@ pub fn risk_prometheus(risk: &crate::risk::RiskAdmin) -> String {
     s
 }
 
-/// Prometheus text of the broadcast providers: health, demotion, counters, round trip,
+/// Prometheus text of the broadcast providers and private relays: health, demotion, counters, round trip,
 /// hedges, and the share of intents sent through private routes.
 pub fn broadcast_prometheus(b: &crate::stages::broadcast::BroadcastStats) -> String {
     let mut s = String::with_capacity(2048);
@@ -214,6 +214,62 @@ pub fn broadcast_prometheus(b: &crate::stages::broadcast::BroadcastStats) -> Str
             let _ = writeln!(s, "{metric}{{provider=\"{}\"}} {}", p.name, ld(get(p)));
         }
     }
+    s.push_str("# HELP engine_relay_up Whether the private relay is connected.\n# TYPE engine_relay_up gauge\n");
+    for r in &b.relays {
+        let _ = writeln!(
+            s,
+            "engine_relay_up{{relay=\"{}\"}} {}",
+            r.name,
+            u8::from(r.up.load(Ordering::Relaxed))
+        );
+    }
+    s.push_str("# HELP engine_relay_rtt_seconds Smoothed round trip of the relay's answers.\n# TYPE engine_relay_rtt_seconds gauge\n");
+    for r in &b.relays {
+        let _ = writeln!(
+            s,
+            "engine_relay_rtt_seconds{{relay=\"{}\"}} {:.9}",
+            r.name,
+            ld(&r.rtt_ns) as f64 / 1e9
+        );
+    }
+    for (metric, help, get) in [
+        (
+            "engine_relay_sent_total",
+            "Private transactions written to the relay.",
+            (|p: &crate::stages::broadcast::ProviderStats| &p.sent)
+                as fn(&crate::stages::broadcast::ProviderStats) -> &std::sync::atomic::AtomicU64,
+        ),
+        (
+            "engine_relay_first_accepts_total",
+            "Private transactions the relay accepted first.",
+            |p| &p.first_accepts,
+        ),
+        (
+            "engine_relay_errors_total",
+            "Refusals and malformed answers from the relay.",
+            |p| &p.errors,
+        ),
+        (
+            "engine_relay_disconnects_total",
+            "Connections to the relay lost (errors, or closed by the relay).",
+            |p| &p.disconnects,
+        ),
+        (
+            "engine_relay_reconnects_total",
+            "Successful reconnects to the relay.",
+            |p| &p.reconnects,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for r in &b.relays {
+            let _ = writeln!(s, "{metric}{{relay=\"{}\"}} {}", r.name, ld(get(r)));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_broadcast_private_fallbacks_total Private transactions no relay took, sent publicly at once (public_fallback).\n# TYPE engine_broadcast_private_fallbacks_total counter\nengine_broadcast_private_fallbacks_total {}",
+        ld(&b.private_fallbacks)
+    );
     let _ = writeln!(
         s,
         "# HELP engine_broadcast_hedges_total Sends to one more provider after the hedge delay.\n# TYPE engine_broadcast_hedges_total counter\nengine_broadcast_hedges_total {}",
@@ -242,6 +298,26 @@ pub fn broadcast_prometheus(b: &crate::stages::broadcast::BroadcastStats) -> Str
     s
 }
 
+/// The private relays for `/health`.
+pub fn relays_json(b: &crate::stages::broadcast::BroadcastStats) -> Value {
+    Value::Array(
+        b.relays
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "up": r.up.load(Ordering::Relaxed),
+                    "rtt_us": r.rtt_ns.load(Ordering::Relaxed) / 1000,
+                    "sent": r.sent.load(Ordering::Relaxed),
+                    "first_accepts": r.first_accepts.load(Ordering::Relaxed),
+                    "errors": r.errors.load(Ordering::Relaxed),
+                    "reconnects": r.reconnects.load(Ordering::Relaxed),
+                })
+            })
+            .collect(),
+    )
+}
+
 /// The providers for `/health`.
 pub fn broadcast_json(b: &crate::stages::broadcast::BroadcastStats) -> Value {
     Value::Array(
@@ -261,4 +337,54 @@ pub fn broadcast_json(b: &crate::stages::broadcast::BroadcastStats) -> Value {
             })
             .collect(),
     )
+}
+
+/// Prometheus text of the receipts stage: head subscription, reorgs, resends.
+pub fn receipts_prometheus(r: &crate::stages::receipts::ReceiptsStats) -> String {
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut s = String::with_capacity(1024);
+    let _ = writeln!(
+        s,
+        "# HELP engine_head_subscribed Whether the head subscription is live.\n# TYPE engine_head_subscribed gauge\nengine_head_subscribed {}",
+        u8::from(r.subscribed.load(Ordering::Relaxed))
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_head_block Newest head seen.\n# TYPE engine_head_block gauge\nengine_head_block {}",
+        ld(&r.head)
+    );
+    for (metric, help, v) in [
+        (
+            "engine_head_resubscribes_total",
+            "Head subscriptions resumed after a loss.",
+            &r.resubscribes,
+        ),
+        (
+            "engine_reorgs_total",
+            "Chain reorganisations seen.",
+            &r.reorgs,
+        ),
+        (
+            "engine_reorged_total",
+            "Transactions whose block left the canonical chain.",
+            &r.reorged,
+        ),
+        (
+            "engine_resent_total",
+            "Transactions sent again (reorg, private window passed).",
+            &r.resent,
+        ),
+        (
+            "engine_private_fallbacks_total",
+            "Private sends that fell back to the public path.",
+            &r.private_fallbacks,
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric} {}",
+            ld(v)
+        );
+    }
+    s
 }

@@ -142,6 +142,9 @@ pub struct IntentMsg {
     pub route: Route,
     /// Send to every RPC provider at once instead of hedging after a delay.
     pub urgent: bool,
+    /// A private transaction that no relay takes goes to the public mempool instead of
+    /// failing.
+    pub public_fallback: bool,
     /// Destination.
     pub to: Address,
     /// Value in wei.
@@ -188,6 +191,22 @@ impl Message for IntentMsg {
 // Five cache lines: the intent, its travel-rule evidence and its hop stamps.
 assert_message_size!(IntentMsg, 320);
 
+/// Why a signed transaction was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum TxPurpose {
+    /// The intent's transaction.
+    #[default]
+    Intent,
+    /// The same transaction with higher fees, on the same nonce.
+    Replacement,
+    /// A zero-value transfer to itself on the intent's nonce, to cancel it.
+    Cancel,
+    /// A zero-value transfer to itself on a nonce whose transaction no provider took, so
+    /// the account's later transactions are not stuck behind a gap.
+    Filler,
+}
+
 /// A signed transaction on its way to the network and the receipt watcher.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TxMsg {
@@ -209,6 +228,16 @@ pub struct TxMsg {
     pub urgent: bool,
     /// Route requested (copied from the intent).
     pub route: Route,
+    /// A private send may fall back to the public path (copied from the intent).
+    pub public_fallback: bool,
+    /// Last block a private send may be included in (0 unless sent privately).
+    pub max_block: u64,
+    /// Why this transaction exists: the intent's own, a fee replacement, a cancellation,
+    /// or a filler for a nonce no provider took.
+    pub purpose: TxPurpose,
+    /// How many times the intent's transaction was replaced before this one (0 for the
+    /// first): with `seq`, it tells the transactions of one intent apart.
+    pub generation: u16,
     /// Hop timestamps carried over from the intent.
     pub hops: Hops,
 }
@@ -249,11 +278,22 @@ pub enum State {
     Confirmed,
     /// Could not be completed.
     Failed,
+    /// Its block left the canonical chain; it is tracked (and sent) again.
+    Reorged,
+    /// Its transaction was replaced on the same nonce (higher fees, or a cancellation);
+    /// `tx_hash` is the replacement's.
+    Replaced,
+    /// Cancelled by the desk: dropped before signing, or its nonce taken by a zero-value
+    /// replacement that was included.
+    Cancelled,
+    /// Not included, and a replacement would have to pay more than the intent's fee cap:
+    /// it waits for fees to fall (it is still valid and may be included any time).
+    FeeWait,
 }
 
 impl State {
     /// Number of states (for per-state counters).
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 14;
     /// Every state, in declaration order (`ALL[s as usize] == s`).
     pub const ALL: [State; State::COUNT] = [
         State::Accepted,
@@ -266,6 +306,10 @@ impl State {
         State::Included,
         State::Confirmed,
         State::Failed,
+        State::Reorged,
+        State::Replaced,
+        State::Cancelled,
+        State::FeeWait,
     ];
 
     /// Protocol name.
@@ -281,12 +325,19 @@ impl State {
             State::Included => "included",
             State::Confirmed => "confirmed",
             State::Failed => "failed",
+            State::Reorged => "reorged",
+            State::Replaced => "replaced",
+            State::Cancelled => "cancelled",
+            State::FeeWait => "fee_wait",
         }
     }
 
     /// No further event follows.
     pub const fn is_terminal(self) -> bool {
-        matches!(self, State::Rejected | State::Confirmed | State::Failed)
+        matches!(
+            self,
+            State::Rejected | State::Confirmed | State::Failed | State::Cancelled
+        )
     }
 }
 
@@ -454,6 +505,8 @@ pub enum StatusKind {
     Duplicate,
     /// A desk asked for the latest state of `id` (`status` op).
     Query,
+    /// A desk asked to cancel `id` (`cancel` op).
+    Cancel,
 }
 
 /// A status update for the fan-out thread: one per state change, from every stage.
@@ -491,8 +544,8 @@ pub struct StatusMsg {
     pub depth: u32,
     /// Route taken (broadcast).
     pub route: Route,
-    /// Providers the transaction was written to, one bit per provider in configuration
-    /// order (broadcast).
+    /// Venues the transaction was written to (broadcast): bit `i` is provider `i` in
+    /// configuration order, then bit `providers + j` is relay `j`.
     pub venues: u32,
     /// Version of the policy that decided (accepted, rejected, pending_approval).
     pub policy_version: u32,

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     NotFound,
     /// The op exists in the protocol but this engine does not offer it yet.
     NotSupported,
+    /// The intent is in a state where the op cannot apply (e.g. `cancel` after inclusion).
+    Conflict,
 }
 
 impl ErrorCode {
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::NotFound => "not_found",
             ErrorCode::NotSupported => "not_supported",
+            ErrorCode::Conflict => "conflict",
         }
     }
 }
@@ -129,6 +132,9 @@ pub struct DecodedIntent {
     pub route: Route,
     /// Send to every provider at once (`"urgent": true`).
     pub urgent: bool,
+    /// A private send no relay takes goes public instead of failing
+    /// (`"public_fallback": true`).
+    pub public_fallback: bool,
     /// Travel-rule data summary (`present == false` when none was attached).
     pub travel: TravelInfo,
 }
@@ -155,6 +161,13 @@ pub enum Request {
         req: Option<String>,
         /// The intent.
         intent: Box<DecodedIntent>,
+    },
+    /// `cancel`.
+    Cancel {
+        /// Echo token.
+        req: Option<String>,
+        /// Intent to cancel.
+        id: IntentId,
     },
     /// `status`.
     Status {
@@ -294,10 +307,11 @@ fn decode_op(fields: &Fields<'_>, req: Option<&str>) -> Result<Request, RequestE
         }),
         "reload_policy" => Ok(Request::ReloadPolicy { req: req_owned }),
         "pending" => Ok(Request::Pending { req: req_owned }),
-        "cancel" => Ok(Request::NotSupported {
-            req: req_owned,
-            op: "cancel",
-        }),
+        "cancel" => {
+            let id: String = required(fields, "id", "id")?;
+            let id = intent_id(&id, "id")?;
+            Ok(Request::Cancel { req: req_owned, id })
+        }
         other => Err(RequestError::bad(
             "op",
             format!(
@@ -492,6 +506,8 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
         max_fee_cap,
         route,
         urgent: optional::<bool>(f, "urgent", "intent.urgent")?.unwrap_or(false),
+        public_fallback: optional::<bool>(f, "public_fallback", "intent.public_fallback")?
+            .unwrap_or(false),
         travel,
     })
 }
@@ -751,7 +767,7 @@ mod tests {
         );
         assert!(matches!(
             decode(r#"{"op":"cancel","id":"x"}"#).unwrap(),
-            Request::NotSupported { op: "cancel", .. }
+            Request::Cancel { .. }
         ));
         assert!(matches!(
             decode(r#"{"op":"status","id":"abc"}"#).unwrap(),

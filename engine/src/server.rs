@@ -49,6 +49,8 @@ pub struct Health {
     pub stopping: AtomicBool,
     /// The broadcast stage's provider counters.
     pub broadcast: Option<Arc<crate::stages::broadcast::BroadcastStats>>,
+    /// The receipts stage's counters (head subscription, reorgs).
+    pub receipts: Option<Arc<crate::stages::receipts::ReceiptsStats>>,
 }
 
 /// Everything a connection task needs; shared read-only (plus lock-free handles).
@@ -186,6 +188,12 @@ fn route(
                     .broadcast
                     .as_deref()
                     .map(crate::metrics::broadcast_prometheus)
+                    .unwrap_or_default()
+                + &ctx
+                    .health
+                    .receipts
+                    .as_deref()
+                    .map(crate::metrics::receipts_prometheus)
                     .unwrap_or_default(),
         ),
         (&Method::GET, "/v1/latency") => {
@@ -226,6 +234,13 @@ fn health(ctx: &ServerCtx) -> Response<Body<Bytes>> {
             "blob_slots_free": ctx.blobs.available(),
             "signers": ctx.custody.health_json(),
             "providers": ctx.health.broadcast.as_deref().map(crate::metrics::broadcast_json),
+            "relays": ctx.health.broadcast.as_deref().map(crate::metrics::relays_json),
+            "head": ctx.health.receipts.as_deref().map(|r| json!({
+                "subscribed": r.subscribed.load(Ordering::Relaxed),
+                "number": r.head.load(Ordering::Relaxed),
+                "resubscribes": r.resubscribes.load(Ordering::Relaxed),
+                "reorgs": r.reorgs.load(Ordering::Relaxed),
+            })),
         }),
     )
 }
@@ -302,6 +317,7 @@ fn upgrade(
 struct PendingReqs {
     submit: HashMap<IntentId, VecDeque<Option<String>>>,
     status: HashMap<IntentId, VecDeque<Option<String>>>,
+    cancel: HashMap<IntentId, VecDeque<Option<String>>>,
 }
 
 impl PendingReqs {
@@ -529,6 +545,29 @@ fn handle_text(
                     .to_json(),
             })
         }
+        Request::Cancel { req, id } => {
+            if !principal.roles.has(Role::Trader) {
+                return Some(forbidden("cancel", req.as_deref(), Some(id.as_str())));
+            }
+            PendingReqs::push(&mut reqs.cancel, id, req.clone());
+            let q = StatusMsg {
+                kind: StatusKind::Cancel,
+                origin,
+                id,
+                ..StatusMsg::default()
+            };
+            match ctx.status.try_send(q) {
+                true => None,
+                false => {
+                    PendingReqs::unpush(&mut reqs.cancel, &id);
+                    Some(
+                        RequestError::new(ErrorCode::Overloaded, "status queue is full; retry")
+                            .with_context(req.as_deref(), Some(id.as_str()))
+                            .to_json(),
+                    )
+                }
+            }
+        }
         Request::Status { req, id } => {
             if !(principal.roles.has(Role::Trader)
                 || principal.roles.has(Role::Auditor)
@@ -591,6 +630,7 @@ fn handle_text(
                 kind: intent.kind,
                 route: intent.route,
                 urgent: intent.urgent,
+                public_fallback: intent.public_fallback,
                 to: intent.to,
                 value: intent.value,
                 gas_limit: intent.gas_limit,
@@ -659,6 +699,27 @@ fn render(out: Outbound, reqs: &mut PendingReqs) -> Vec<String> {
             let mut v = vec![ack];
             v.extend(latest);
             v
+        }
+        Outbound::CancelReply { id, outcome } => {
+            let req = PendingReqs::pop(&mut reqs.cancel, &id);
+            match outcome {
+                Ok(seq) => vec![protocol::with_req(
+                    json!({"op": "ok", "of": "cancel", "id": id.as_str(), "seq": seq}),
+                    req.as_deref(),
+                )],
+                Err((unknown, why)) => vec![
+                    RequestError::new(
+                        if unknown {
+                            ErrorCode::NotFound
+                        } else {
+                            ErrorCode::Conflict
+                        },
+                        why,
+                    )
+                    .with_context(req.as_deref(), Some(id.as_str()))
+                    .to_json(),
+                ],
+            }
         }
         Outbound::StatusReply {
             id,

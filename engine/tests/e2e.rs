@@ -244,12 +244,12 @@ fn malformed_frames_get_bad_request_and_the_session_continues() {
             (e["code"].as_str(), e["field"].as_str()),
             (Some("bad_request"), None)
         );
-        // Unsupported-yet ops say so.
+        // A cancel of an id this desk never used says so.
         desk.send(&json!({"op": "cancel", "id": "x", "req": "c"}))
             .await
             .unwrap();
         let e = desk.recv().await.unwrap();
-        assert_eq!(e["code"], "not_supported");
+        assert_eq!(e["code"], "not_found");
         assert_eq!(e["req"], "c");
         // The session is intact: ping, then a real intent goes all the way.
         desk.send(&json!({"op": "ping"})).await.unwrap();

@@ -19,7 +19,7 @@ use engine::risk::rules::Risk;
 use engine::stages::StatusSink;
 use engine::stages::intake::IntakeStage;
 use engine::stages::policy::PolicyStage;
-use engine::stages::signing::{SigningAccount, SigningStage};
+use engine::stages::signing::{NonceNotice, SigningAccount, SigningStage};
 use pipeline::{Emit, Hops, LatencyRegistry, Stage, fuse, many_to_one, now_raw};
 use signers::{AnySigner, LocalCurve, LocalSigner, Signer};
 use venues::{DEV_ADDRESSES, DEV_PRIVATE_KEYS, FeeEstimate, FeeView};
@@ -106,6 +106,19 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
     )
     .unwrap();
     let (pending_tx, _pending_rx) = crossbeam_channel::bounded(16);
+    let signing = SigningStage::new(
+        accounts,
+        None,
+        31337,
+        fees,
+        Arc::clone(&blobs),
+        status.clone(),
+        registry.recorder("sign"),
+        kill.clone(),
+    );
+    // The receipt watcher's part: each transaction, once confirmed, is settled (the
+    // signing stage then forgets it and frees its calldata slot).
+    let notices = signing.notices();
     let mut chain = fuse(
         fuse(
             IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 14),
@@ -119,16 +132,7 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
                 vec![0; 5],
             ),
         ),
-        SigningStage::new(
-            accounts,
-            None,
-            31337,
-            fees,
-            Arc::clone(&blobs),
-            status,
-            registry.recorder("sign"),
-            kill,
-        ),
+        signing,
     );
     let mut audited = 0usize;
     let calldata = [0xa9u8, 0x05, 0x9c, 0xbb, 0, 0, 0, 1];
@@ -187,10 +191,12 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
             Stage::on_message(chain, m, &mut collect);
         }
         for tx in out.drain(..) {
-            // What broadcast does with the raw bytes once written.
+            // What broadcast and the receipt watcher do with the raw bytes once written.
             blobs.release(tx.raw);
+            notices.send(NonceNotice::Settled { seq: tx.seq });
             signed += 1;
         }
+        Stage::poll_extra(chain, &mut Collect { out });
         statuses += status_rx.pop_batch(usize::MAX, |_| {});
         audited += audit_rx.try_iter().count();
     };

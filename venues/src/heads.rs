@@ -485,6 +485,45 @@ impl HeadFollower {
         })
     }
 
+    /// Connects to `ws_url` (blocking, like [`HeadFollower::connect`]) and
+    /// carries on where `previous` stopped, so that a lost connection loses
+    /// nothing: the chain it reported is kept, so the first head on the new
+    /// subscription links to it and every block missed in between is fetched
+    /// and reported in order (the reorg walk); receipts that were requested
+    /// but not answered on the old connection are requested again, and a walk
+    /// in progress starts over.
+    ///
+    /// On failure the error comes back with `previous`, untouched, to try again.
+    pub fn resume(
+        ws_url: &str,
+        previous: HeadFollower,
+    ) -> Result<Self, Box<(VenueError, HeadFollower)>> {
+        let mut next = match Self::connect(ws_url, Arc::clone(&previous.fees)) {
+            Ok(n) => n,
+            Err(e) => return Err(Box::new((e, previous))),
+        };
+        next.tracker = previous.tracker;
+        next.tracker.fetching = None;
+        next.tracker.walk.clear();
+        for (_, p) in previous.pending {
+            if let Pending::Receipts { number, hash } = p {
+                let req = format!(
+                    r#"{{"jsonrpc":"2.0","id":{},"method":"eth_getBlockReceipts","params":["{hash}"]}}"#,
+                    next.next_id
+                );
+                // A write can only be refused by a socket that just failed: the next
+                // poll reports it and the owner redials again.
+                let _ = next.queue(req, Pending::Receipts { number, hash });
+            }
+        }
+        Ok(next)
+    }
+
+    /// The newest block reported, if any.
+    pub fn tip(&self) -> Option<u64> {
+        (self.tracker.chain.len > 0).then_some(self.tracker.chain.tip)
+    }
+
     /// Registers the socket with `registry` for read and write readiness
     /// (edge-triggered). Call [`HeadFollower::poll`] once right after
     /// registering (frames may already be buffered from `connect`), then on

@@ -30,15 +30,43 @@
 //!   provider connected at all, transactions wait (up to `venue_wait`) for one to come
 //!   back, then fail with `venue_unavailable`.
 //!
+//! # The private route
+//!
+//! - A transaction routed `private` goes to every connected private relay at once
+//!   (`eth_sendPrivateTransaction` over each relay's persistent HTTP/1.1 connection, signed
+//!   by the relay-auth key), never to a provider, with `maxBlockNumber` = the head in the
+//!   [`FeeView`] + `private_max_blocks`. Relays are few and each decides on its own, so
+//!   sending to all is the normal practice; there is no hedge.
+//! - The first relay that answers with a hash makes the `broadcast` event (`route:
+//!   private`, `venues`: every relay it was written to), and the transaction goes on to the
+//!   receipt watcher with `route` private, its `max_block` and `public_fallback`.
+//! - A relay's refusal is not final while another relay may still accept. When every
+//!   connected relay refused it fails with `node_rejected` and the last relay's message,
+//!   or, when the intent allows `public_fallback`, goes to the providers at once (public
+//!   route from then on).
+//! - Relays are dialled at start; one that cannot be reached, or whose connection breaks
+//!   (an error, the relay closing it), is redialled by the reconnect thread like a
+//!   provider. Relays get no heartbeat: HTTP keep-alive connections are closed by the
+//!   relay when idle, and that close (seen on the next readiness event or write) is what
+//!   triggers the redial. What was unanswered on a lost relay goes to the relays it has
+//!   not reached; with no relay connected it waits (up to `venue_wait`), then fails with
+//!   `venue_unavailable`, or goes public with `public_fallback`.
+//! - Venue bits: provider `i` is bit `i` of the venue masks, relay `j` is bit
+//!   `providers + j`; the status stage names them from the provider names followed by the
+//!   relay names. Providers and relays together are at most [`MAX_VENUES`].
+//!
 //! # Invariants
 //!
-//! - One `broadcast` event per transaction at most, and only after some provider accepted
-//!   it; the hash reaches the receipt watcher only after that event.
+//! - One `broadcast` event per transaction at most, and only after some provider (or, on
+//!   the private route, some relay) accepted it; the hash reaches the receipt watcher
+//!   only after that event.
 //! - The raw bytes stay in their blob slot until the transaction is accepted or has
 //!   failed, so a hedge or a resend after a lost connection sends the very same bytes.
 //!   On acceptance the slot goes on to the receipt watcher with the hash; on failure it
 //!   is released here. Either way it is released exactly once.
 //! - Nothing here re-signs: a resend is the same transaction.
+//! - A transaction is on one route at a time (`InFlight::private`); its venue masks hold
+//!   only that route's bits. Falling back to public clears them first.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -48,18 +76,22 @@ use std::time::{Duration, Instant};
 use alloy_primitives::B256;
 use crossbeam_channel::{Receiver, Sender};
 use pipeline::{Emit, Hops, Recorder, Signal, Stage, Waker, now_raw, ticks_to_ns};
-use venues::{BroadcastConnection, RpcErrorInfo};
+use venues::{BroadcastConnection, FeeView, RelayAuth, RelayConnection, RelayReply, RpcErrorInfo};
 
 use crate::blob::{BlobPool, BlobRef};
-use crate::msg::{Origin, Reason, Route, State, StatusMsg, TxMsg};
+use crate::msg::{Origin, Reason, Route, State, StatusMsg, TxMsg, TxPurpose};
 use crate::risk::kill::KillSwitch;
 use crate::stages::StatusSink;
 
 const WAKE: mio::Token = mio::Token(0);
 /// Provider `i` polls under token `FIRST_PROVIDER + i`.
 const FIRST_PROVIDER: usize = 1;
-/// Most providers a stage drives (bit masks are `u32`).
-pub const MAX_PROVIDERS: usize = 32;
+/// Relay `j` polls under token `FIRST_RELAY + j`.
+const FIRST_RELAY: usize = FIRST_PROVIDER + MAX_VENUES;
+/// Most providers and relays together a stage drives (venue bit masks are `u32`).
+pub const MAX_VENUES: usize = 32;
+/// Most providers a stage drives (when it has no relay).
+pub const MAX_PROVIDERS: usize = MAX_VENUES;
 
 /// One RPC provider as configured.
 #[derive(Clone, Debug)]
@@ -69,6 +101,17 @@ pub struct ProviderSpec {
     /// WebSocket URL.
     pub ws_url: String,
     /// Kill-switch venue slot of this provider.
+    pub venue: u8,
+}
+
+/// One private relay as configured.
+#[derive(Clone, Debug)]
+pub struct RelaySpec {
+    /// Name in `broadcast` events, metrics and the kill switch's venue scope.
+    pub name: String,
+    /// HTTP endpoint (`http://host:port[/path]`).
+    pub url: String,
+    /// Kill-switch venue slot of this relay.
     pub venue: u8,
 }
 
@@ -91,8 +134,11 @@ pub struct BroadcastTuning {
     pub reconnect_max: Duration,
     /// How long a transaction waits for any provider to be connected before it fails.
     pub venue_wait: Duration,
-    /// Bound on one redial (TCP connect plus WebSocket handshake).
+    /// Bound on one redial (TCP connect plus WebSocket handshake) of a provider; a relay
+    /// redial is bounded by the relay connection's own dial timeout.
     pub connect_timeout: Duration,
+    /// A private transaction's `maxBlockNumber` is the head + this.
+    pub private_max_blocks: u64,
 }
 
 impl Default for BroadcastTuning {
@@ -107,11 +153,13 @@ impl Default for BroadcastTuning {
             reconnect_max: Duration::from_secs(5),
             venue_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
+            private_max_blocks: 25,
         }
     }
 }
 
-/// Live counters of one provider, read by `/metrics` and `/health`.
+/// Live counters of one provider or relay, read by `/metrics` and `/health` (a relay is
+/// never demoted and has no heartbeat: those stay at zero).
 #[derive(Debug)]
 pub struct ProviderStats {
     /// Provider name.
@@ -153,11 +201,16 @@ impl ProviderStats {
     }
 }
 
-/// Counters of the broadcast stage as a whole, with one entry per provider.
+/// Counters of the broadcast stage as a whole, with one entry per provider and relay.
 #[derive(Debug)]
 pub struct BroadcastStats {
     /// Per provider, in configuration order.
     pub providers: Vec<ProviderStats>,
+    /// Per private relay, in configuration order.
+    pub relays: Vec<ProviderStats>,
+    /// Private transactions that no relay took and that went public at once
+    /// (`public_fallback`).
+    pub private_fallbacks: AtomicU64,
     /// Hedged sends (a transaction written to one more provider because the earlier ones
     /// had not accepted it within the hedge delay).
     pub hedges: AtomicU64,
@@ -170,10 +223,17 @@ pub struct BroadcastStats {
 }
 
 impl BroadcastStats {
-    /// Counters for these providers.
+    /// Counters for these providers (and no relay).
     pub fn new(names: &[String]) -> Self {
+        Self::with_relays(names, &[])
+    }
+
+    /// Counters for these providers and relays.
+    pub fn with_relays(providers: &[String], relays: &[String]) -> Self {
         Self {
-            providers: names.iter().map(|n| ProviderStats::new(n)).collect(),
+            providers: providers.iter().map(|n| ProviderStats::new(n)).collect(),
+            relays: relays.iter().map(|n| ProviderStats::new(n)).collect(),
+            private_fallbacks: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
             resends: AtomicU64::new(0),
             public_routed: AtomicU64::new(0),
@@ -188,6 +248,14 @@ impl BroadcastStats {
             .filter(|p| p.up.load(Ordering::Relaxed))
             .count()
     }
+
+    /// Relays connected now.
+    pub fn relays_up(&self) -> usize {
+        self.relays
+            .iter()
+            .filter(|p| p.up.load(Ordering::Relaxed))
+            .count()
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -197,19 +265,32 @@ struct InFlight {
     account: crate::msg::AccountIdx,
     nonce: u64,
     first_raw: u64,
-    /// First write to any provider (raw ticks; 0 before).
+    /// First write to any venue of its current route (raw ticks; 0 before).
     sent_raw: u64,
     /// The raw transaction, kept until accepted or failed.
     raw: BlobRef,
-    /// Providers it was written to.
+    /// Venues it was written to (bits: see the module docs).
     sent: u32,
-    /// Providers it was written to that have not answered (on a live connection).
+    /// Venues it was written to that have not answered (on a live connection).
     pending: u32,
-    /// Providers that refused it.
+    /// Venues that refused it.
     refused: u32,
     urgent: bool,
-    /// When it started waiting for any provider to be connected.
+    asset: u8,
+    /// On the private route now (relays only).
+    private: bool,
+    /// May go public when no relay takes it.
+    public_fallback: bool,
+    /// `maxBlockNumber` given to the relays (0 before the first relay write).
+    max_block: u64,
+    /// `ws_to_wire` was recorded (once per transaction, whatever the route).
+    wired: bool,
+    /// When it started waiting for any venue of its route to be connected.
     waiting_since: Option<Instant>,
+    /// Why it was signed (a filler makes no desk event).
+    purpose: TxPurpose,
+    /// Replacements of the intent's transaction before this one.
+    generation: u16,
 }
 
 #[derive(Debug)]
@@ -232,6 +313,38 @@ struct Provider {
     /// Transactions accepted elsewhere while still unanswered here: seq -> first send
     /// (raw ticks), so a late answer still measures this provider's latency.
     late: HashMap<u64, u64>,
+}
+
+#[derive(Debug)]
+enum RelayHealth {
+    /// Connected.
+    Up(Box<RelayConnection>),
+    /// Being dialled by the reconnect thread.
+    Reconnecting,
+}
+
+#[derive(Debug)]
+struct Relay {
+    spec: RelaySpec,
+    health: RelayHealth,
+    /// A readiness event arrived since its socket was last read (an idle close shows up
+    /// this way).
+    ready: bool,
+    /// Smoothed answer round trip (ns), 0 before the first.
+    rtt_ns: u64,
+}
+
+/// What the private path did with a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PrivateStep {
+    /// Written to at least one more relay, or still pending on one.
+    Going,
+    /// No relay connected: waiting for one (bounded).
+    Waiting,
+    /// Every connected relay refused it; nothing left to try.
+    Exhausted,
+    /// No longer in flight.
+    Gone,
 }
 
 /// Latency recorders owned by the broadcast stage.
@@ -267,24 +380,50 @@ impl Resend {
     }
 }
 
-/// The reconnect thread: dials providers with backoff, off the hot path.
+/// A venue for the reconnect thread to dial.
+#[derive(Clone, Debug)]
+enum Dial {
+    /// Provider `i` at this WebSocket URL.
+    Provider(usize, String),
+    /// Relay `j` at this HTTP URL, signing with this key.
+    Relay(usize, String, RelayAuth),
+}
+
+impl Dial {
+    /// Identifies the venue (one redial per venue at a time).
+    fn key(&self) -> (bool, usize) {
+        match self {
+            Dial::Provider(i, _) => (false, *i),
+            Dial::Relay(j, ..) => (true, *j),
+        }
+    }
+}
+
+/// A connection the reconnect thread made.
+#[derive(Debug)]
+enum Dialled {
+    Provider(usize, BroadcastConnection),
+    Relay(usize, RelayConnection),
+}
+
+/// The reconnect thread: dials providers and relays with backoff, off the hot path.
 #[derive(Debug)]
 struct Reconnector {
-    requests: Sender<(usize, String)>,
-    done: Receiver<(usize, BroadcastConnection)>,
+    requests: Sender<Dial>,
+    done: Receiver<Dialled>,
 }
 
 impl Reconnector {
     fn spawn(waker: Arc<mio::Waker>, tuning: BroadcastTuning) -> std::io::Result<Self> {
-        let (req_tx, req_rx) = crossbeam_channel::unbounded::<(usize, String)>();
+        let (req_tx, req_rx) = crossbeam_channel::unbounded::<Dial>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         std::thread::Builder::new()
             .name("broadcast-reconnect".into())
             .spawn(move || {
-                // (provider, url, next attempt, current delay)
-                let mut queue: Vec<(usize, String, Instant, Duration)> = Vec::new();
+                // (venue, next attempt, current delay)
+                let mut queue: Vec<(Dial, Instant, Duration)> = Vec::new();
                 loop {
-                    let next = queue.iter().map(|q| q.2).min();
+                    let next = queue.iter().map(|q| q.1).min();
                     let got = match next {
                         None => match req_rx.recv() {
                             Ok(r) => Some(r),
@@ -299,35 +438,41 @@ impl Reconnector {
                             }
                         }
                     };
-                    if let Some((i, url)) = got
-                        && !queue.iter().any(|q| q.0 == i)
+                    if let Some(d) = got
+                        && !queue.iter().any(|q| q.0.key() == d.key())
                     {
                         let at = Instant::now() + tuning.reconnect_min;
-                        queue.push((i, url, at, tuning.reconnect_min));
+                        queue.push((d, at, tuning.reconnect_min));
                     }
                     let now = Instant::now();
                     let mut k = 0;
                     while k < queue.len() {
-                        if queue[k].2 > now {
+                        if queue[k].1 > now {
                             k += 1;
                             continue;
                         }
-                        match BroadcastConnection::connect_timeout(
-                            &queue[k].1,
-                            tuning.connect_timeout,
-                        ) {
+                        let dialled = match &queue[k].0 {
+                            Dial::Provider(i, url) => {
+                                BroadcastConnection::connect_timeout(url, tuning.connect_timeout)
+                                    .map(|c| Dialled::Provider(*i, c))
+                            }
+                            Dial::Relay(j, url, auth) => RelayConnection::connect(url, auth.clone())
+                                .map(|c| Dialled::Relay(*j, c)),
+                        };
+                        match dialled {
                             Ok(conn) => {
-                                let (i, ..) = queue.swap_remove(k);
-                                if done_tx.send((i, conn)).is_err() {
+                                queue.swap_remove(k);
+                                if done_tx.send(conn).is_err() {
                                     return;
                                 }
                                 let _ = waker.wake();
                             }
                             Err(e) => {
                                 let q = &mut queue[k];
-                                tracing::warn!(provider = q.0, error = %e, "provider redial failed");
-                                q.3 = (q.3 * 2).min(tuning.reconnect_max);
-                                q.2 = Instant::now() + q.3;
+                                let (relay, index) = q.0.key();
+                                tracing::warn!(venue = index, relay, error = %e, "venue redial failed");
+                                q.2 = (q.2 * 2).min(tuning.reconnect_max);
+                                q.1 = Instant::now() + q.2;
                                 k += 1;
                             }
                         }
@@ -355,6 +500,18 @@ pub struct BroadcastStage {
     hedges: VecDeque<(Instant, u64)>,
     /// Transactions waiting for any provider to be connected, oldest first.
     waiting: VecDeque<u64>,
+    /// Private relays, in configuration order (venue bit `providers.len() + j`).
+    relays: Vec<Relay>,
+    /// Private transactions waiting for any relay to be connected, oldest first.
+    waiting_private: VecDeque<u64>,
+    /// Relay replies parked by `poll_responses` until they can be handled.
+    relay_replies: Vec<(u64, RelayReply)>,
+    /// The head's block number (for `maxBlockNumber`); `None` without relays.
+    fees: Option<Arc<FeeView>>,
+    /// The relay-auth key (for redials); `None` without relays.
+    relay_auth: Option<RelayAuth>,
+    /// Scratch for failure messages.
+    detail: String,
     blobs: Arc<BlobPool>,
     status: StatusSink,
     rec: BroadcastRecorders,
@@ -373,6 +530,8 @@ pub struct BroadcastStage {
     next_heartbeat_check: Instant,
     resend_tx: Sender<TxMsg>,
     resend_rx: Receiver<TxMsg>,
+    /// The signing stage, told of signed transactions no venue took.
+    notices: Option<crate::stages::signing::Notices>,
 }
 
 impl BroadcastStage {
@@ -415,7 +574,9 @@ impl BroadcastStage {
                 }
                 Err(e) => {
                     tracing::warn!(provider = %spec.name, error = %e, "provider unreachable at start; dialling it in the background");
-                    let _ = reconnect.requests.send((i, spec.ws_url.clone()));
+                    let _ = reconnect
+                        .requests
+                        .send(Dial::Provider(i, spec.ws_url.clone()));
                     first_err.get_or_insert(e);
                     Health::Reconnecting
                 }
@@ -438,6 +599,7 @@ impl BroadcastStage {
         Ok(Self {
             resend_tx,
             resend_rx,
+            notices: None,
             providers: list,
             poll,
             events: mio::Events::with_capacity(64),
@@ -447,6 +609,12 @@ impl BroadcastStage {
             in_flight: HashMap::with_capacity(capacity),
             hedges: VecDeque::with_capacity(capacity),
             waiting: VecDeque::with_capacity(capacity),
+            relays: Vec::new(),
+            waiting_private: VecDeque::new(),
+            relay_replies: Vec::new(),
+            fees: None,
+            relay_auth: None,
+            detail: String::new(),
             blobs,
             status,
             rec,
@@ -461,20 +629,98 @@ impl BroadcastStage {
         })
     }
 
+    /// Adds the private relays: dials each now (blocking, bounded by the relay
+    /// connection's dial timeout; not on the stage thread, which has not started) and has
+    /// the ones that cannot be reached dialled again in the background. `fees` supplies
+    /// the head's block number for `maxBlockNumber`. Every request is signed by `auth`.
+    ///
+    /// # Panics
+    ///
+    /// If providers and relays together are more than [`MAX_VENUES`], or if the stats were
+    /// not made for these relays ([`BroadcastStats::with_relays`]).
+    pub fn with_relays(
+        mut self,
+        relays: &[RelaySpec],
+        auth: &RelayAuth,
+        fees: Arc<FeeView>,
+    ) -> Result<Self, venues::VenueError> {
+        assert!(
+            self.providers.len() + relays.len() <= MAX_VENUES,
+            "at most {MAX_VENUES} providers and relays"
+        );
+        assert_eq!(
+            self.stats.relays.len(),
+            relays.len(),
+            "stats for every relay"
+        );
+        for (j, spec) in relays.iter().enumerate() {
+            let health = match RelayConnection::connect(&spec.url, auth.clone()) {
+                Ok(mut conn) => {
+                    conn.register(self.poll.registry(), mio::Token(FIRST_RELAY + j))?;
+                    self.stats.relays[j].up.store(true, Ordering::Relaxed);
+                    RelayHealth::Up(Box::new(conn))
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %spec.name, error = %e, "relay unreachable at start; dialling it in the background");
+                    let _ = self.reconnect.requests.send(Dial::Relay(
+                        j,
+                        spec.url.clone(),
+                        auth.clone(),
+                    ));
+                    RelayHealth::Reconnecting
+                }
+            };
+            self.relays.push(Relay {
+                spec: spec.clone(),
+                health,
+                ready: false,
+                rtt_ns: 0,
+            });
+        }
+        let capacity = self.in_flight.capacity();
+        self.waiting_private = VecDeque::with_capacity(capacity);
+        self.relay_replies = Vec::with_capacity(capacity);
+        self.detail = String::with_capacity(256);
+        self.fees = Some(fees);
+        self.relay_auth = Some(auth.clone());
+        Ok(self)
+    }
+
     /// Transactions held by a kill switch right now.
     pub fn held(&self) -> usize {
         self.held.len()
     }
 
-    /// Whether every provider's venue is killed (nothing may be sent anywhere).
-    fn all_venues_killed(&self) -> bool {
-        self.providers
-            .iter()
-            .all(|p| self.kill.venue_killed(p.spec.venue))
+    /// Whether every venue of the route `m` takes is killed (nothing may be sent).
+    fn all_venues_killed(&self, m: &TxMsg) -> bool {
+        if self.goes_private(m) {
+            self.relays
+                .iter()
+                .all(|r| self.kill.venue_killed(r.spec.venue))
+        } else {
+            self.providers
+                .iter()
+                .all(|p| self.kill.venue_killed(p.spec.venue))
+        }
+    }
+
+    /// Whether `m` takes the private route here.
+    fn goes_private(&self, m: &TxMsg) -> bool {
+        m.route == Route::Private && !self.relays.is_empty()
     }
 
     fn must_hold(&self, m: &TxMsg) -> bool {
-        self.kill.check(m.account.0, m.asset, None).is_some() || self.all_venues_killed()
+        self.kill.check(m.account.0, m.asset, None).is_some() || self.all_venues_killed(m)
+    }
+
+    /// Venue bit of relay `j`.
+    fn relay_bit(&self, j: usize) -> u32 {
+        1u32 << (self.providers.len() + j)
+    }
+
+    /// The newest head's block number, as the head follower last stored it.
+    fn head(&self) -> u64 {
+        self.fees.as_ref().map_or(0, |f| f.updated_block())
     }
 
     /// Sends what the kill switch no longer holds, keeping each account's order: a
@@ -526,9 +772,10 @@ impl BroadcastStage {
         });
     }
 
-    /// First handling of a signed transaction: to the best provider, or to all of them if
-    /// urgent; a hedge timer for the rest.
+    /// First handling of a signed transaction: private, to every relay; public, to the
+    /// best provider, or to all of them if urgent, with a hedge timer for the rest.
     fn start(&mut self, msg: TxMsg) {
+        let private = self.goes_private(&msg);
         let f = InFlight {
             origin: msg.origin,
             tx_hash: msg.tx_hash,
@@ -541,10 +788,34 @@ impl BroadcastStage {
             pending: 0,
             refused: 0,
             urgent: msg.urgent,
+            asset: msg.asset,
+            private,
+            public_fallback: msg.public_fallback,
+            max_block: 0,
+            wired: false,
             waiting_since: None,
+            purpose: msg.purpose,
+            generation: msg.generation,
         };
-        self.in_flight.insert(msg.seq, f);
-        self.advance(msg.seq, false);
+        // A replacement (same nonce) supersedes an earlier transaction of the intent that
+        // no venue has accepted yet: its slot is released and it is not sent further.
+        if let Some(old) = self.in_flight.insert(msg.seq, f) {
+            self.blobs.release(old.raw);
+        }
+        if private {
+            self.advance_private_settle(msg.seq);
+        } else if msg.route == Route::Private && !msg.public_fallback {
+            // The policy refuses `private` without a relay; this is a resend or a direct
+            // caller.
+            self.finish_failed(
+                msg.seq,
+                f,
+                Reason::RouteUnavailable,
+                "no private relay is configured; the transaction was not sent",
+            );
+        } else {
+            self.advance(msg.seq, false);
+        }
     }
 
     /// Writes transaction `seq` to the next provider(s) it has not reached: one, or every
@@ -556,6 +827,10 @@ impl BroadcastStage {
         let Some(mut f) = self.in_flight.get(&seq).copied() else {
             return;
         };
+        if f.private {
+            self.advance_private_settle(seq);
+            return;
+        }
         let mut wrote = 0;
         let mut k = 0;
         while k < self.order.len() {
@@ -575,6 +850,9 @@ impl BroadcastStage {
                     let at = now_raw();
                     if f.sent_raw == 0 {
                         f.sent_raw = at;
+                    }
+                    if !f.wired {
+                        f.wired = true;
                         self.rec.ws_to_wire.record(ticks_to_ns(f.first_raw, at));
                     }
                     f.sent |= bit;
@@ -619,6 +897,264 @@ impl BroadcastStage {
             self.waiting.push_back(seq);
         }
         self.in_flight.insert(seq, f);
+    }
+
+    /// Writes private transaction `seq` to every connected relay (venue not killed) it has
+    /// not reached yet. The first write fixes its `maxBlockNumber`.
+    fn advance_private(&mut self, seq: u64) -> PrivateStep {
+        let now = Instant::now();
+        let Some(mut f) = self.in_flight.get(&seq).copied() else {
+            return PrivateStep::Gone;
+        };
+        debug_assert!(f.private);
+        let mut wrote = 0;
+        let mut usable = 0;
+        for j in 0..self.relays.len() {
+            if self.kill.venue_killed(self.relays[j].spec.venue)
+                || !matches!(self.relays[j].health, RelayHealth::Up(_))
+            {
+                continue;
+            }
+            usable += 1;
+            let bit = self.relay_bit(j);
+            if f.sent & bit != 0 {
+                continue;
+            }
+            if f.max_block == 0 {
+                f.max_block = self.head() + self.tuning.private_max_blocks;
+            }
+            // SAFETY: this stage holds the in-flight entry, hence owns its raw slot.
+            let bytes = unsafe { self.blobs.bytes(f.raw) };
+            let RelayHealth::Up(conn) = &mut self.relays[j].health else {
+                continue;
+            };
+            match conn.send_private_transaction(bytes, Some(f.max_block), seq) {
+                Ok(()) => {
+                    let at = now_raw();
+                    if f.sent_raw == 0 {
+                        f.sent_raw = at;
+                    }
+                    if !f.wired {
+                        f.wired = true;
+                        self.rec.ws_to_wire.record(ticks_to_ns(f.first_raw, at));
+                    }
+                    f.sent |= bit;
+                    f.pending |= bit;
+                    f.waiting_since = None;
+                    self.stats.relays[j].sent.fetch_add(1, Ordering::Relaxed);
+                    wrote += 1;
+                }
+                Err(e) => {
+                    usable -= 1;
+                    self.in_flight.insert(seq, f);
+                    self.lose_relay(j, &e.to_string());
+                    // `lose_relay` moves on what waited on that relay: maybe this one.
+                    match self.in_flight.get(&seq) {
+                        Some(g) if g.private => f = *g,
+                        _ => return PrivateStep::Gone,
+                    }
+                }
+            }
+        }
+        self.in_flight.insert(seq, f);
+        if wrote > 0 || f.pending != 0 {
+            return PrivateStep::Going;
+        }
+        if usable == 0 {
+            // No relay connected: wait for one (bounded).
+            if f.waiting_since.is_none() {
+                if let Some(g) = self.in_flight.get_mut(&seq) {
+                    g.waiting_since = Some(now);
+                }
+                self.waiting_private.push_back(seq);
+            }
+            return PrivateStep::Waiting;
+        }
+        PrivateStep::Exhausted
+    }
+
+    /// [`Self::advance_private`], settling a transaction every connected relay refused.
+    fn advance_private_settle(&mut self, seq: u64) {
+        if self.advance_private(seq) == PrivateStep::Exhausted {
+            self.private_exhausted(seq, None, "every connected relay refused it");
+        }
+    }
+
+    /// No relay takes private transaction `seq`: public at once with `public_fallback`,
+    /// else failed with the relay's refusal (`relay`: which one, if known).
+    fn private_exhausted(&mut self, seq: u64, relay: Option<usize>, message: &str) {
+        let Some(f) = self.in_flight.get(&seq).copied() else {
+            return;
+        };
+        if f.public_fallback {
+            self.go_public(seq);
+            return;
+        }
+        use std::fmt::Write as _;
+        let mut detail = std::mem::take(&mut self.detail);
+        detail.clear();
+        match relay {
+            Some(j) => {
+                let _ = write!(
+                    detail,
+                    "relay {} refused: {message}",
+                    self.relays[j].spec.name
+                );
+            }
+            None => detail.push_str(message),
+        }
+        self.finish_failed(seq, f, Reason::NodeRejected, &detail);
+        self.detail = detail;
+    }
+
+    /// Moves private transaction `seq` to the public route (`public_fallback`): written
+    /// to the providers at once, as if it had arrived public.
+    fn go_public(&mut self, seq: u64) {
+        let Some(f) = self.in_flight.get_mut(&seq) else {
+            return;
+        };
+        tracing::info!(
+            seq,
+            "no private relay took the transaction; sending it publicly"
+        );
+        f.private = false;
+        f.sent = 0;
+        f.pending = 0;
+        f.refused = 0;
+        f.sent_raw = 0;
+        f.max_block = 0;
+        f.waiting_since = None;
+        self.stats.private_fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.advance(seq, false);
+    }
+
+    /// Relay `j` answered for `tag`.
+    fn handle_relay_reply<E: Emit<TxMsg>>(
+        &mut self,
+        j: usize,
+        tag: u64,
+        reply: RelayReply,
+        now: u64,
+        out: &mut E,
+    ) {
+        let bit = self.relay_bit(j);
+        let refusal = match reply {
+            RelayReply::Sent(_) => None,
+            RelayReply::Error(e) if is_already_known(&e) => None,
+            RelayReply::Error(e) => {
+                self.stats.relays[j].errors.fetch_add(1, Ordering::Relaxed);
+                Some(e)
+            }
+            // Cancellation is not sent by this stage.
+            RelayReply::Cancelled(_) => return,
+        };
+        let Some(f) = self.in_flight.get_mut(&tag) else {
+            // Already accepted (by another relay) or settled: a late answer.
+            return;
+        };
+        if !f.private || f.pending & bit == 0 {
+            return;
+        }
+        f.pending &= !bit;
+        let rtt = ticks_to_ns(f.sent_raw, now);
+        let r = &mut self.relays[j];
+        r.rtt_ns = if r.rtt_ns == 0 {
+            rtt
+        } else {
+            (r.rtt_ns * 7 + rtt) / 8
+        };
+        self.stats.relays[j]
+            .rtt_ns
+            .store(r.rtt_ns, Ordering::Relaxed);
+        let Some(e) = refusal else {
+            self.accepted_private(j, tag, now, out);
+            return;
+        };
+        f.refused |= bit;
+        if f.pending != 0 {
+            // Another relay may still accept.
+            return;
+        }
+        if self.advance_private(tag) == PrivateStep::Exhausted {
+            self.private_exhausted(tag, Some(j), &e.message);
+        }
+    }
+
+    /// Relay `j` accepted private transaction `seq`: the `broadcast` event, then the
+    /// transaction to the receipt watcher (route private, with its `max_block`).
+    fn accepted_private<E: Emit<TxMsg>>(&mut self, j: usize, seq: u64, now: u64, out: &mut E) {
+        let Some(f) = self.in_flight.remove(&seq) else {
+            return;
+        };
+        self.stats.relays[j]
+            .first_accepts
+            .fetch_add(1, Ordering::Relaxed);
+        self.stats.private_routed.fetch_add(1, Ordering::Relaxed);
+        if f.purpose != TxPurpose::Filler {
+            self.status.send(StatusMsg {
+                tx_hash: f.tx_hash,
+                route: Route::Private,
+                venues: f.sent,
+                ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
+            });
+        }
+        let mut hops = Hops::starting_at(f.first_raw);
+        hops.stamp(f.sent_raw);
+        out.emit(TxMsg {
+            seq,
+            origin: f.origin,
+            account: f.account,
+            nonce: f.nonce,
+            tx_hash: f.tx_hash,
+            raw: f.raw,
+            asset: f.asset,
+            urgent: f.urgent,
+            route: Route::Private,
+            public_fallback: f.public_fallback,
+            max_block: f.max_block,
+            hops,
+            purpose: f.purpose,
+            generation: f.generation,
+        });
+    }
+
+    /// Relay `j`'s connection is gone: have it dialled again, and move what waited only
+    /// on it to the other relays (or wait for one).
+    fn lose_relay(&mut self, j: usize, why: &str) {
+        if !matches!(self.relays[j].health, RelayHealth::Up(_)) {
+            return;
+        }
+        tracing::warn!(relay = %self.relays[j].spec.name, reason = why, "relay connection lost");
+        self.relays[j].health = RelayHealth::Reconnecting;
+        self.relays[j].ready = false;
+        self.stats.relays[j].up.store(false, Ordering::Relaxed);
+        self.stats.relays[j]
+            .disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(auth) = &self.relay_auth {
+            let _ = self.reconnect.requests.send(Dial::Relay(
+                j,
+                self.relays[j].spec.url.clone(),
+                auth.clone(),
+            ));
+        }
+        let bit = self.relay_bit(j);
+        let mut orphans: Vec<u64> = Vec::new();
+        for (seq, f) in &mut self.in_flight {
+            if f.private && f.pending & bit != 0 {
+                f.pending &= !bit;
+                // Unanswered: it may still reach the chain through that relay, and is sent
+                // there again after the redial (relays take the same hash twice).
+                f.sent &= !bit;
+                if f.pending == 0 {
+                    orphans.push(*seq);
+                }
+            }
+        }
+        for seq in orphans {
+            self.stats.resends.fetch_add(1, Ordering::Relaxed);
+            self.advance_private_settle(seq);
+        }
     }
 
     /// Provider `i` answered after `rtt_ns`: smooth it in, demote if over budget.
@@ -731,12 +1267,14 @@ impl BroadcastStage {
         }
         self.rec.ws_to_node.record(ticks_to_ns(f.first_raw, now));
         self.rec.node_rtt.record(ticks_to_ns(f.sent_raw, now));
-        self.status.send(StatusMsg {
-            tx_hash: f.tx_hash,
-            route: Route::Public,
-            venues: f.sent,
-            ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
-        });
+        if f.purpose != TxPurpose::Filler {
+            self.status.send(StatusMsg {
+                tx_hash: f.tx_hash,
+                route: Route::Public,
+                venues: f.sent,
+                ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
+            });
+        }
         // Hops: the intent's first stamp (for end-to-end time to inclusion) and when it was
         // first written to a provider. The raw transaction's slot goes along: the receipt
         // watcher keeps the bytes (to send them again if a reorg drops the transaction)
@@ -750,14 +1288,43 @@ impl BroadcastStage {
             nonce: f.nonce,
             tx_hash: f.tx_hash,
             raw: f.raw,
+            asset: f.asset,
+            urgent: f.urgent,
+            route: Route::Public,
+            public_fallback: f.public_fallback,
+            max_block: 0,
             hops,
-            ..TxMsg::default()
+            purpose: f.purpose,
+            generation: f.generation,
         });
+    }
+
+    /// Where a signed transaction that no venue took is reported, so its nonce is not
+    /// left a gap (the signing stage).
+    pub fn set_notices(&mut self, n: crate::stages::signing::Notices) {
+        self.notices = Some(n);
     }
 
     fn finish_failed(&mut self, seq: u64, f: InFlight, reason: Reason, detail: &str) {
         self.in_flight.remove(&seq);
         self.blobs.release(f.raw);
+        match f.purpose {
+            TxPurpose::Replacement | TxPurpose::Cancel => {
+                // The intent's earlier transaction holds the nonce and may still be
+                // included (or already is: "nonce too low"); nothing ends here.
+                tracing::warn!(seq, ?f.purpose, detail, "a replacement was not taken");
+                return;
+            }
+            TxPurpose::Filler | TxPurpose::Intent => {
+                if let Some(n) = &self.notices {
+                    n.send(crate::stages::signing::NonceNotice::Void { seq });
+                }
+            }
+        }
+        if f.purpose == TxPurpose::Filler {
+            // The intent already ended; its nonce is the signing stage's to fill again.
+            return;
+        }
         self.status.send(StatusMsg::refusal(
             seq,
             f.origin,
@@ -784,7 +1351,7 @@ impl BroadcastStage {
         let _ = self
             .reconnect
             .requests
-            .send((i, self.providers[i].spec.ws_url.clone()));
+            .send(Dial::Provider(i, self.providers[i].spec.ws_url.clone()));
         let bit = 1u32 << i;
         let mut orphans: Vec<u64> = Vec::new();
         for (seq, f) in &mut self.in_flight {
@@ -806,7 +1373,15 @@ impl BroadcastStage {
 
     fn on_reconnected(&mut self) -> usize {
         let mut n = 0;
-        while let Ok((i, mut conn)) = self.reconnect.done.try_recv() {
+        let mut relays = 0;
+        while let Ok(dialled) = self.reconnect.done.try_recv() {
+            let (i, mut conn) = match dialled {
+                Dialled::Provider(i, conn) => (i, conn),
+                Dialled::Relay(j, conn) => {
+                    relays += self.relay_reconnected(j, conn);
+                    continue;
+                }
+            };
             if conn
                 .register(self.poll.registry(), mio::Token(FIRST_PROVIDER + i))
                 .is_err()
@@ -814,7 +1389,7 @@ impl BroadcastStage {
                 let _ = self
                     .reconnect
                     .requests
-                    .send((i, self.providers[i].spec.ws_url.clone()));
+                    .send(Dial::Provider(i, self.providers[i].spec.ws_url.clone()));
                 continue;
             }
             tracing::info!(provider = %self.providers[i].spec.name, "provider reconnected");
@@ -830,13 +1405,65 @@ impl BroadcastStage {
             // Whatever waited for a provider goes now.
             let waiting: Vec<u64> = self.waiting.drain(..).collect();
             for seq in waiting {
-                if let Some(f) = self.in_flight.get_mut(&seq) {
+                if let Some(f) = self.in_flight.get_mut(&seq)
+                    && !f.private
+                {
                     f.waiting_since = None;
                     self.advance(seq, false);
                 }
             }
         }
+        if relays > 0 {
+            // Whatever waited for a relay goes now (keeping its wait deadline if the
+            // relay cannot take it either).
+            let waiting: Vec<u64> = self.waiting_private.drain(..).collect();
+            for seq in waiting {
+                if let Some(f) = self.in_flight.get(&seq).copied()
+                    && f.private
+                {
+                    match self.advance_private(seq) {
+                        PrivateStep::Exhausted => {
+                            self.private_exhausted(seq, None, "every connected relay refused it");
+                        }
+                        PrivateStep::Waiting
+                            if f.waiting_since.is_some()
+                                && !self.waiting_private.contains(&seq) =>
+                        {
+                            // Still waiting: `advance_private` kept its start time.
+                            self.waiting_private.push_back(seq);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            n += relays;
+        }
         n
+    }
+
+    /// The reconnect thread dialled relay `j` again: 1 if it is usable now.
+    fn relay_reconnected(&mut self, j: usize, mut conn: RelayConnection) -> usize {
+        if conn
+            .register(self.poll.registry(), mio::Token(FIRST_RELAY + j))
+            .is_err()
+        {
+            if let Some(auth) = &self.relay_auth {
+                let _ = self.reconnect.requests.send(Dial::Relay(
+                    j,
+                    self.relays[j].spec.url.clone(),
+                    auth.clone(),
+                ));
+            }
+            return 0;
+        }
+        tracing::info!(relay = %self.relays[j].spec.name, "relay reconnected");
+        self.relays[j].health = RelayHealth::Up(Box::new(conn));
+        self.relays[j].ready = false;
+        self.stats.relays[j].up.store(true, Ordering::Relaxed);
+        self.stats.relays[j]
+            .reconnects
+            .fetch_add(1, Ordering::Relaxed);
+        1
     }
 
     /// Due hedges, waiting transactions past their deadline, heartbeats.
@@ -851,7 +1478,7 @@ impl BroadcastStage {
             let Some(f) = self.in_flight.get(&seq).copied() else {
                 continue;
             };
-            if f.pending == 0 {
+            if f.pending == 0 || f.private {
                 continue;
             }
             // The providers holding it are slower than the hedge delay: that is observed
@@ -877,6 +1504,10 @@ impl BroadcastStage {
                 self.waiting.pop_front();
                 continue;
             };
+            if f.private {
+                self.waiting.pop_front();
+                continue;
+            }
             match f.waiting_since {
                 Some(t) if now.duration_since(t) >= self.tuning.venue_wait => {
                     self.waiting.pop_front();
@@ -891,6 +1522,36 @@ impl BroadcastStage {
                 Some(_) => break,
                 None => {
                     self.waiting.pop_front();
+                }
+            }
+        }
+        while let Some(&seq) = self.waiting_private.front() {
+            let Some(f) = self.in_flight.get(&seq).copied() else {
+                self.waiting_private.pop_front();
+                continue;
+            };
+            if !f.private {
+                self.waiting_private.pop_front();
+                continue;
+            }
+            match f.waiting_since {
+                Some(t) if now.duration_since(t) >= self.tuning.venue_wait => {
+                    self.waiting_private.pop_front();
+                    if f.public_fallback {
+                        self.go_public(seq);
+                    } else {
+                        self.finish_failed(
+                            seq,
+                            f,
+                            Reason::VenueUnavailable,
+                            "no private relay was reachable in time; the transaction was not sent",
+                        );
+                    }
+                    n += 1;
+                }
+                Some(_) => break,
+                None => {
+                    self.waiting_private.pop_front();
                 }
             }
         }
@@ -926,10 +1587,12 @@ impl BroadcastStage {
         if let Some(&(due, _)) = self.hedges.front() {
             t = t.min(due);
         }
-        if let Some(f) = self.waiting.front().and_then(|s| self.in_flight.get(s))
-            && let Some(since) = f.waiting_since
-        {
-            t = t.min(since + self.tuning.venue_wait);
+        for queue in [&self.waiting, &self.waiting_private] {
+            if let Some(f) = queue.front().and_then(|s| self.in_flight.get(s))
+                && let Some(since) = f.waiting_since
+            {
+                t = t.min(since + self.tuning.venue_wait);
+            }
         }
         t
     }
@@ -958,6 +1621,29 @@ impl BroadcastStage {
             self.answers = answers;
             if let Err(e) = res {
                 self.lose(i, &e.to_string());
+            }
+        }
+        for j in 0..self.relays.len() {
+            let r = &mut self.relays[j];
+            let RelayHealth::Up(conn) = &mut r.health else {
+                continue;
+            };
+            // An idle connection is read only after a readiness event: that is how a
+            // relay closing it is noticed.
+            if conn.in_flight() == 0 && !conn.write_pending() && !r.ready {
+                continue;
+            }
+            r.ready = false;
+            let mut replies = std::mem::take(&mut self.relay_replies);
+            let res = conn.poll_responses(|tag, reply| replies.push((tag, reply)));
+            let now = now_raw();
+            handled += replies.len();
+            for (tag, reply) in replies.drain(..) {
+                self.handle_relay_reply(j, tag, reply, now, out);
+            }
+            self.relay_replies = replies;
+            if let Err(e) = res {
+                self.lose_relay(j, &e.to_string());
             }
         }
         handled
@@ -1038,6 +1724,16 @@ impl Stage for BroadcastStage {
         let until_timer = self.next_timer().saturating_duration_since(Instant::now());
         let t = timeout.map_or(until_timer, |t| t.min(until_timer));
         let _ = self.poll.poll(&mut self.events, Some(t));
+        for ev in self.events.iter() {
+            if let Some(r) = ev
+                .token()
+                .0
+                .checked_sub(FIRST_RELAY)
+                .and_then(|j| self.relays.get_mut(j))
+            {
+                r.ready = true;
+            }
+        }
     }
 
     fn on_shutdown<E: Emit<TxMsg>>(&mut self, out: &mut E) {

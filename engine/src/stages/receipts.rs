@@ -1,17 +1,47 @@
 //! Receipts: follows the chain head over a `newHeads` subscription, fetches each new
 //! block's receipts in one call, and reports `included` and then `confirmed` for the
 //! transactions it watches. Driven by the subscription and mio readiness; no polling timer.
+//!
+//! # What survives
+//!
+//! - **A lost subscription.** The follower is handed to a redial thread, which resumes
+//!   it on the node or, failing that, on the next provider in turn, with backoff (never
+//!   on this thread). The resumed follower keeps the chain it reported: the first head on
+//!   the new subscription links to it and every block missed meanwhile is fetched and
+//!   reported in order, and receipts asked for but not answered are asked for again. So
+//!   no receipt is missed; `included` may only come later.
+//! - **A reorg.** The follower reports which reported blocks left the canonical chain
+//!   (parent-hash mismatch). Every transaction included in one of them gets `reorged`,
+//!   leaves the confirmation queue, and is sent again byte for byte through the broadcast
+//!   stage (a node that still has it answers "already known", which counts as accepted);
+//!   its next inclusion is reported as usual. The raw bytes of every transaction are kept
+//!   here until it is confirmed, for exactly that.
+//! - **A private send that the relays did not include** by its last block: sent again on
+//!   the public path if the intent allows a public fall-back, else privately again with a
+//!   new window.
+//!
+//! # Invariants
+//!
+//! - `included` and `confirmed` come at most once per inclusion; after `reorged` the next
+//!   `included` is for the new canonical block.
+//! - A raw-transaction slot that comes in with a hash is released here, exactly once;
+//!   a resend claims a new one and hands it to the broadcast stage.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use alloy_primitives::B256;
-use pipeline::{Emit, NoMessage, Recorder, Signal, Stage, Waker, now_raw, ticks_to_ns};
+use crossbeam_channel::{Receiver, Sender};
+use pipeline::{Emit, Hops, NoMessage, Recorder, Signal, Stage, Waker, now_raw, ticks_to_ns};
 use venues::{FeeView, HeadEvent, HeadFollower, ReceiptSummary};
 
-use crate::msg::{Origin, State, StatusMsg, TxMsg};
+use crate::blob::BlobPool;
+use crate::msg::{AccountIdx, Origin, Route, State, StatusMsg, TxMsg, TxPurpose};
 use crate::stages::StatusSink;
+use crate::stages::broadcast::Resend;
+use crate::stages::signing::{NonceNotice, Notices};
 
 const SOCKET: mio::Token = mio::Token(0);
 const WAKE: mio::Token = mio::Token(1);
@@ -19,24 +49,69 @@ const WAKE: mio::Token = mio::Token(1);
 /// How many recent blocks' receipts are remembered for hashes that arrive late.
 const RECENT_BLOCKS: usize = 64;
 
+/// Counters of the receipts stage, read by `/metrics` and `/health`.
+#[derive(Debug, Default)]
+pub struct ReceiptsStats {
+    /// The head subscription is live now.
+    pub subscribed: AtomicBool,
+    /// Subscriptions resumed after a loss.
+    pub resubscribes: AtomicU64,
+    /// Reorgs seen.
+    pub reorgs: AtomicU64,
+    /// Transactions whose block left the canonical chain.
+    pub reorged: AtomicU64,
+    /// Transactions sent again (after a reorg or a private window that passed).
+    pub resent: AtomicU64,
+    /// Private sends that fell back to the public path.
+    pub private_fallbacks: AtomicU64,
+    /// Newest head seen.
+    pub head: AtomicU64,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Watch {
     seq: u64,
     origin: Origin,
     first_raw: u64,
+    /// Last block a private send may be included in (0: public).
+    max_block: u64,
+    purpose: TxPurpose,
+    /// Head when it was sent (or last reported stuck).
+    since_head: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Included {
     seq: u64,
     origin: Origin,
+    tx_hash: B256,
     block_number: u64,
+    block_hash: B256,
+}
+
+/// What is needed to send a transaction again, kept until it is confirmed.
+#[derive(Debug)]
+struct Kept {
+    origin: Origin,
+    account: AccountIdx,
+    nonce: u64,
+    tx_hash: B256,
+    asset: u8,
+    route: Route,
+    public_fallback: bool,
+    first_raw: u64,
+    purpose: TxPurpose,
+    generation: u16,
+    raw: Vec<u8>,
 }
 
 /// The receipts stage.
 #[derive(Debug)]
 pub struct ReceiptsStage {
-    heads: HeadFollower,
+    /// `None` while the redial thread holds it.
+    heads: Option<HeadFollower>,
+    redial_tx: Sender<HeadFollower>,
+    redial_rx: Receiver<HeadFollower>,
     poll: mio::Poll,
     events: mio::Events,
     waker: Arc<mio::Waker>,
@@ -46,32 +121,50 @@ pub struct ReceiptsStage {
     recent_blocks: VecDeque<(u64, Vec<B256>)>,
     /// Included, waiting for depth; in inclusion order (non-decreasing block number).
     included: VecDeque<Included>,
+    /// Raw transactions by sequence number, until confirmed.
+    kept: HashMap<u64, Kept>,
     head: u64,
     depth: u32,
     status: StatusSink,
     ws_to_included: Recorder,
     pending_events: Vec<HeadEvent>,
-    blobs: Arc<crate::blob::BlobPool>,
+    blobs: Arc<BlobPool>,
+    resend: Option<Resend>,
+    stats: Arc<ReceiptsStats>,
+    /// The signing stage: stuck transactions to replace, settled ones to forget.
+    notices: Option<Notices>,
+    /// Blocks without inclusion after which a public transaction counts as stuck.
+    stuck_blocks: u64,
+    /// Intents with more than one transaction watched (replaced on the same nonce).
+    replaced: std::collections::HashSet<u64>,
 }
 
 impl ReceiptsStage {
-    /// Subscribes to the node's heads; `depth` is the number of blocks on top of the
-    /// inclusion block before `confirmed`.
+    /// Subscribes to the heads of `urls[0]`; the others are where a lost subscription is
+    /// resumed if the first cannot be reached. `depth` is the number of blocks on top of
+    /// the inclusion block before `confirmed`.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
-        node_ws_url: &str,
+        urls: Vec<String>,
         fees: Arc<FeeView>,
         depth: u32,
         status: StatusSink,
         ws_to_included: Recorder,
         capacity: usize,
-        blobs: Arc<crate::blob::BlobPool>,
+        blobs: Arc<BlobPool>,
+        stats: Arc<ReceiptsStats>,
     ) -> Result<Self, venues::VenueError> {
-        let mut heads = HeadFollower::connect(node_ws_url, fees)?;
+        assert!(!urls.is_empty(), "at least one node URL");
+        let mut heads = HeadFollower::connect(&urls[0], fees)?;
         let poll = mio::Poll::new()?;
         heads.register(poll.registry(), SOCKET)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let (redial_tx, redial_rx) = spawn_redial(urls, Arc::clone(&waker))?;
+        stats.subscribed.store(true, Ordering::Relaxed);
         Ok(Self {
-            heads,
+            heads: Some(heads),
+            redial_tx,
+            redial_rx,
             poll,
             events: mio::Events::with_capacity(64),
             waker,
@@ -79,17 +172,65 @@ impl ReceiptsStage {
             recent: HashMap::with_capacity(capacity),
             recent_blocks: VecDeque::with_capacity(RECENT_BLOCKS + 1),
             included: VecDeque::with_capacity(capacity),
+            kept: HashMap::with_capacity(capacity),
             head: 0,
             depth,
             status,
             ws_to_included,
             pending_events: Vec::with_capacity(16),
             blobs,
+            resend: None,
+            stats,
+            notices: None,
+            stuck_blocks: 0,
+            replaced: std::collections::HashSet::with_capacity(64),
         })
     }
 
+    /// Where stuck and settled transactions are reported (the signing stage), and after
+    /// how many blocks without inclusion a public transaction is stuck (0: never).
+    pub fn set_notices(&mut self, notices: Notices, stuck_blocks: u64) {
+        self.notices = Some(notices);
+        self.stuck_blocks = stuck_blocks;
+    }
+
+    fn notify(&self, n: NonceNotice) {
+        if let Some(s) = &self.notices {
+            s.send(n);
+        }
+    }
+
+    /// Where transactions are sent again (the broadcast stage's [`Resend`] handle).
+    pub fn set_resend(&mut self, resend: Resend) {
+        self.resend = Some(resend);
+    }
+
     fn include(&mut self, w: Watch, r: &ReceiptSummary) {
+        // One transaction of the intent is in: its other ones (same nonce) never will be.
+        if self.replaced.remove(&w.seq) {
+            self.watching.retain(|_, x| x.seq != w.seq);
+        }
         let now = now_raw();
+        match w.purpose {
+            TxPurpose::Filler => {
+                // The nonce gap is filled; the intent had already failed.
+                self.kept.remove(&w.seq);
+                self.notify(NonceNotice::Settled { seq: w.seq });
+                return;
+            }
+            TxPurpose::Cancel => {
+                self.kept.remove(&w.seq);
+                self.status.send(StatusMsg {
+                    tx_hash: r.tx_hash,
+                    block_number: r.block_number,
+                    block_hash: r.block_hash,
+                    ..StatusMsg::event(w.seq, w.origin, State::Cancelled, now)
+                });
+                self.notify(NonceNotice::Settled { seq: w.seq });
+                return;
+            }
+            TxPurpose::Intent | TxPurpose::Replacement => {}
+        }
         if w.first_raw != 0 {
             self.ws_to_included.record(ticks_to_ns(w.first_raw, now));
         }
@@ -104,7 +245,9 @@ impl ReceiptsStage {
         self.included.push_back(Included {
             seq: w.seq,
             origin: w.origin,
+            tx_hash: r.tx_hash,
             block_number: r.block_number,
+            block_hash: r.block_hash,
         });
         self.confirm();
     }
@@ -117,6 +260,8 @@ impl ReceiptsStage {
             let depth = (self.head - front.block_number) as u32;
             let i = *front;
             self.included.pop_front();
+            self.kept.remove(&i.seq);
+            self.notify(NonceNotice::Settled { seq: i.seq });
             self.status.send(StatusMsg {
                 depth,
                 block_number: i.block_number,
@@ -125,10 +270,130 @@ impl ReceiptsStage {
         }
     }
 
+    /// Sends transaction `seq` again through the broadcast stage on `route`.
+    fn send_again(&mut self, seq: u64, route: Route) {
+        let (Some(resend), Some(k)) = (&self.resend, self.kept.get(&seq)) else {
+            return;
+        };
+        let Some(raw) = self.blobs.claim_with(&k.raw) else {
+            tracing::warn!(seq, "no blob slot free to send a transaction again");
+            return;
+        };
+        let msg = TxMsg {
+            seq,
+            origin: k.origin,
+            account: k.account,
+            nonce: k.nonce,
+            tx_hash: k.tx_hash,
+            raw,
+            asset: k.asset,
+            route,
+            public_fallback: k.public_fallback,
+            purpose: k.purpose,
+            generation: k.generation,
+            hops: Hops::starting_at(k.first_raw),
+            ..TxMsg::default()
+        };
+        if resend.send(msg) {
+            self.stats.resent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.blobs.release(raw);
+        }
+    }
+
+    /// Blocks above `common_ancestor` left the canonical chain.
+    fn reorg(&mut self, common_ancestor: u64) {
+        self.stats.reorgs.fetch_add(1, Ordering::Relaxed);
+        while let Some((n, _)) = self.recent_blocks.back() {
+            if *n <= common_ancestor {
+                break;
+            }
+            if let Some((_, hashes)) = self.recent_blocks.pop_back() {
+                for h in hashes {
+                    self.recent.remove(&h);
+                }
+            }
+        }
+        // `included` is in inclusion order, so the affected ones are at the back.
+        let mut dropped = Vec::new();
+        while let Some(back) = self.included.back() {
+            if back.block_number <= common_ancestor {
+                break;
+            }
+            if let Some(i) = self.included.pop_back() {
+                dropped.push(i);
+            }
+        }
+        let now = now_raw();
+        for i in dropped.into_iter().rev() {
+            self.stats.reorged.fetch_add(1, Ordering::Relaxed);
+            self.status.send(StatusMsg {
+                tx_hash: i.tx_hash,
+                block_number: i.block_number,
+                block_hash: i.block_hash,
+                ..StatusMsg::event(i.seq, i.origin, State::Reorged, now)
+            });
+            let route = self.kept.get(&i.seq).map_or(Route::Public, |k| k.route);
+            self.send_again(i.seq, route);
+        }
+        self.head = common_ancestor;
+    }
+
+    /// Public transactions not included for `stuck_blocks` blocks: the signing stage
+    /// replaces them with higher fees (once per window).
+    fn stuck(&mut self, head: u64) {
+        if self.stuck_blocks == 0 || self.notices.is_none() {
+            return;
+        }
+        let mut due: Vec<u64> = Vec::new();
+        for w in self.watching.values_mut() {
+            if w.max_block == 0
+                && w.purpose != TxPurpose::Filler
+                && head >= w.since_head + self.stuck_blocks
+            {
+                w.since_head = head;
+                if !due.contains(&w.seq) {
+                    due.push(w.seq);
+                }
+            }
+        }
+        for seq in due {
+            self.notify(NonceNotice::Stuck { seq });
+        }
+    }
+
+    /// Private sends whose window passed without inclusion go again.
+    fn private_windows(&mut self, head: u64) {
+        let due: Vec<(B256, u64)> = self
+            .watching
+            .iter()
+            .filter(|(_, w)| w.max_block != 0 && head > w.max_block)
+            .map(|(h, w)| (*h, w.seq))
+            .collect();
+        for (hash, seq) in due {
+            self.watching.remove(&hash);
+            let fallback = self.kept.get(&seq).is_some_and(|k| k.public_fallback);
+            if fallback {
+                self.stats.private_fallbacks.fetch_add(1, Ordering::Relaxed);
+            }
+            self.send_again(
+                seq,
+                if fallback {
+                    Route::Public
+                } else {
+                    Route::Private
+                },
+            );
+        }
+    }
+
     fn on_head_event(&mut self, ev: HeadEvent) {
         match ev {
             HeadEvent::NewHead { number, .. } => {
                 self.head = self.head.max(number);
+                self.stats.head.store(self.head, Ordering::Relaxed);
+                self.private_windows(number);
+                self.stuck(number);
                 self.confirm();
             }
             HeadEvent::BlockReceipts {
@@ -153,10 +418,67 @@ impl ReceiptsStage {
                 }
                 self.confirm();
             }
-            // handled by the receipts stage's reorg path
-            HeadEvent::Reorg { .. } => {}
+            HeadEvent::Reorg {
+                common_ancestor, ..
+            } => self.reorg(common_ancestor),
         }
     }
+
+    /// A resumed follower came back from the redial thread.
+    fn on_redialled(&mut self) -> usize {
+        let Ok(mut heads) = self.redial_rx.try_recv() else {
+            return 0;
+        };
+        if let Err(e) = heads.register(self.poll.registry(), SOCKET) {
+            tracing::warn!(error = %e, "cannot register the resumed head subscription");
+            let _ = self.redial_tx.send(heads);
+            return 0;
+        }
+        tracing::info!("head subscription resumed");
+        self.stats.subscribed.store(true, Ordering::Relaxed);
+        self.stats.resubscribes.fetch_add(1, Ordering::Relaxed);
+        self.heads = Some(heads);
+        1
+    }
+}
+
+/// The redial thread: resumes a lost follower on the first URL that answers, trying them
+/// in turn with a growing pause (50 ms doubling to 2 s), and sends it back.
+fn spawn_redial(
+    urls: Vec<String>,
+    waker: Arc<mio::Waker>,
+) -> std::io::Result<(Sender<HeadFollower>, Receiver<HeadFollower>)> {
+    let (lost_tx, lost_rx) = crossbeam_channel::bounded::<HeadFollower>(1);
+    let (back_tx, back_rx) = crossbeam_channel::bounded::<HeadFollower>(1);
+    std::thread::Builder::new()
+        .name("receipts-redial".into())
+        .spawn(move || {
+            let mut next_url = 0;
+            while let Ok(mut lost) = lost_rx.recv() {
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    std::thread::sleep(pause);
+                    let url = &urls[next_url % urls.len()];
+                    match HeadFollower::resume(url, lost) {
+                        Ok(f) => {
+                            if back_tx.send(f).is_err() {
+                                return;
+                            }
+                            let _ = waker.wake();
+                            break;
+                        }
+                        Err(failed) => {
+                            let (e, prev) = *failed;
+                            tracing::warn!(url = %url, error = %e, "head subscription redial failed");
+                            lost = prev;
+                            next_url += 1;
+                            pause = (pause * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok((lost_tx, back_rx))
 }
 
 impl Stage for ReceiptsStage {
@@ -175,14 +497,48 @@ impl Stage for ReceiptsStage {
     }
 
     fn on_message<E: Emit<NoMessage>>(&mut self, msg: TxMsg, _out: &mut E) {
-        // The raw transaction's slot came along from broadcast (release is a no-op for
-        // an empty reference).
-        self.blobs.release(msg.raw);
+        // The raw transaction's slot came along from broadcast: keep the bytes (to send
+        // them again after a reorg) and release the slot.
+        if msg.raw.is_some() {
+            // The newest transaction of the intent is the one to send again.
+            {
+                // SAFETY: this stage holds the message, hence owns its raw slot until the
+                // release just below.
+                let bytes = unsafe { self.blobs.bytes(msg.raw) };
+                self.kept.insert(
+                    msg.seq,
+                    Kept {
+                        origin: msg.origin,
+                        account: msg.account,
+                        nonce: msg.nonce,
+                        tx_hash: msg.tx_hash,
+                        asset: msg.asset,
+                        route: msg.route,
+                        public_fallback: msg.public_fallback,
+                        first_raw: msg.hops.first().unwrap_or(0),
+                        purpose: msg.purpose,
+                        generation: msg.generation,
+                        raw: bytes.to_vec(),
+                    },
+                );
+            }
+            self.blobs.release(msg.raw);
+        }
         let w = Watch {
             seq: msg.seq,
             origin: msg.origin,
             first_raw: msg.hops.first().unwrap_or(0),
+            max_block: if msg.route == Route::Private {
+                msg.max_block
+            } else {
+                0
+            },
+            purpose: msg.purpose,
+            since_head: self.head,
         };
+        if msg.generation > 0 {
+            self.replaced.insert(msg.seq);
+        }
         if let Some(r) = self.recent.get(&msg.tx_hash).copied() {
             self.include(w, &r);
         } else {
@@ -191,17 +547,32 @@ impl Stage for ReceiptsStage {
     }
 
     fn poll_extra<E: Emit<NoMessage>>(&mut self, _out: &mut E) -> usize {
+        let mut n = 0;
+        if self.heads.is_none() {
+            n += self.on_redialled();
+        }
+        let Some(heads) = self.heads.as_mut() else {
+            return n;
+        };
         let mut evs = std::mem::take(&mut self.pending_events);
-        let res = self.heads.poll(|ev| evs.push(ev));
-        let n = evs.len();
+        let res = heads.poll(|ev| evs.push(ev));
+        n += evs.len();
         for ev in evs.drain(..) {
             self.on_head_event(ev);
         }
         self.pending_events = evs;
-        if let Err(e) = res {
-            // Reconnection and resubscription belong to the multi-provider work; until
-            // then a lost subscription is fatal for the receipts stage, loudly.
-            panic!("head subscription lost: {e}");
+        if let Err(e) = res
+            && !matches!(e, venues::VenueError::Rpc { .. })
+        {
+            // The subscription is gone: the redial thread resumes it elsewhere.
+            tracing::warn!(error = %e, "head subscription lost; resuming");
+            self.stats.subscribed.store(false, Ordering::Relaxed);
+            if let Some(lost) = self.heads.take() {
+                // Its socket leaves the poller when the redial thread drops it.
+                if self.redial_tx.send(lost).is_err() {
+                    panic!("head subscription lost and the redial thread is gone: {e}");
+                }
+            }
         }
         n
     }
@@ -211,6 +582,14 @@ impl Stage for ReceiptsStage {
     }
 
     fn park(&mut self, timeout: Option<Duration>) {
-        let _ = self.poll.poll(&mut self.events, timeout);
+        let t = if self.heads.is_none() {
+            // Redialling: look again soon even if no wake-up comes.
+            Some(timeout.map_or(Duration::from_millis(100), |t| {
+                t.min(Duration::from_millis(100))
+            }))
+        } else {
+            timeout
+        };
+        let _ = self.poll.poll(&mut self.events, t);
     }
 }

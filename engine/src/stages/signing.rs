@@ -19,25 +19,117 @@
 //!
 //! When an account's signer has nothing ready (an MPC pool with fewer presignatures than
 //! requests in flight), the intent gets a `signing_wait` event and is signed when one is.
+//!
+//! # After signing: replacements, cancellations, gaps
+//!
+//! The stage keeps every transaction it signed ([`Live`]) until the receipt watcher says
+//! it is settled, and takes [`NonceNotice`]s from the later stages and the desk edge
+//! through a channel polled between messages (the sender wakes the stage):
+//! - `Stuck`: not included for a while: the same transaction is signed again on the same
+//!   nonce with both fees raised by at least 10 % (what nodes require of a replacement)
+//!   and at least to the current fees; the desk gets `replaced` with the new hash. If that
+//!   would pass the intent's fee cap, the desk gets `fee_wait` once and the transaction
+//!   stays as it is (it is included when fees fall).
+//! - `Cancel`: before signing, the intent is dropped when it reaches this stage
+//!   (`cancelled`); after signing, a zero-value transfer to itself takes the nonce with
+//!   raised fees (`replaced`, then `cancelled` when it is included).
+//! - `Void`: no provider took the signed transaction (it failed): if it was the account's
+//!   newest nonce, the nonce is simply used again; otherwise a zero-value transfer to
+//!   itself fills it, so the account's later transactions are not stuck behind a gap.
+//! - `Settled`: confirmed: forgotten, its calldata slot released.
+//!
+//! Two different transactions on one nonce exist only as such intended replacements.
+//! Replacements are signed inline; for accounts whose key signs through the async worker
+//! they are not made (logged), and their gaps are left to the operator.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use alloy_primitives::{Address, B256, Signature};
+use alloy_primitives::{Address, B256, Signature, U256};
 use pipeline::{Emit, Recorder, Signal, Stage, now_raw, ticks_to_ns};
 use signers::AnySigner;
 use signers::worker::{AsyncWorker, Completion, SubmitError};
 use venues::FeeView;
 
 use crate::blob::{BLOB_SIZE, BlobPool, BlobRef};
-use crate::msg::{IntentMsg, Reason, State, StatusMsg, TxMsg};
+use crate::msg::{IntentMsg, Reason, State, StatusMsg, TxMsg, TxPurpose};
 use crate::risk::kill::KillSwitch;
 use crate::stages::StatusSink;
 use crate::txbuild::Eip1559;
 
 /// Where the async worker finds the stage's wake-up (set when the stage's thread starts).
 pub type WakeCell = Arc<OnceLock<Arc<Signal>>>;
+
+/// What later stages and the desk edge tell the signing stage about an intent it signed
+/// (or will sign), by sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NonceNotice {
+    /// No provider took the signed transaction: its nonce must not stay a gap.
+    Void {
+        /// Intent.
+        seq: u64,
+    },
+    /// Not included for a while: replace it with higher fees.
+    Stuck {
+        /// Intent.
+        seq: u64,
+    },
+    /// The desk cancels it.
+    Cancel {
+        /// Intent.
+        seq: u64,
+    },
+    /// Confirmed: forget it.
+    Settled {
+        /// Intent.
+        seq: u64,
+    },
+}
+
+/// The sending side of the signing stage's notice channel; wakes the stage.
+#[derive(Clone, Debug)]
+pub struct Notices {
+    tx: crossbeam_channel::Sender<NonceNotice>,
+    wake: WakeCell,
+}
+
+impl Notices {
+    /// Hands `n` to the signing stage and wakes it if it sleeps.
+    pub fn send(&self, n: NonceNotice) {
+        if self.tx.send(n).is_ok()
+            && let Some(s) = self.wake.get()
+        {
+            s.notify();
+        }
+    }
+}
+
+/// Attempts at filling one nonce before the stage gives up (and says so in the log).
+const MAX_FILLS: u16 = 3;
+
+/// A transaction the stage signed, kept until settled: enough to replace it.
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    /// The intent (its calldata slot is held until settled).
+    msg: IntentMsg,
+    nonce: u64,
+    max_fee: u128,
+    tip: u128,
+    generation: u16,
+    /// A cancellation took its nonce.
+    cancelling: bool,
+    /// `fee_wait` was reported (once).
+    fee_wait: bool,
+}
+
+/// Raised fees for a replacement: at least +10 % (and one wei) on both, and at least the
+/// current market, the tip never above the cap.
+pub fn bumped_fees(max_fee: u128, tip: u128, now_max: u128, now_tip: u128) -> (u128, u128) {
+    let tip2 = (tip + tip / 10 + 1).max(now_tip);
+    let max2 = (max_fee + max_fee / 10 + 1).max(now_max).max(tip2);
+    (max2, tip2)
+}
 
 /// How long shutdown waits for requests still at an async signer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -91,6 +183,11 @@ pub struct SigningStage {
     sign_time: Recorder,
     kill: Arc<KillSwitch>,
     scratch: Box<[u8; BLOB_SIZE]>,
+    live: std::collections::HashMap<u64, Live>,
+    /// Intents cancelled before they reached this stage.
+    cancels: std::collections::HashSet<u64>,
+    notices_tx: crossbeam_channel::Sender<NonceNotice>,
+    notices_rx: crossbeam_channel::Receiver<NonceNotice>,
 }
 
 /// The async side of the stage: the worker, where it wakes the stage, and how many
@@ -143,7 +240,14 @@ impl SigningStage {
             None => (None, Arc::new(OnceLock::new())),
         };
         let done_cap = if worker.is_some() { 1024 } else { 0 };
+        // Bounded (preallocated): neither side allocates; a sender waits only if the stage
+        // is this far behind.
+        let (notices_tx, notices_rx) = crossbeam_channel::bounded(1 << 16);
         Self {
+            live: std::collections::HashMap::with_capacity(1 << 16),
+            cancels: std::collections::HashSet::with_capacity(64),
+            notices_tx,
+            notices_rx,
             accounts,
             queues,
             by_worker,
@@ -159,6 +263,212 @@ impl SigningStage {
             kill,
             scratch: Box::new([0u8; BLOB_SIZE]),
         }
+    }
+
+    /// The handle later stages and the desk edge use to reach this stage.
+    pub fn notices(&self) -> Notices {
+        Notices {
+            tx: self.notices_tx.clone(),
+            wake: Arc::clone(&self.wake),
+        }
+    }
+
+    fn drain_notices<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+        let mut n = 0;
+        while let Ok(notice) = self.notices_rx.try_recv() {
+            n += 1;
+            match notice {
+                NonceNotice::Settled { seq } => {
+                    if let Some(l) = self.live.remove(&seq) {
+                        self.blobs.release(l.msg.data);
+                    }
+                }
+                NonceNotice::Stuck { seq } => self.on_stuck(seq, out),
+                NonceNotice::Cancel { seq } => self.on_cancel(seq, out),
+                NonceNotice::Void { seq } => self.on_void(seq, out),
+            }
+        }
+        n
+    }
+
+    fn on_stuck<E: Emit<TxMsg>>(&mut self, seq: u64, out: &mut E) {
+        let Some(l) = self.live.get(&seq).copied() else {
+            return;
+        };
+        let fee = self.fees.load();
+        let (now_max, now_tip) = fees_for(fee.base_fee_per_gas, fee.max_priority_fee_per_gas, 0);
+        let (max_fee, tip) = bumped_fees(l.max_fee, l.tip, now_max, now_tip);
+        let cap = l.msg.max_fee_cap;
+        if !l.cancelling && cap != 0 && max_fee > cap {
+            if !l.fee_wait {
+                if let Some(e) = self.live.get_mut(&seq) {
+                    e.fee_wait = true;
+                }
+                self.status.send(StatusMsg {
+                    nonce: l.nonce,
+                    ..StatusMsg::refusal(
+                        seq,
+                        l.msg.origin,
+                        State::FeeWait,
+                        Reason::None,
+                        "not included yet, and a replacement would pass the intent's fee cap; waiting for fees to fall",
+                        now_raw(),
+                    )
+                });
+            }
+            return;
+        }
+        let purpose = if l.cancelling {
+            TxPurpose::Cancel
+        } else {
+            TxPurpose::Replacement
+        };
+        self.replace(seq, purpose, max_fee, tip, out);
+    }
+
+    fn on_cancel<E: Emit<TxMsg>>(&mut self, seq: u64, out: &mut E) {
+        let Some(l) = self.live.get(&seq).copied() else {
+            // Not signed yet: dropped when it gets here.
+            self.cancels.insert(seq);
+            return;
+        };
+        if l.cancelling {
+            return;
+        }
+        let fee = self.fees.load();
+        let (now_max, now_tip) = fees_for(fee.base_fee_per_gas, fee.max_priority_fee_per_gas, 0);
+        let (max_fee, tip) = bumped_fees(l.max_fee, l.tip, now_max, now_tip);
+        self.replace(seq, TxPurpose::Cancel, max_fee, tip, out);
+    }
+
+    fn on_void<E: Emit<TxMsg>>(&mut self, seq: u64, out: &mut E) {
+        let Some(l) = self.live.get(&seq).copied() else {
+            return;
+        };
+        let a = l.msg.account.0 as usize;
+        if self.accounts[a].next_nonce == l.nonce + 1 && self.queues[a].in_flight.is_empty() {
+            // The newest nonce: nothing came after it, so it is simply used again.
+            self.accounts[a].next_nonce = l.nonce;
+            if let Some(l) = self.live.remove(&seq) {
+                self.blobs.release(l.msg.data);
+            }
+            return;
+        }
+        if l.generation >= MAX_FILLS {
+            tracing::error!(
+                seq,
+                nonce = l.nonce,
+                "the nonce could not be filled; the account's later transactions wait behind it"
+            );
+            return;
+        }
+        let fee = self.fees.load();
+        let (now_max, now_tip) = fees_for(fee.base_fee_per_gas, fee.max_priority_fee_per_gas, 0);
+        let (max_fee, tip) = bumped_fees(l.max_fee, l.tip, now_max, now_tip);
+        tracing::warn!(
+            seq,
+            nonce = l.nonce,
+            "filling the nonce of a transaction no provider took with a zero-value transfer"
+        );
+        self.replace(seq, TxPurpose::Filler, max_fee, tip, out);
+    }
+
+    /// Signs a new transaction on `seq`'s nonce: the same one with other fees
+    /// (`Replacement`), or a zero-value transfer to itself (`Cancel`, `Filler`), and emits
+    /// it for broadcast.
+    fn replace<E: Emit<TxMsg>>(
+        &mut self,
+        seq: u64,
+        purpose: TxPurpose,
+        max_fee: u128,
+        tip: u128,
+        out: &mut E,
+    ) {
+        let Some(l) = self.live.get(&seq).copied() else {
+            return;
+        };
+        let a = l.msg.account.0 as usize;
+        let AnySigner::Sync(signer) = &self.accounts[a].signer else {
+            tracing::warn!(
+                seq,
+                ?purpose,
+                "no replacement for a key that signs asynchronously"
+            );
+            return;
+        };
+        let signer = Arc::clone(signer);
+        let from = self.accounts[a].from;
+        let own = purpose == TxPurpose::Replacement;
+        let input = if own {
+            Self::input(&self.blobs, &l.msg)
+        } else {
+            &[]
+        };
+        let tx = Eip1559 {
+            chain_id: self.chain_id,
+            nonce: l.nonce,
+            max_priority_fee_per_gas: tip,
+            max_fee_per_gas: max_fee,
+            gas_limit: if own { l.msg.gas_limit } else { 21_000 },
+            to: if own { l.msg.to } else { from },
+            value: if own { l.msg.value } else { U256::ZERO },
+            input,
+        };
+        let Some(hash) = tx.signing_hash(&mut self.scratch[..]) else {
+            return;
+        };
+        let Ok(sig) = signer.sign_hash(&hash) else {
+            tracing::warn!(seq, ?purpose, "replacement could not be signed");
+            return;
+        };
+        let Some(raw) = self.blobs.claim() else {
+            tracing::warn!(seq, ?purpose, "no buffer for a replacement");
+            return;
+        };
+        // SAFETY: `raw` was just claimed by this stage and is not shared.
+        let slot = unsafe { self.blobs.slot_mut(raw) };
+        let Some((len, tx_hash)) = tx.encode_signed(&sig, &mut slot[..]) else {
+            self.blobs.release(raw);
+            return;
+        };
+        let generation = l.generation.saturating_add(1);
+        if let Some(e) = self.live.get_mut(&seq) {
+            e.max_fee = max_fee;
+            e.tip = tip;
+            e.generation = generation;
+            e.cancelling |= purpose == TxPurpose::Cancel;
+        }
+        let now = now_raw();
+        if purpose != TxPurpose::Filler {
+            self.status.send(StatusMsg {
+                tx_hash,
+                from,
+                nonce: l.nonce,
+                ..StatusMsg::event(seq, l.msg.origin, State::Replaced, now)
+            });
+        }
+        out.emit(TxMsg {
+            seq,
+            origin: l.msg.origin,
+            account: l.msg.account,
+            nonce: l.nonce,
+            tx_hash,
+            raw: BlobRef {
+                slot: raw.slot,
+                len: len as u32,
+            },
+            asset: l.msg.asset,
+            urgent: true,
+            route: if l.msg.route == crate::msg::Route::Private && own {
+                crate::msg::Route::Private
+            } else {
+                crate::msg::Route::Public
+            },
+            purpose,
+            generation,
+            hops: pipeline::Hops::starting_at(now),
+            ..TxMsg::default()
+        });
     }
 
     fn fail(&self, msg: &IntentMsg, reason: Reason, detail: &str) {
@@ -230,7 +540,19 @@ impl SigningStage {
             return false;
         };
         let from = self.accounts[msg.account.0 as usize].from;
-        self.blobs.release(msg.data);
+        // Kept (calldata slot included) until settled, to replace or cancel it.
+        self.live.insert(
+            msg.seq,
+            Live {
+                msg: *msg,
+                nonce,
+                max_fee,
+                tip,
+                generation: 0,
+                cancelling: false,
+                fee_wait: false,
+            },
+        );
         self.status.send(StatusMsg {
             tx_hash,
             from,
@@ -250,7 +572,9 @@ impl SigningStage {
             asset: msg.asset,
             urgent: msg.urgent,
             route: msg.route,
+            public_fallback: msg.public_fallback,
             hops: msg.hops,
+            ..TxMsg::default()
         });
         true
     }
@@ -438,6 +762,21 @@ impl Stage for SigningStage {
 
     #[inline]
     fn on_message<E: Emit<TxMsg>>(&mut self, msg: IntentMsg, out: &mut E) {
+        // Notices sent before this intent arrived are seen before it (a cancel, above all).
+        if !self.notices_rx.is_empty() {
+            self.drain_notices(out);
+        }
+        // Cancelled by the desk before it got here: dropped, no nonce used.
+        if !self.cancels.is_empty() && self.cancels.remove(&msg.seq) {
+            self.blobs.release(msg.data);
+            self.status.send(StatusMsg::event(
+                msg.seq,
+                msg.origin,
+                State::Cancelled,
+                now_raw(),
+            ));
+            return;
+        }
         // The kill switch freezes signing at once, also for intents policy let through
         // just before it was turned on (no nonce is used).
         if let Some(k) = self.kill.check(msg.account.0, msg.asset, None) {
@@ -501,11 +840,11 @@ impl Stage for SigningStage {
     }
 
     fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
-        self.drain_completions(out)
+        self.drain_completions(out) + self.drain_notices(out)
     }
 
     fn extra_ready(&mut self) -> bool {
-        self.worker.as_ref().is_some_and(|w| w.has_completions())
+        !self.notices_rx.is_empty() || self.worker.as_ref().is_some_and(|w| w.has_completions())
     }
 
     fn on_start(&mut self, input_signal: &Arc<Signal>) {

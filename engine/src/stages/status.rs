@@ -37,6 +37,14 @@ pub enum Outbound {
         /// Latest event, rendered, if any yet.
         latest: Option<String>,
     },
+    /// Answer to `cancel`: `Ok(seq)` if it was passed on to signing, or why not.
+    CancelReply {
+        /// Intent id.
+        id: IntentId,
+        /// The intent's sequence, or the reason it cannot be cancelled (and whether it
+        /// is unknown).
+        outcome: Result<u64, (bool, &'static str)>,
+    },
     /// Answer to `status`.
     StatusReply {
         /// Intent id asked about.
@@ -87,6 +95,8 @@ struct Record {
     conn: u32,
     id: IntentId,
     latest: Option<String>,
+    /// Latest state (`None`: acked, no event yet).
+    state: Option<State>,
 }
 
 /// The status stage.
@@ -100,6 +110,7 @@ pub struct StatusStage {
     base_unix_us: u64,
     providers: Vec<String>,
     counters: Arc<Counters>,
+    notices: Option<crate::stages::signing::Notices>,
 }
 
 impl StatusStage {
@@ -124,7 +135,13 @@ impl StatusStage {
             base_unix_us,
             providers,
             counters,
+            notices: None,
         }
+    }
+
+    /// Where `cancel` requests go (the signing stage).
+    pub fn set_notices(&mut self, n: crate::stages::signing::Notices) {
+        self.notices = Some(n);
     }
 
     fn drain_control(&mut self) -> usize {
@@ -219,6 +236,22 @@ impl StatusStage {
                 v["depth"] = json!(m.depth);
                 v["block_number"] = json!(m.block_number);
             }
+            State::Replaced => {
+                // The replacement's hash, on the same nonce.
+                v["tx_hash"] = json!(m.tx_hash);
+                v["nonce"] = json!(m.nonce);
+            }
+            State::Cancelled => {}
+            State::FeeWait => {
+                v["message"] = json!(m.detail.as_str());
+                v["nonce"] = json!(m.nonce);
+            }
+            State::Reorged => {
+                // The block it was in, now off the canonical chain.
+                v["tx_hash"] = json!(m.tx_hash);
+                v["block_number"] = json!(m.block_number);
+                v["block_hash"] = json!(m.block_hash);
+            }
         }
         v.to_string()
     }
@@ -242,6 +275,7 @@ impl Stage for StatusStage {
                         conn: m.origin.conn,
                         id: m.id,
                         latest: None,
+                        state: None,
                     },
                 );
                 self.by_key.insert((m.origin.principal, m.id), m.seq);
@@ -265,6 +299,7 @@ impl Stage for StatusStage {
                 let conn = rec.conn;
                 if let Some(rec) = self.intents.get_mut(&m.seq) {
                     rec.latest = Some(text.clone());
+                    rec.state = Some(m.state);
                 }
                 self.send(conn, Outbound::Event(text));
             }
@@ -279,6 +314,28 @@ impl Stage for StatusStage {
                         latest,
                     },
                 );
+            }
+            StatusKind::Cancel => {
+                let seq = self.by_key.get(&(m.origin.principal, m.id)).copied();
+                let state = seq.and_then(|s| self.intents.get(&s)).map(|r| r.state);
+                let outcome = match (seq, state) {
+                    (None, _) | (_, None) => Err((true, "no intent with this id")),
+                    (Some(_), Some(Some(s))) if s.is_terminal() => {
+                        Err((false, "the intent has already ended"))
+                    }
+                    (Some(_), Some(Some(State::Included))) => Err((
+                        false,
+                        "the transaction is already in a block; it cannot be cancelled",
+                    )),
+                    (Some(seq), Some(_)) => match &self.notices {
+                        Some(n) => {
+                            n.send(crate::stages::signing::NonceNotice::Cancel { seq });
+                            Ok(seq)
+                        }
+                        None => Err((false, "cancellation is not available")),
+                    },
+                };
+                self.send(m.origin.conn, Outbound::CancelReply { id: m.id, outcome });
             }
             StatusKind::Query => {
                 let seq = self.by_key.get(&(m.origin.principal, m.id)).copied();

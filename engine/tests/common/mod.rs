@@ -28,8 +28,20 @@ impl Harness {
     }
 
     pub fn start_with(layout: Layout, tweak: impl FnOnce(&mut Config)) -> Harness {
-        let anvil = Anvil::spawn(&AnvilConfig::with_block_time(Duration::from_millis(250)))
-            .expect("anvil starts (run scripts/setup.sh)");
+        Self::start_on(
+            &AnvilConfig::with_block_time(Duration::from_millis(250)),
+            layout,
+            tweak,
+        )
+    }
+
+    /// As [`Harness::start_with`], on an anvil configured by `anvil_cfg`.
+    pub fn start_on(
+        anvil_cfg: &AnvilConfig,
+        layout: Layout,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Harness {
+        let anvil = Anvil::spawn(anvil_cfg).expect("anvil starts (run scripts/setup.sh)");
         let mut cfg = dev::dev_config(
             &anvil.ws_url(),
             SocketAddr::from(([127, 0, 0, 1], 0)),
