@@ -8,6 +8,11 @@
 //! omission) stays visible instead of being hidden by the desk sending less. (tokio's
 //! timer has millisecond granularity, so measuring from the scheduled time would charge up
 //! to a millisecond of the desk's own timer to the engine.)
+//!
+//! The report opens with the broadcast path: the broadcast stage's own service time (ring
+//! in, or the signing stage's hand-over in the fused chain, to the return after the socket
+//! write), `e2e.ws_to_wire` and `e2e.ws_to_node`, checked against their targets, with the
+//! providers, the hedge delay and each provider's counters (from `/metrics`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -19,6 +24,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use venues::DEV_ADDRESSES;
 
+use crate::config::Config;
 use crate::desk::{Desk, DeskError};
 use crate::engine::Engine;
 use pipeline::report;
@@ -36,7 +42,70 @@ pub struct DemoOptions {
     pub settle_timeout: Duration,
     /// Where to write the report folder (`None`: print only).
     pub report_root: Option<PathBuf>,
+    /// How broadcast is set up, for the report (`None`: not described).
+    pub broadcast: Option<BroadcastSetup>,
 }
+
+/// The broadcast side of the engine's configuration, as the report describes it.
+#[derive(Clone, Debug, Default)]
+pub struct BroadcastSetup {
+    /// Provider names, in configuration order.
+    pub providers: Vec<String>,
+    /// Distinct node URLs behind the providers.
+    pub endpoints: usize,
+    /// Hedge delay (µs).
+    pub hedge_delay_us: u64,
+}
+
+impl BroadcastSetup {
+    /// What `cfg` configures.
+    pub fn of(cfg: &Config) -> Self {
+        let list = cfg.provider_list();
+        let mut urls: Vec<&str> = list.iter().map(|(_, u)| u.as_str()).collect();
+        urls.sort_unstable();
+        urls.dedup();
+        Self {
+            providers: list.iter().map(|(n, _)| n.clone()).collect(),
+            endpoints: urls.len(),
+            hedge_delay_us: cfg.broadcast.hedge_delay_us,
+        }
+    }
+
+    /// One line: how many providers, their names, the node URLs behind them, the hedge delay.
+    pub fn describe(&self) -> String {
+        let n = self.providers.len();
+        let hedging = if n > 1 {
+            format!("hedging on, hedge delay {} µs", self.hedge_delay_us)
+        } else {
+            format!(
+                "no hedging (one provider; hedge delay {} µs unused)",
+                self.hedge_delay_us
+            )
+        };
+        let plural = |k: usize| if k == 1 { "" } else { "s" };
+        format!(
+            "{n} provider{} ({}) over {n} WebSocket connection{} to {} node endpoint{}, {hedging}",
+            plural(n),
+            self.providers.join(", "),
+            plural(n),
+            self.endpoints,
+            plural(self.endpoints),
+        )
+    }
+}
+
+/// Target of the broadcast stage's own service time, p99 (ns).
+pub const BROADCAST_SERVICE_P99_TARGET_NS: u64 = 20_000;
+/// Target of desk frame read → node acceptance, p99, with two providers and hedging on (ns).
+pub const WS_TO_NODE_P99_TARGET_NS: u64 = 1_000_000;
+
+/// The rows of the broadcast-path table, in order.
+const BROADCAST_PATH: [&str; 4] = [
+    "broadcast.service",
+    "e2e.ws_to_wire",
+    "e2e.ws_to_node",
+    "broadcast.node_rtt",
+];
 
 impl Default for DemoOptions {
     fn default() -> Self {
@@ -46,6 +115,7 @@ impl Default for DemoOptions {
             rate_per_sec: 200,
             settle_timeout: Duration::from_secs(60),
             report_root: Some(PathBuf::from("latency-reports")),
+            broadcast: None,
         }
     }
 }
@@ -213,12 +283,16 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     );
     let _ = writeln!(
         text,
-        "layout: {} usable cores, {} CPU stages, wait {:?}, threads {:?}\n",
+        "layout: {} usable cores, {} CPU stages, wait {:?}, threads {:?}",
         layout.usable_cores,
         if layout.fused { "fused" } else { "per-stage" },
         layout.wait,
         layout.threads
     );
+    if let Some(b) = &opts.broadcast {
+        let _ = writeln!(text, "broadcast: {}", b.describe());
+    }
+    let _ = writeln!(text);
     if let Some(share) = idle {
         let _ = writeln!(
             text,
@@ -226,12 +300,20 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
             share * 100.0
         );
     }
+    let snaps = engine.latency().snapshot();
+    let counters = fetch_metrics(engine.local_addr()).map(|m| BroadcastCounters::parse(&m));
+    broadcast_section(
+        &mut text,
+        &snaps,
+        opts.broadcast.as_ref(),
+        counters.as_ref(),
+        layout.fused,
+    );
     let _ = writeln!(
         text,
         "Engine, per stage and end to end (engine clock):\n{}",
         report::SUMMARY_HEADER
     );
-    let snaps = engine.latency().snapshot();
     for s in &snaps {
         let _ = writeln!(text, "{}", report::summary_row(&s.name, &s.cumulative));
     }
@@ -248,10 +330,16 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
         );
     }
 
+    let providers = opts.broadcast.as_ref().map_or(1, |b| b.providers.len());
+    let kind = if providers > 1 {
+        format!("demo-{providers}providers")
+    } else {
+        "demo".to_owned()
+    };
     if let Some(root) = &opts.report_root
-        && let Ok(dir) = report::run_dir(root, "demo")
+        && let Ok(dir) = report::run_dir(root, &kind)
     {
-        let machine = format!(
+        let mut machine = format!(
             "{}- layout: CPU stages {}, wait {}, threads {:?}\n- demo: {} intents, {} desks, {}/s\n",
             report::machine_description(),
             if layout.fused { "fused" } else { "per-stage" },
@@ -261,6 +349,11 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
             opts.desks,
             opts.rate_per_sec
         );
+        if let Some(b) = &opts.broadcast {
+            let _ = writeln!(machine, "- broadcast: {}", b.describe());
+        }
+        let args: Vec<String> = std::env::args().collect();
+        let _ = writeln!(machine, "- command: `{}`", args.join(" "));
         let _ = std::fs::write(dir.join("machine.md"), machine);
         let _ = std::fs::write(dir.join("summary.md"), &text);
         for s in &snaps {
@@ -278,6 +371,166 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     out.failed += mismatched;
     out.text = text;
     Ok(out)
+}
+
+/// The broadcast-path table (broadcast service time, WS in → wire, WS in → node, node
+/// round trip), the targets, and the providers' counters.
+fn broadcast_section(
+    text: &mut String,
+    snaps: &[pipeline::HistogramSnapshot],
+    setup: Option<&BroadcastSetup>,
+    counters: Option<&BroadcastCounters>,
+    fused: bool,
+) {
+    let _ = writeln!(
+        text,
+        "Broadcast path (engine clock):\n{}",
+        report::SUMMARY_HEADER
+    );
+    let find = |name: &str| snaps.iter().find(|s| s.name == name).map(|s| &s.cumulative);
+    for name in BROADCAST_PATH {
+        match find(name) {
+            Some(h) => {
+                let _ = writeln!(text, "{}", report::summary_row(name, h));
+            }
+            None => {
+                let _ = writeln!(text, "| {name} | not recorded | | | | | |");
+            }
+        }
+    }
+    let _ = writeln!(
+        text,
+        "\n`broadcast.service`: the broadcast stage's own time per transaction, from taking it \
+         ({}) to returning after the write to the first provider's socket; hedged sends \
+         happen later, on the stage's timer, and are not in it.",
+        if fused {
+            "fused layout: the signing stage's hand-over stamp; the chain records each inner \
+             stage's service time separately, so this is broadcast's alone"
+        } else {
+            "off its input ring"
+        }
+    );
+    let providers = setup.map_or(1, |b| b.providers.len());
+    let check = |name: &str, target_ns: u64, note: &str| -> String {
+        match find(name) {
+            Some(h) if !h.is_empty() => {
+                let p99 = h.value_at_quantile(0.99);
+                format!(
+                    "- {name} p99 {:.1} µs, target under {:.0} µs{note}: {}",
+                    p99 as f64 / 1e3,
+                    target_ns as f64 / 1e3,
+                    if p99 < target_ns { "met" } else { "missed" }
+                )
+            }
+            _ => format!("- {name}: nothing recorded, target not checked"),
+        }
+    };
+    let ws_note = if providers >= 2 {
+        format!(" ({providers} providers, hedging on)")
+    } else {
+        " (stated for two providers with hedging; this run has one)".to_owned()
+    };
+    let _ = writeln!(
+        text,
+        "\nTargets:\n{}\n{}",
+        check("broadcast.service", BROADCAST_SERVICE_P99_TARGET_NS, ""),
+        check("e2e.ws_to_node", WS_TO_NODE_P99_TARGET_NS, &ws_note)
+    );
+    match counters {
+        Some(c) => {
+            let _ = writeln!(
+                text,
+                "\nProviders (from /metrics at the end of the run): hedged sends {}, resends after a lost provider {}\n\
+                 | provider | sent | first accepts | errors | demotions | disconnects | smoothed rtt µs |\n\
+                 |---|---:|---:|---:|---:|---:|---:|",
+                c.hedges.map_or("?".to_owned(), |v| v.to_string()),
+                c.resends.map_or("?".to_owned(), |v| v.to_string()),
+            );
+            for (name, m) in &c.providers {
+                let v = |k: &str| m.get(k).map_or("?".to_owned(), |x| format!("{x:.0}"));
+                let rtt = m
+                    .get("engine_provider_rtt_seconds")
+                    .map_or("?".to_owned(), |x| format!("{:.1}", x * 1e6));
+                let _ = writeln!(
+                    text,
+                    "| {name} | {} | {} | {} | {} | {} | {rtt} |",
+                    v("engine_provider_sent_total"),
+                    v("engine_provider_first_accepts_total"),
+                    v("engine_provider_errors_total"),
+                    v("engine_provider_demotions_total"),
+                    v("engine_provider_disconnects_total"),
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(text, "\nProviders: /metrics could not be read");
+        }
+    }
+    let _ = writeln!(text);
+}
+
+/// Broadcast counters out of the engine's Prometheus text.
+#[derive(Debug, Default)]
+struct BroadcastCounters {
+    hedges: Option<u64>,
+    resends: Option<u64>,
+    /// Per provider, in the order `/metrics` lists them: metric name → value.
+    providers: Vec<(String, HashMap<String, f64>)>,
+}
+
+impl BroadcastCounters {
+    fn parse(body: &str) -> Self {
+        let mut c = Self::default();
+        for line in body.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            match key {
+                "engine_broadcast_hedges_total" => c.hedges = Some(value as u64),
+                "engine_broadcast_resends_total" => c.resends = Some(value as u64),
+                _ => {
+                    let Some((metric, rest)) = key.split_once("{provider=\"") else {
+                        continue;
+                    };
+                    let Some(name) = rest.strip_suffix("\"}") else {
+                        continue;
+                    };
+                    let i = match c.providers.iter().position(|(n, _)| n == name) {
+                        Some(i) => i,
+                        None => {
+                            c.providers.push((name.to_owned(), HashMap::new()));
+                            c.providers.len() - 1
+                        }
+                    };
+                    c.providers[i].1.insert(metric.to_owned(), value);
+                }
+            }
+        }
+        c
+    }
+}
+
+/// `GET /metrics` on the engine's own listener (plain HTTP/1.1, after the run).
+fn fetch_metrics(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    // The server closes after answering; a read timeout keeps what arrived.
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 type Arrivals = HashMap<String, Vec<(String, Instant)>>;
@@ -362,4 +615,50 @@ async fn desk_run(
         }
     }
     Ok((tracks, arrivals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_counters_come_out_of_prometheus_text() {
+        let body = "# HELP engine_broadcast_hedges_total x\n\
+                    # TYPE engine_broadcast_hedges_total counter\n\
+                    engine_broadcast_hedges_total 7\n\
+                    engine_broadcast_resends_total 0\n\
+                    engine_provider_sent_total{provider=\"anvil-0\"} 1990\n\
+                    engine_provider_sent_total{provider=\"anvil-1\"} 17\n\
+                    engine_provider_rtt_seconds{provider=\"anvil-1\"} 0.000412000\n\
+                    engine_relay_sent_total{relay=\"r\"} 3\n";
+        let c = BroadcastCounters::parse(body);
+        assert_eq!(c.hedges, Some(7));
+        assert_eq!(c.resends, Some(0));
+        assert_eq!(c.providers.len(), 2);
+        assert_eq!(c.providers[0].0, "anvil-0");
+        assert_eq!(c.providers[0].1["engine_provider_sent_total"], 1990.0);
+        assert!((c.providers[1].1["engine_provider_rtt_seconds"] - 0.000412).abs() < 1e-12);
+    }
+
+    #[test]
+    fn setup_line_names_the_providers_and_the_hedge_delay() {
+        let two = BroadcastSetup {
+            providers: vec!["anvil-0".into(), "anvil-1".into()],
+            endpoints: 1,
+            hedge_delay_us: 500,
+        };
+        assert_eq!(
+            two.describe(),
+            "2 providers (anvil-0, anvil-1) over 2 WebSocket connections to 1 node endpoint, hedging on, hedge delay 500 µs"
+        );
+        let one = BroadcastSetup {
+            providers: vec!["anvil".into()],
+            endpoints: 1,
+            hedge_delay_us: 2000,
+        };
+        assert!(
+            one.describe()
+                .starts_with("1 provider (anvil) over 1 WebSocket connection to")
+        );
+    }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use engine::auth::{JwtAuth, Roles, parse_roles};
 use engine::config::{Layout, WaitChoice};
-use engine::demo::{self, DemoOptions};
+use engine::demo::{self, BroadcastSetup, DemoOptions};
+use engine::stages::broadcast::MAX_PROVIDERS;
 use engine::{Config, Engine, EngineError, dev};
 
 #[derive(Parser, Debug)]
@@ -89,6 +90,18 @@ struct DevArgs {
     /// config/dev-policy.toml. Reloaded on SIGHUP and with the `reload_policy` op.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Broadcast providers. More than one: that many separate WebSocket connections to the
+    /// dev chain, named anvil-0, anvil-1, …, ranked and hedged as distinct providers.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_PROVIDERS as u64)
+    )]
+    providers: usize,
+    /// Broadcast hedge delay in µs: a transaction not accepted this long after its last
+    /// send also goes to the next provider (default: the configuration default).
+    #[arg(long)]
+    hedge_delay_us: Option<u64>,
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -119,6 +132,8 @@ fn main() -> ExitCode {
         layout: Layout::Auto,
         wait: WaitChoice::Auto,
         policy: None,
+        providers: 1,
+        hedge_delay_us: None,
     })) {
         Cmd::Dev(args) => {
             let demo = args.demo.then(DemoOptions::default);
@@ -191,8 +206,13 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         c.wait = args.wait;
         c.audit_log = Some(dir.join("audit.jsonl"));
         c.policy_file = args.policy.clone();
+        c.providers = dev::dev_providers(&chain.ws_url(), args.providers);
+        if let Some(us) = args.hedge_delay_us {
+            c.broadcast.hedge_delay_us = us;
+        }
         c
     };
+    let setup = BroadcastSetup::of(&config(listen));
     let engine = match Engine::start(config(listen)) {
         Ok(e) => e,
         Err(EngineError::Listen { .. }) if listen.port() != 0 => {
@@ -229,9 +249,11 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         if layout.fused { "fused" } else { "per-stage" },
         layout.wait
     );
+    println!("  broadcast:  {}", setup.describe());
     println!("  JWT (principal `dev`, every role, 7 days):\n{token}");
     println!("  more tokens: engine token --sub NAME --roles trader,approver");
-    if let Some(opts) = demo {
+    if let Some(mut opts) = demo {
+        opts.broadcast = Some(setup);
         let outcome = demo::run(&engine, &token, &opts)
             .map_err(|e| EngineError::DevChain(format!("demo desk: {e}")))?;
         println!("\n{}", outcome.text);
