@@ -249,3 +249,66 @@ fn a_refused_transaction_leaves_no_nonce_gap() {
     }
     let _ = Address::ZERO;
 }
+
+#[test]
+fn above_the_intents_fee_cap_it_waits_visibly_and_lands_when_fees_fall() {
+    let h = Harness::start_on(&slow_chain(), Layout::Auto, |cfg| {
+        cfg.broadcast.stuck_blocks = 1;
+        cfg.confirmations = 1;
+    });
+    let mut rpc = RpcClient::connect(&h.anvil.ws_url()).unwrap();
+    let fee = rpc.fee_estimate().unwrap();
+    // What the engine pays now (twice the base fee plus the tip), with room: the desk's cap.
+    let engine_max = 2 * fee.base_fee_per_gas + fee.max_priority_fee_per_gas;
+    let cap = engine_max * 12 / 10;
+    let mut desk = h.desk();
+    let mut seen = Vec::new();
+    h.rt.block_on(async {
+        let mut intent = transfer("capped", "dev3", 5, 99);
+        intent["max_fee_per_gas_wei"] = json!(cap.to_string());
+        desk.send(&submit(intent)).await.unwrap();
+        until_state(&mut desk, "capped", "broadcast", &mut seen).await;
+    });
+    // The next base fee goes just above the cap: the transaction is stuck, and a
+    // replacement (at least twice that base fee) would pass the cap.
+    let spike = cap * 105 / 100;
+    let _: Value = rpc
+        .call(
+            "anvil_setNextBlockBaseFeePerGas",
+            json!([format!("0x{spike:x}")]),
+        )
+        .unwrap();
+    // Empty blocks lower the base fee by 1/8 each: in a few blocks it is below what the
+    // transaction pays, and it is included as it is.
+    let mut frames = h.rt.block_on(async {
+        collect_until_final(&mut desk, &["capped".into()], Duration::from_secs(90)).await
+    });
+    let mut f = seen;
+    f.append(frames.get_mut("capped").unwrap());
+    let st = states(&f);
+    assert_eq!(st.last().map(String::as_str), Some("confirmed"), "{st:?}");
+    let wait = event(&f, "fee_wait");
+    assert!(
+        wait["message"].as_str().unwrap().contains("fee cap"),
+        "{wait}"
+    );
+    assert_eq!(st.iter().filter(|s| *s == "fee_wait").count(), 1, "{st:?}");
+    // While the replacement would pass the cap nothing is replaced; once fees fall, the
+    // original lands as it is, or a replacement that fits under the cap does.
+    let wait_at = st.iter().position(|s| s == "fee_wait").unwrap();
+    assert!(
+        st.iter()
+            .position(|s| s == "replaced")
+            .is_none_or(|r| r > wait_at),
+        "{st:?}"
+    );
+    let landed = hash_of(event(&f, "included"));
+    let ours: Vec<B256> = f
+        .iter()
+        .filter(|x| x["state"] == "signed" || x["state"] == "replaced")
+        .map(hash_of)
+        .collect();
+    assert!(ours.contains(&landed), "{landed} is one of {ours:?}");
+    let r = rpc.receipt(landed).unwrap().expect("mined");
+    assert!(r.success);
+}
