@@ -160,7 +160,7 @@ impl Engine {
             Arc::clone(&blobs),
             quorum,
         );
-        let signing = SigningStage::new(
+        let mut signing = SigningStage::new(
             accounts,
             custody.asynced,
             chain_id,
@@ -234,6 +234,7 @@ impl Engine {
         let mut status_stage = StatusStage::new(control_rx, venue_names, Arc::clone(&counters));
         // After signing: cancellations from desks, stuck and settled transactions from the
         // receipt watcher, nonces no provider took from broadcast.
+        signing.set_reconcile(cfg.node_ws_url.clone())?;
         let notices = signing.notices();
         status_stage.set_notices(notices.clone());
         receipts.set_notices(notices.clone(), cfg.broadcast.stuck_blocks);

@@ -312,3 +312,62 @@ fn above_the_intents_fee_cap_it_waits_visibly_and_lands_when_fees_fall() {
     let r = rpc.receipt(landed).unwrap().expect("mined");
     assert!(r.success);
 }
+
+#[test]
+fn a_nonce_used_outside_the_engine_is_reconciled_with_the_chain() {
+    let h = Harness::start_with(Layout::Auto, |_| {});
+    let mut rpc = RpcClient::connect(&h.anvil.ws_url()).unwrap();
+    let from = venues::DEV_ADDRESSES[4];
+    // The same key sends two transactions without the engine (anvil's accounts are
+    // unlocked): nonces 0 and 1 are taken on chain, the engine still counts from 0.
+    let mut outside = Vec::new();
+    for _ in 0..2 {
+        let h: B256 = rpc
+            .call(
+                "eth_sendTransaction",
+                json!([{"from": from, "to": venues::DEV_ADDRESSES[9], "value": "0x1"}]),
+            )
+            .unwrap();
+        outside.push(h);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while outside.iter().any(|h| rpc.receipt(*h).unwrap().is_none()) {
+        assert!(std::time::Instant::now() < deadline, "outside txs mined");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut desk = h.desk();
+    let first = h.rt.block_on(async {
+        desk.send(&submit(transfer("behind-1", "dev4", 5, 1)))
+            .await
+            .unwrap();
+        collect_until_final(&mut desk, &["behind-1".into()], Duration::from_secs(30)).await
+    });
+    let last = first["behind-1"].last().unwrap();
+    assert_eq!(last["state"], "failed", "{first:?}");
+    assert_eq!(last["reason"], "node_rejected");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("nonce"),
+        "{last}"
+    );
+    // The engine reads the chain again (off the hot path): the next intent uses the next
+    // free nonce, 2, rather than 1 (taken) or 0 again.
+    std::thread::sleep(Duration::from_millis(500));
+    let got = h.rt.block_on(async {
+        desk.send(&submit(transfer("behind-2", "dev4", 5, 2)))
+            .await
+            .unwrap();
+        collect_until_final(&mut desk, &["behind-2".into()], Duration::from_secs(30)).await
+    });
+    let frames = &got["behind-2"];
+    assert_eq!(
+        states(frames).last().map(String::as_str),
+        Some("confirmed"),
+        "{frames:?}"
+    );
+    assert_eq!(event(frames, "signed")["nonce"], json!(2), "{frames:?}");
+    assert_eq!(rpc.transaction_count(from, "latest").unwrap(), 3);
+}

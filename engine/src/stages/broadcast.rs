@@ -1317,7 +1317,14 @@ impl BroadcastStage {
             }
             TxPurpose::Filler | TxPurpose::Intent => {
                 if let Some(n) = &self.notices {
-                    n.send(crate::stages::signing::NonceNotice::Void { seq });
+                    // "nonce too low": the chain used this nonce already (another sender
+                    // with the same key): nothing to fill, the account's nonce is behind.
+                    let behind = detail.to_ascii_lowercase().contains("nonce too low");
+                    n.send(if behind {
+                        crate::stages::signing::NonceNotice::Behind { seq }
+                    } else {
+                        crate::stages::signing::NonceNotice::Void { seq }
+                    });
                 }
             }
         }

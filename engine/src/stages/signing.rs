@@ -37,6 +37,10 @@
 //!   newest nonce, the nonce is simply used again; otherwise a zero-value transfer to
 //!   itself fills it, so the account's later transactions are not stuck behind a gap.
 //! - `Settled`: confirmed: forgotten, its calldata slot released.
+//! - `Behind`: the node answered "nonce too low" (the key was used outside the engine):
+//!   nothing is filled; a reconcile thread reads the account's `pending` count from the
+//!   chain and the stage moves the account's next nonce forward to it. Start-up reads the
+//!   same count.
 //!
 //! Two different transactions on one nonce exist only as such intended replacements.
 //! Replacements are signed inline; for accounts whose key signs through the async worker
@@ -85,6 +89,55 @@ pub enum NonceNotice {
         /// Intent.
         seq: u64,
     },
+    /// The node said "nonce too low": the chain is ahead of the account's nonce here
+    /// (the key was used outside the engine). Reconcile with the chain.
+    Behind {
+        /// Intent.
+        seq: u64,
+    },
+}
+
+/// Reads accounts' nonces from the chain for the signing stage, on its own thread (a
+/// blocking RPC round trip never runs on the stage). Answers `(account, pending count)`
+/// and wakes the stage.
+#[derive(Debug)]
+struct Reconciler {
+    ask: crossbeam_channel::Sender<(u16, Address)>,
+    answers: crossbeam_channel::Receiver<(u16, u64)>,
+}
+
+impl Reconciler {
+    fn spawn(node_ws_url: String, wake: WakeCell) -> std::io::Result<Self> {
+        let (ask, asked) = crossbeam_channel::unbounded::<(u16, Address)>();
+        let (tell, answers) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("nonce-reconcile".into())
+            .spawn(move || {
+                let mut rpc: Option<venues::RpcClient> = None;
+                while let Ok((a, addr)) = asked.recv() {
+                    if rpc.is_none() {
+                        rpc = venues::RpcClient::connect(&node_ws_url).ok();
+                    }
+                    let count = rpc.as_mut().map(|r| r.transaction_count(addr, "pending"));
+                    match count {
+                        Some(Ok(n)) => {
+                            if tell.send((a, n)).is_err() {
+                                return;
+                            }
+                            if let Some(s) = wake.get() {
+                                s.notify();
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "nonce reconcile failed");
+                            rpc = None;
+                        }
+                        None => tracing::warn!("nonce reconcile: node unreachable"),
+                    }
+                }
+            })?;
+        Ok(Self { ask, answers })
+    }
 }
 
 /// The sending side of the signing stage's notice channel; wakes the stage.
@@ -188,6 +241,7 @@ pub struct SigningStage {
     cancels: std::collections::HashSet<u64>,
     notices_tx: crossbeam_channel::Sender<NonceNotice>,
     notices_rx: crossbeam_channel::Receiver<NonceNotice>,
+    reconciler: Option<Reconciler>,
 }
 
 /// The async side of the stage: the worker, where it wakes the stage, and how many
@@ -248,6 +302,7 @@ impl SigningStage {
             cancels: std::collections::HashSet::with_capacity(64),
             notices_tx,
             notices_rx,
+            reconciler: None,
             accounts,
             queues,
             by_worker,
@@ -273,8 +328,32 @@ impl SigningStage {
         }
     }
 
+    /// Reads nonces from the chain at `node_ws_url` when a node says an account's nonce is
+    /// behind (see [`NonceNotice::Behind`]).
+    pub fn set_reconcile(&mut self, node_ws_url: String) -> std::io::Result<()> {
+        self.reconciler = Some(Reconciler::spawn(node_ws_url, Arc::clone(&self.wake))?);
+        Ok(())
+    }
+
     fn drain_notices<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
         let mut n = 0;
+        if let Some(r) = &self.reconciler {
+            while let Ok((a, chain)) = r.answers.try_recv() {
+                n += 1;
+                let acct = &mut self.accounts[a as usize];
+                // Only forward: nonces this stage assigned and the node has not seen yet
+                // are counted by `pending` as soon as they reach it.
+                if chain > acct.next_nonce {
+                    tracing::warn!(
+                        account = a,
+                        from = acct.next_nonce,
+                        to = chain,
+                        "account nonce behind the chain; moved forward"
+                    );
+                    acct.next_nonce = chain;
+                }
+            }
+        }
         while let Ok(notice) = self.notices_rx.try_recv() {
             n += 1;
             match notice {
@@ -286,6 +365,15 @@ impl SigningStage {
                 NonceNotice::Stuck { seq } => self.on_stuck(seq, out),
                 NonceNotice::Cancel { seq } => self.on_cancel(seq, out),
                 NonceNotice::Void { seq } => self.on_void(seq, out),
+                NonceNotice::Behind { seq } => {
+                    if let Some(l) = self.live.remove(&seq) {
+                        self.blobs.release(l.msg.data);
+                        let a = l.msg.account.0;
+                        if let Some(r) = &self.reconciler {
+                            let _ = r.ask.send((a, self.accounts[a as usize].from));
+                        }
+                    }
+                }
             }
         }
         n
@@ -844,7 +932,12 @@ impl Stage for SigningStage {
     }
 
     fn extra_ready(&mut self) -> bool {
-        !self.notices_rx.is_empty() || self.worker.as_ref().is_some_and(|w| w.has_completions())
+        !self.notices_rx.is_empty()
+            || self
+                .reconciler
+                .as_ref()
+                .is_some_and(|r| !r.answers.is_empty())
+            || self.worker.as_ref().is_some_and(|w| w.has_completions())
     }
 
     fn on_start(&mut self, input_signal: &Arc<Signal>) {
