@@ -119,3 +119,60 @@ fn unknown_kms_key_stops_the_start_naming_account_and_key() {
         "{err}"
     );
 }
+
+/// A key across a network boundary makes replacements too: a cancel after broadcast is a
+/// zero-value transfer to itself signed by KMS, queued at the async worker, included in
+/// place of the original.
+#[test]
+fn kms_account_cancel_after_broadcast_is_signed_by_kms_and_takes_the_nonce() {
+    let moto = Moto::spawn();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("aws-secret");
+    std::fs::write(&secret, "testing\n").unwrap();
+    let (key_id, address) = new_key(&moto);
+    let h = Harness::start_on(
+        &venues::AnvilConfig::with_block_time(Duration::from_secs(2)),
+        Layout::Auto,
+        |c| {
+            c.confirmations = 1;
+            c.accounts
+                .push(custody_account("kms", key_config(&moto, &key_id, &secret)));
+        },
+    );
+    fund(&h, address);
+    let mut desk = h.desk();
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    h.rt.block_on(async {
+        desk.send(&submit(transfer("kc", "kms", 5, 4_321)))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut asked = false;
+        while !seen.iter().any(|f| f["state"] == "cancelled") {
+            let f = tokio::time::timeout_at(deadline, desk.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no cancelled: {seen:#?}"))
+                .unwrap();
+            let broadcast = f["state"] == "broadcast";
+            seen.push(f);
+            if broadcast && !asked {
+                asked = true;
+                desk.send(&serde_json::json!({"op": "cancel", "id": "kc", "req": "c"}))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let st = common::states(&seen);
+    assert!(st.contains(&"replaced".to_string()), "{st:?}");
+    assert!(!st.contains(&"included".to_string()), "{st:?}");
+    let replaced = seen.iter().find(|f| f["state"] == "replaced").unwrap();
+    let hash: alloy_primitives::B256 = replaced["tx_hash"].as_str().unwrap().parse().unwrap();
+    let mut rpc = venues::RpcClient::connect(&h.anvil.ws_url()).unwrap();
+    let r = rpc
+        .receipt(hash)
+        .unwrap()
+        .expect("the cancellation is mined");
+    assert_eq!(r.from, address, "signed by the KMS key");
+    assert_eq!(r.to, Some(address), "a transfer to itself");
+}

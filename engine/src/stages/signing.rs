@@ -43,8 +43,9 @@
 //!   same count.
 //!
 //! Two different transactions on one nonce exist only as such intended replacements.
-//! Replacements are signed inline; for accounts whose key signs through the async worker
-//! they are not made (logged), and their gaps are left to the operator.
+//! Inline keys sign replacements at once; async keys (KMS, MPC) get them queued at the
+//! worker behind the account's earlier requests (in order, on their fixed nonce: a
+//! rewind after a failed signature never renumbers them), emitted on completion.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
@@ -210,6 +211,9 @@ struct InFlight {
     tip: u128,
     /// Superseded by a resubmission after an earlier failure: its result is discarded.
     stale: bool,
+    /// An intent's own transaction, or a replacement of one already signed (fixed
+    /// nonce: never renumbered by a rewind).
+    purpose: TxPurpose,
 }
 
 /// Per-account state of async signing.
@@ -461,9 +465,35 @@ impl SigningStage {
         self.replace(seq, TxPurpose::Filler, max_fee, tip, out);
     }
 
-    /// Signs a new transaction on `seq`'s nonce: the same one with other fees
-    /// (`Replacement`), or a zero-value transfer to itself (`Cancel`, `Filler`), and emits
-    /// it for broadcast.
+    /// The transaction a replacement of `purpose` makes for `msg` on `nonce`: the same
+    /// one (`Replacement`), or a zero-value transfer to `from` (`Cancel`, `Filler`).
+    fn replacement_tx<'b>(
+        &self,
+        blobs: &'b BlobPool,
+        msg: &IntentMsg,
+        purpose: TxPurpose,
+        nonce: u64,
+        max_fee: u128,
+        tip: u128,
+    ) -> Eip1559<'b> {
+        let own = matches!(purpose, TxPurpose::Intent | TxPurpose::Replacement);
+        let from = self.accounts[msg.account.0 as usize].from;
+        Eip1559 {
+            chain_id: self.chain_id,
+            nonce,
+            max_priority_fee_per_gas: tip,
+            max_fee_per_gas: max_fee,
+            gas_limit: if own { msg.gas_limit } else { 21_000 },
+            to: if own { msg.to } else { from },
+            value: if own { msg.value } else { U256::ZERO },
+            input: if own { Self::input(blobs, msg) } else { &[] },
+        }
+    }
+
+    /// Signs a new transaction on `seq`'s nonce: the same transaction with other fees
+    /// (`Replacement`), or a zero-value transfer to itself (`Cancel`, `Filler`). Inline
+    /// keys sign it here and it is emitted at once; async keys get it queued at the
+    /// worker behind the account's earlier requests, and it is emitted on completion.
     fn replace<E: Emit<TxMsg>>(
         &mut self,
         seq: u64,
@@ -476,49 +506,73 @@ impl SigningStage {
             return;
         };
         let a = l.msg.account.0 as usize;
-        let AnySigner::Sync(signer) = &self.accounts[a].signer else {
-            tracing::warn!(
-                seq,
-                ?purpose,
-                "no replacement for a key that signs asynchronously"
-            );
-            return;
-        };
-        let signer = Arc::clone(signer);
-        let from = self.accounts[a].from;
-        let own = purpose == TxPurpose::Replacement;
-        let input = if own {
-            Self::input(&self.blobs, &l.msg)
-        } else {
-            &[]
-        };
-        let tx = Eip1559 {
-            chain_id: self.chain_id,
-            nonce: l.nonce,
-            max_priority_fee_per_gas: tip,
-            max_fee_per_gas: max_fee,
-            gas_limit: if own { l.msg.gas_limit } else { 21_000 },
-            to: if own { l.msg.to } else { from },
-            value: if own { l.msg.value } else { U256::ZERO },
-            input,
-        };
+        let blobs = Arc::clone(&self.blobs);
+        let tx = self.replacement_tx(&blobs, &l.msg, purpose, l.nonce, max_fee, tip);
         let Some(hash) = tx.signing_hash(&mut self.scratch[..]) else {
-            return;
-        };
-        let Ok(sig) = signer.sign_hash(&hash) else {
-            tracing::warn!(seq, ?purpose, "replacement could not be signed");
             return;
         };
         let Some(raw) = self.blobs.claim() else {
             tracing::warn!(seq, ?purpose, "no buffer for a replacement");
             return;
         };
-        // SAFETY: `raw` was just claimed by this stage and is not shared.
-        let slot = unsafe { self.blobs.slot_mut(raw) };
-        let Some((len, tx_hash)) = tx.encode_signed(&sig, &mut slot[..]) else {
+        let signer = match &self.accounts[a].signer {
+            AnySigner::Sync(s) => Arc::clone(s),
+            AnySigner::Async(_) => {
+                let f = InFlight {
+                    msg: l.msg,
+                    raw,
+                    nonce: l.nonce,
+                    max_fee,
+                    tip,
+                    stale: false,
+                    purpose,
+                };
+                if self.queues[a].in_flight.len() >= self.queue_limit
+                    || !self.submit_hash(a, f, hash)
+                {
+                    self.blobs.release(raw);
+                    tracing::warn!(
+                        seq,
+                        ?purpose,
+                        "the account's signer could not take a replacement now"
+                    );
+                }
+                return;
+            }
+        };
+        let Ok(sig) = signer.sign_hash(&hash) else {
+            self.blobs.release(raw);
+            tracing::warn!(seq, ?purpose, "replacement could not be signed");
+            return;
+        };
+        self.emit_replacement(seq, purpose, raw, max_fee, tip, &sig, out);
+    }
+
+    /// Encodes a signed replacement into `raw`, reports it and emits it for broadcast.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_replacement<E: Emit<TxMsg>>(
+        &mut self,
+        seq: u64,
+        purpose: TxPurpose,
+        raw: BlobRef,
+        max_fee: u128,
+        tip: u128,
+        sig: &Signature,
+        out: &mut E,
+    ) {
+        let Some(l) = self.live.get(&seq).copied() else {
             self.blobs.release(raw);
             return;
         };
+        let blobs = Arc::clone(&self.blobs);
+        let tx = self.replacement_tx(&blobs, &l.msg, purpose, l.nonce, max_fee, tip);
+        // SAFETY: `raw` was claimed by this stage for this replacement and is not shared.
+        let slot = unsafe { self.blobs.slot_mut(raw) };
+        let Some((len, tx_hash)) = tx.encode_signed(sig, &mut slot[..]) else {
+            self.blobs.release(raw);
+            return;
+        };
+        let from = self.accounts[l.msg.account.0 as usize].from;
         let generation = l.generation.saturating_add(1);
         if let Some(e) = self.live.get_mut(&seq) {
             e.max_fee = max_fee;
@@ -535,6 +589,7 @@ impl SigningStage {
                 ..StatusMsg::event(seq, l.msg.origin, State::Replaced, now)
             });
         }
+        let own = purpose == TxPurpose::Replacement;
         out.emit(TxMsg {
             seq,
             origin: l.msg.origin,
@@ -669,9 +724,6 @@ impl SigningStage {
 
     /// Submits one in-flight request to the worker; on refusal the intent fails.
     fn submit(&mut self, a: usize, f: InFlight) -> bool {
-        let Some(worker_index) = self.accounts[a].worker_index else {
-            return false;
-        };
         let Some(hash) = self.hash_of(&f.msg, f.nonce, f.max_fee, f.tip) else {
             self.blobs.release(f.raw);
             self.fail(
@@ -681,9 +733,30 @@ impl SigningStage {
             );
             return false;
         };
+        if self.submit_hash(a, f, hash) {
+            return true;
+        }
+        false
+    }
+
+    /// Hands `hash` to the worker for account `a` and queues `f` behind the account's
+    /// earlier requests. On refusal an intent fails (a replacement is only dropped).
+    fn submit_hash(&mut self, a: usize, f: InFlight, hash: B256) -> bool {
+        let Some(worker_index) = self.accounts[a].worker_index else {
+            return false;
+        };
         let Some(worker) = self.worker.as_ref() else {
             return false;
         };
+        if f.purpose != TxPurpose::Intent {
+            return match worker.try_submit(worker_index, f.msg.seq, hash) {
+                Ok(()) => {
+                    self.queues[a].in_flight.push_back(f);
+                    true
+                }
+                Err(_) => false,
+            };
+        }
         match worker.try_submit(worker_index, f.msg.seq, hash) {
             Ok(()) => {
                 self.queues[a].in_flight.push_back(f);
@@ -729,6 +802,7 @@ impl SigningStage {
             max_fee,
             tip,
             stale: false,
+            purpose: TxPurpose::Intent,
         };
         if !self.submit(a, f) {
             return;
@@ -780,6 +854,20 @@ impl SigningStage {
         if f.stale {
             return;
         }
+        if f.purpose != TxPurpose::Intent {
+            // A replacement of a transaction already out: emitted, or dropped with a log
+            // line (the transaction it would have replaced stays as it is).
+            match c.result {
+                Ok(sig) => {
+                    self.emit_replacement(f.msg.seq, f.purpose, f.raw, f.max_fee, f.tip, &sig, out)
+                }
+                Err(e) => {
+                    self.blobs.release(f.raw);
+                    tracing::warn!(seq = f.msg.seq, purpose = ?f.purpose, error = %e, "replacement signing failed");
+                }
+            }
+            return;
+        }
         let at = now_raw();
         match c.result {
             Ok(sig) => {
@@ -813,7 +901,7 @@ impl SigningStage {
         let behind = self.queues[a].in_flight.len();
         for i in 0..behind {
             let f = self.queues[a].in_flight[i];
-            if f.stale {
+            if f.stale || f.purpose != TxPurpose::Intent {
                 continue;
             }
             self.queues[a].in_flight[i].stale = true;
