@@ -719,6 +719,11 @@ impl SigningStage {
             hops: msg.hops,
             ..TxMsg::default()
         });
+        // Cancelled while it was at an async signer: signed now, so its nonce is taken
+        // by a cancellation right away.
+        if !self.cancels.is_empty() && self.cancels.remove(&msg.seq) {
+            self.on_cancel(msg.seq, out);
+        }
         true
     }
 
