@@ -85,13 +85,6 @@ fn with_relay(
 }
 
 /// The value of one sample line of `/metrics`, e.g. `engine_relay_up{relay="relay-a"}`.
-fn metric(h: &Harness, line: &str) -> f64 {
-    let body = http_get(h.addr(), "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line} in:\n{body}"))
-}
-
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !cond() {

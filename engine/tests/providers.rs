@@ -59,13 +59,6 @@ fn two_providers(tweak: impl FnOnce(&mut engine::Config)) -> Two {
 }
 
 /// The value of one sample line of `/metrics`, e.g. `engine_provider_up{provider="prov-a"}`.
-fn metric(h: &Harness, line: &str) -> f64 {
-    let body = http_get(h.addr(), "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line} in:\n{body}"))
-}
-
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {

@@ -15,13 +15,6 @@ use serde_json::{Value, json};
 use venues::RpcClient;
 use venues::fault::{Fault, FaultProxy};
 
-fn metric(h: &Harness, line: &str) -> f64 {
-    let body = http_get(h.addr(), "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line} in:\n{body}"))
-}
-
 fn signed_hash(frames: &[Value]) -> B256 {
     frames
         .iter()

@@ -254,3 +254,12 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// The value of one sample line of the engine's `/metrics`, e.g.
+/// `engine_provider_up{provider="prov-a"}`; panics, showing the page, if it is missing.
+pub fn metric(h: &Harness, line: &str) -> f64 {
+    let body = http_get(h.addr(), "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line} in:\n{body}"))
+}
