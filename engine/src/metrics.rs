@@ -149,122 +149,8 @@ pub fn risk_prometheus(risk: &crate::risk::RiskAdmin) -> String {
 pub fn broadcast_prometheus(b: &crate::stages::broadcast::BroadcastStats) -> String {
     let mut s = String::with_capacity(2048);
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    s.push_str("# HELP engine_provider_up Whether the RPC provider is connected.\n# TYPE engine_provider_up gauge\n");
-    for p in &b.providers {
-        let _ = writeln!(
-            s,
-            "engine_provider_up{{provider=\"{}\"}} {}",
-            p.name,
-            u8::from(p.up.load(Ordering::Relaxed))
-        );
-    }
-    s.push_str("# HELP engine_provider_demoted Whether the RPC provider is demoted (ranked last).\n# TYPE engine_provider_demoted gauge\n");
-    for p in &b.providers {
-        let _ = writeln!(
-            s,
-            "engine_provider_demoted{{provider=\"{}\"}} {}",
-            p.name,
-            u8::from(p.demoted.load(Ordering::Relaxed))
-        );
-    }
-    s.push_str("# HELP engine_provider_rtt_seconds Smoothed round trip of the provider's answers.\n# TYPE engine_provider_rtt_seconds gauge\n");
-    for p in &b.providers {
-        let _ = writeln!(
-            s,
-            "engine_provider_rtt_seconds{{provider=\"{}\"}} {:.9}",
-            p.name,
-            ld(&p.rtt_ns) as f64 / 1e9
-        );
-    }
-    for (metric, help, get) in [
-        (
-            "engine_provider_sent_total",
-            "Transactions written to the provider.",
-            (|p: &crate::stages::broadcast::ProviderStats| &p.sent)
-                as fn(&crate::stages::broadcast::ProviderStats) -> &std::sync::atomic::AtomicU64,
-        ),
-        (
-            "engine_provider_first_accepts_total",
-            "Transactions the provider accepted first.",
-            |p| &p.first_accepts,
-        ),
-        (
-            "engine_provider_errors_total",
-            "Refusals and malformed answers from the provider.",
-            |p| &p.errors,
-        ),
-        (
-            "engine_provider_demotions_total",
-            "Times the provider was demoted.",
-            |p| &p.demotions,
-        ),
-        (
-            "engine_provider_disconnects_total",
-            "Connections to the provider lost.",
-            |p| &p.disconnects,
-        ),
-        (
-            "engine_provider_reconnects_total",
-            "Successful reconnects to the provider.",
-            |p| &p.reconnects,
-        ),
-    ] {
-        let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for p in &b.providers {
-            let _ = writeln!(s, "{metric}{{provider=\"{}\"}} {}", p.name, ld(get(p)));
-        }
-    }
-    s.push_str("# HELP engine_relay_up Whether the private relay is connected.\n# TYPE engine_relay_up gauge\n");
-    for r in &b.relays {
-        let _ = writeln!(
-            s,
-            "engine_relay_up{{relay=\"{}\"}} {}",
-            r.name,
-            u8::from(r.up.load(Ordering::Relaxed))
-        );
-    }
-    s.push_str("# HELP engine_relay_rtt_seconds Smoothed round trip of the relay's answers.\n# TYPE engine_relay_rtt_seconds gauge\n");
-    for r in &b.relays {
-        let _ = writeln!(
-            s,
-            "engine_relay_rtt_seconds{{relay=\"{}\"}} {:.9}",
-            r.name,
-            ld(&r.rtt_ns) as f64 / 1e9
-        );
-    }
-    for (metric, help, get) in [
-        (
-            "engine_relay_sent_total",
-            "Private transactions written to the relay.",
-            (|p: &crate::stages::broadcast::ProviderStats| &p.sent)
-                as fn(&crate::stages::broadcast::ProviderStats) -> &std::sync::atomic::AtomicU64,
-        ),
-        (
-            "engine_relay_first_accepts_total",
-            "Private transactions the relay accepted first.",
-            |p| &p.first_accepts,
-        ),
-        (
-            "engine_relay_errors_total",
-            "Refusals and malformed answers from the relay.",
-            |p| &p.errors,
-        ),
-        (
-            "engine_relay_disconnects_total",
-            "Connections to the relay lost (errors, or closed by the relay).",
-            |p| &p.disconnects,
-        ),
-        (
-            "engine_relay_reconnects_total",
-            "Successful reconnects to the relay.",
-            |p| &p.reconnects,
-        ),
-    ] {
-        let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for r in &b.relays {
-            let _ = writeln!(s, "{metric}{{relay=\"{}\"}} {}", r.name, ld(get(r)));
-        }
-    }
+    venue_metrics(&mut s, "provider", "RPC provider", &b.providers, true);
+    venue_metrics(&mut s, "relay", "private relay", &b.relays, false);
     let _ = writeln!(
         s,
         "# HELP engine_broadcast_private_fallbacks_total Private transactions no relay took, sent publicly at once (public_fallback).\n# TYPE engine_broadcast_private_fallbacks_total counter\nengine_broadcast_private_fallbacks_total {}",
@@ -387,4 +273,96 @@ pub fn receipts_prometheus(r: &crate::stages::receipts::ReceiptsStats) -> String
         );
     }
     s
+}
+
+/// Gauges and counters of one kind of venue (`kind`: `provider` or `relay`, also the
+/// label name), one sample per venue. Demotion applies to providers only.
+fn venue_metrics(
+    s: &mut String,
+    kind: &str,
+    what: &str,
+    venues: &[crate::stages::broadcast::ProviderStats],
+    demotion: bool,
+) {
+    use crate::stages::broadcast::ProviderStats;
+    type Value = fn(&ProviderStats) -> String;
+    let rows: [(&str, &str, &str, Value, bool); 9] = [
+        (
+            "up",
+            "gauge",
+            "Whether the {} is connected.",
+            |p| u8::from(p.up.load(Ordering::Relaxed)).to_string(),
+            true,
+        ),
+        (
+            "demoted",
+            "gauge",
+            "Whether the {} is demoted (ranked last).",
+            |p| u8::from(p.demoted.load(Ordering::Relaxed)).to_string(),
+            demotion,
+        ),
+        (
+            "rtt_seconds",
+            "gauge",
+            "Smoothed round trip of the {}'s answers.",
+            |p| format!("{:.9}", p.rtt_ns.load(Ordering::Relaxed) as f64 / 1e9),
+            true,
+        ),
+        (
+            "sent_total",
+            "counter",
+            "Transactions written to the {}.",
+            |p| p.sent.load(Ordering::Relaxed).to_string(),
+            true,
+        ),
+        (
+            "first_accepts_total",
+            "counter",
+            "Transactions the {} accepted first.",
+            |p| p.first_accepts.load(Ordering::Relaxed).to_string(),
+            true,
+        ),
+        (
+            "errors_total",
+            "counter",
+            "Refusals and malformed answers from the {}.",
+            |p| p.errors.load(Ordering::Relaxed).to_string(),
+            true,
+        ),
+        (
+            "demotions_total",
+            "counter",
+            "Times the {} was demoted.",
+            |p| p.demotions.load(Ordering::Relaxed).to_string(),
+            demotion,
+        ),
+        (
+            "disconnects_total",
+            "counter",
+            "Connections to the {} lost.",
+            |p| p.disconnects.load(Ordering::Relaxed).to_string(),
+            true,
+        ),
+        (
+            "reconnects_total",
+            "counter",
+            "Successful reconnects to the {}.",
+            |p| p.reconnects.load(Ordering::Relaxed).to_string(),
+            true,
+        ),
+    ];
+    for (suffix, typ, help, value, on) in rows {
+        if !on {
+            continue;
+        }
+        let metric = format!("engine_{kind}_{suffix}");
+        let _ = writeln!(
+            s,
+            "# HELP {metric} {}\n# TYPE {metric} {typ}",
+            help.replace("{}", what)
+        );
+        for p in venues {
+            let _ = writeln!(s, "{metric}{{{kind}=\"{}\"}} {}", p.name, value(p));
+        }
+    }
 }
