@@ -1090,32 +1090,7 @@ impl BroadcastStage {
             .first_accepts
             .fetch_add(1, Ordering::Relaxed);
         self.stats.private_routed.fetch_add(1, Ordering::Relaxed);
-        if f.purpose != TxPurpose::Filler {
-            self.status.send(StatusMsg {
-                tx_hash: f.tx_hash,
-                route: Route::Private,
-                venues: f.sent,
-                ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
-            });
-        }
-        let mut hops = Hops::starting_at(f.first_raw);
-        hops.stamp(f.sent_raw);
-        out.emit(TxMsg {
-            seq,
-            origin: f.origin,
-            account: f.account,
-            nonce: f.nonce,
-            tx_hash: f.tx_hash,
-            raw: f.raw,
-            asset: f.asset,
-            urgent: f.urgent,
-            route: Route::Private,
-            public_fallback: f.public_fallback,
-            max_block: f.max_block,
-            hops,
-            purpose: f.purpose,
-            generation: f.generation,
-        });
+        self.hand_on(seq, &f, Route::Private, now, out);
     }
 
     /// Relay `j`'s connection is gone: have it dialled again, and move what waited only
@@ -1267,18 +1242,30 @@ impl BroadcastStage {
         }
         self.rec.ws_to_node.record(ticks_to_ns(f.first_raw, now));
         self.rec.node_rtt.record(ticks_to_ns(f.sent_raw, now));
+        self.hand_on(seq, &f, Route::Public, now, out);
+    }
+
+    /// An accepted transaction: the `broadcast` event (none for a filler: its intent has
+    /// ended), then the transaction to the receipt watcher. Hops: the intent's first stamp
+    /// (for end-to-end time to inclusion) and when it was first written to a venue. The
+    /// raw transaction's slot goes along: the watcher keeps the bytes (to send them again
+    /// if a reorg drops the transaction) and releases the slot.
+    fn hand_on<E: Emit<TxMsg>>(
+        &mut self,
+        seq: u64,
+        f: &InFlight,
+        route: Route,
+        now: u64,
+        out: &mut E,
+    ) {
         if f.purpose != TxPurpose::Filler {
             self.status.send(StatusMsg {
                 tx_hash: f.tx_hash,
-                route: Route::Public,
+                route,
                 venues: f.sent,
                 ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
             });
         }
-        // Hops: the intent's first stamp (for end-to-end time to inclusion) and when it was
-        // first written to a provider. The raw transaction's slot goes along: the receipt
-        // watcher keeps the bytes (to send them again if a reorg drops the transaction)
-        // and releases the slot.
         let mut hops = Hops::starting_at(f.first_raw);
         hops.stamp(f.sent_raw);
         out.emit(TxMsg {
@@ -1290,9 +1277,13 @@ impl BroadcastStage {
             raw: f.raw,
             asset: f.asset,
             urgent: f.urgent,
-            route: Route::Public,
+            route,
             public_fallback: f.public_fallback,
-            max_block: 0,
+            max_block: if route == Route::Private {
+                f.max_block
+            } else {
+                0
+            },
             hops,
             purpose: f.purpose,
             generation: f.generation,
