@@ -84,6 +84,8 @@ use crate::risk::kill::KillSwitch;
 use crate::stages::StatusSink;
 
 const WAKE: mio::Token = mio::Token(0);
+/// Broken connections under one transaction before it fails instead of being resent.
+const MAX_LOST: u8 = 5;
 /// Provider `i` polls under token `FIRST_PROVIDER + i`.
 const FIRST_PROVIDER: usize = 1;
 /// Relay `j` polls under token `FIRST_RELAY + j`.
@@ -291,6 +293,8 @@ struct InFlight {
     purpose: TxPurpose,
     /// Replacements of the intent's transaction before this one.
     generation: u16,
+    /// Times a venue's connection broke while it waited there for an answer.
+    lost: u8,
 }
 
 #[derive(Debug)]
@@ -796,6 +800,7 @@ impl BroadcastStage {
             waiting_since: None,
             purpose: msg.purpose,
             generation: msg.generation,
+            lost: 0,
         };
         // A replacement (same nonce) supersedes an earlier transaction of the intent that
         // no venue has accepted yet: its slot is released and it is not sent further.
@@ -1127,9 +1132,33 @@ impl BroadcastStage {
             }
         }
         for seq in orphans {
+            if self.too_often_lost(seq) {
+                continue;
+            }
             self.stats.resends.fetch_add(1, Ordering::Relaxed);
             self.advance_private_settle(seq);
         }
+    }
+
+    /// Counts one more broken connection under transaction `seq`; past [`MAX_LOST`] it
+    /// fails (`venue_unavailable`) instead of being sent again, so a venue that takes
+    /// connections and drops them unanswered cannot keep a transaction cycling forever.
+    fn too_often_lost(&mut self, seq: u64) -> bool {
+        let Some(f) = self.in_flight.get_mut(&seq) else {
+            return true;
+        };
+        f.lost = f.lost.saturating_add(1);
+        if f.lost < MAX_LOST {
+            return false;
+        }
+        let f = *f;
+        self.finish_failed(
+            seq,
+            f,
+            Reason::VenueUnavailable,
+            "the venues' connections broke repeatedly before any answered; the transaction may still be included",
+        );
+        true
     }
 
     /// Provider `i` answered after `rtt_ns`: smooth it in, demote if over budget.
@@ -1364,6 +1393,9 @@ impl BroadcastStage {
             }
         }
         for seq in orphans {
+            if self.too_often_lost(seq) {
+                continue;
+            }
             self.stats.resends.fetch_add(1, Ordering::Relaxed);
             self.advance(seq, false);
         }
