@@ -135,6 +135,8 @@ pub struct ReceiptsStage {
     notices: Option<Notices>,
     /// Blocks without inclusion after which a public transaction counts as stuck.
     stuck_blocks: u64,
+    /// Receipts asked for by hash, off this thread.
+    lookup: Lookup,
     /// Intents with more than one transaction watched (replaced on the same nonce).
     replaced: std::collections::HashSet<u64>,
 }
@@ -159,6 +161,7 @@ impl ReceiptsStage {
         let poll = mio::Poll::new()?;
         heads.register(poll.registry(), SOCKET)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let lookup = Lookup::spawn(urls.clone(), Arc::clone(&waker))?;
         let (redial_tx, redial_rx) = spawn_redial(urls, Arc::clone(&waker))?;
         stats.subscribed.store(true, Ordering::Relaxed);
         Ok(Self {
@@ -182,6 +185,7 @@ impl ReceiptsStage {
             resend: None,
             stats,
             notices: None,
+            lookup,
             stuck_blocks: 0,
             replaced: std::collections::HashSet::with_capacity(64),
         })
@@ -345,21 +349,50 @@ impl ReceiptsStage {
         if self.stuck_blocks == 0 || self.notices.is_none() {
             return;
         }
-        let mut due: Vec<u64> = Vec::new();
-        for w in self.watching.values_mut() {
+        let mut due: Vec<(u64, B256)> = Vec::new();
+        for (hash, w) in self.watching.iter_mut() {
             if w.max_block == 0
                 && w.purpose != TxPurpose::Filler
                 && head >= w.since_head + self.stuck_blocks
             {
                 w.since_head = head;
-                if !due.contains(&w.seq) {
-                    due.push(w.seq);
+                due.push((w.seq, *hash));
+            }
+        }
+        // Before anything is replaced, the node is asked directly whether the transaction
+        // is in a block already (a receipt this stage missed is found this way too); the
+        // answer comes back through `on_lookups`.
+        for (seq, hash) in due {
+            if self.lookup.ask.send((seq, hash)).is_err() {
+                self.notify(NonceNotice::Stuck { seq });
+            }
+        }
+    }
+
+    /// Answers of the lookup thread: a receipt found is an inclusion; none, and the
+    /// intent is still waiting, is a stuck transaction for the signing stage.
+    fn on_lookups(&mut self) -> usize {
+        let mut n = 0;
+        let mut stuck: Vec<u64> = Vec::new();
+        while let Ok((seq, hash, found)) = self.lookup.answers.try_recv() {
+            n += 1;
+            match found {
+                Some(r) => {
+                    if let Some(w) = self.watching.remove(&hash) {
+                        self.include(w, &r);
+                    }
+                }
+                None => {
+                    if self.watching.values().any(|w| w.seq == seq) && !stuck.contains(&seq) {
+                        stuck.push(seq);
+                    }
                 }
             }
         }
-        for seq in due {
+        for seq in stuck {
             self.notify(NonceNotice::Stuck { seq });
         }
+        n
     }
 
     /// Private sends whose window passed without inclusion go again.
@@ -439,6 +472,53 @@ impl ReceiptsStage {
         self.stats.resubscribes.fetch_add(1, Ordering::Relaxed);
         self.heads = Some(heads);
         1
+    }
+}
+
+/// Receipt lookups by hash on their own thread (a blocking RPC round trip never runs on
+/// the stage): `(seq, hash)` in, `(seq, hash, receipt)` out, then the stage is woken.
+#[derive(Debug)]
+struct Lookup {
+    ask: Sender<(u64, B256)>,
+    answers: Receiver<(u64, B256, Option<ReceiptSummary>)>,
+}
+
+impl Lookup {
+    /// Asks on `urls[0]`, and on the next URL in turn whenever one fails.
+    fn spawn(urls: Vec<String>, waker: Arc<mio::Waker>) -> std::io::Result<Self> {
+        let (ask, asked) = crossbeam_channel::unbounded::<(u64, B256)>();
+        let (tell, answers) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("receipt-lookup".into())
+            .spawn(move || {
+                let mut rpc: Option<venues::RpcClient> = None;
+                let mut next = 0usize;
+                while let Ok((seq, hash)) = asked.recv() {
+                    let mut found = None;
+                    for _ in 0..urls.len() {
+                        if rpc.is_none() {
+                            rpc = venues::RpcClient::connect(&urls[next % urls.len()]).ok();
+                        }
+                        match rpc.as_mut().map(|r| r.receipt(hash)) {
+                            Some(Ok(r)) => {
+                                found = r;
+                                break;
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "receipt lookup failed");
+                                rpc = None;
+                            }
+                            None => {}
+                        }
+                        next += 1;
+                    }
+                    if tell.send((seq, hash, found)).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
+                }
+            })?;
+        Ok(Self { ask, answers })
     }
 }
 
@@ -547,7 +627,7 @@ impl Stage for ReceiptsStage {
     }
 
     fn poll_extra<E: Emit<NoMessage>>(&mut self, _out: &mut E) -> usize {
-        let mut n = 0;
+        let mut n = self.on_lookups();
         if self.heads.is_none() {
             n += self.on_redialled();
         }
