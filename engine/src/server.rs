@@ -549,24 +549,7 @@ fn handle_text(
             if !principal.roles.has(Role::Trader) {
                 return Some(forbidden("cancel", req.as_deref(), Some(id.as_str())));
             }
-            PendingReqs::push(&mut reqs.cancel, id, req.clone());
-            let q = StatusMsg {
-                kind: StatusKind::Cancel,
-                origin,
-                id,
-                ..StatusMsg::default()
-            };
-            match ctx.status.try_send(q) {
-                true => None,
-                false => {
-                    PendingReqs::unpush(&mut reqs.cancel, &id);
-                    Some(
-                        RequestError::new(ErrorCode::Overloaded, "status queue is full; retry")
-                            .with_context(req.as_deref(), Some(id.as_str()))
-                            .to_json(),
-                    )
-                }
-            }
+            ask_status(ctx, &mut reqs.cancel, StatusKind::Cancel, origin, id, req)
         }
         Request::Status { req, id } => {
             if !(principal.roles.has(Role::Trader)
@@ -576,24 +559,7 @@ fn handle_text(
             {
                 return Some(forbidden("status", req.as_deref(), Some(id.as_str())));
             }
-            PendingReqs::push(&mut reqs.status, id, req.clone());
-            let q = StatusMsg {
-                kind: StatusKind::Query,
-                origin,
-                id,
-                ..StatusMsg::default()
-            };
-            match ctx.status.try_send(q) {
-                true => None,
-                false => {
-                    PendingReqs::unpush(&mut reqs.status, &id);
-                    Some(
-                        RequestError::new(ErrorCode::Overloaded, "status queue is full; retry")
-                            .with_context(req.as_deref(), Some(id.as_str()))
-                            .to_json(),
-                    )
-                }
-            }
+            ask_status(ctx, &mut reqs.status, StatusKind::Query, origin, id, req)
         }
         Request::Submit { req, intent } => {
             let id_s = intent.id.as_str();
@@ -679,6 +645,34 @@ fn forbidden(op: &str, req: Option<&str>, id: Option<&str>) -> String {
     )
     .with_context(req, id)
     .to_json()
+}
+
+/// Hands a `status` or `cancel` request to the status thread, which answers on the
+/// connection; `None` when it was taken, else the `overloaded` error frame.
+fn ask_status(
+    ctx: &ServerCtx,
+    pending: &mut HashMap<IntentId, VecDeque<Option<String>>>,
+    kind: StatusKind,
+    origin: Origin,
+    id: IntentId,
+    req: Option<String>,
+) -> Option<String> {
+    PendingReqs::push(pending, id, req.clone());
+    let q = StatusMsg {
+        kind,
+        origin,
+        id,
+        ..StatusMsg::default()
+    };
+    if ctx.status.try_send(q) {
+        return None;
+    }
+    PendingReqs::unpush(pending, &id);
+    Some(
+        RequestError::new(ErrorCode::Overloaded, "status queue is full; retry")
+            .with_context(req.as_deref(), Some(id.as_str()))
+            .to_json(),
+    )
 }
 
 /// Turns what the status thread sent into frames, echoing the `req` of the request that

@@ -6,27 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, collect_until_final, states, submit, transfer};
+use common::{Harness, collect_until_final, reply, states, submit, transfer};
 use engine::auth::{Role, Roles};
 use engine::config::Layout;
 use engine::desk::Desk;
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn connect(h: &Harness, sub: &str, roles: Roles) -> Desk {
     let t = h.token_for(sub, roles);
     h.rt.block_on(Desk::connect(&h.url, Some(&t))).unwrap()
-}
-
-async fn reply(desk: &mut Desk, req: &str) -> Value {
-    loop {
-        let f = tokio::time::timeout(Duration::from_secs(30), desk.recv())
-            .await
-            .expect("a reply")
-            .unwrap();
-        if f["req"] == req {
-            return f;
-        }
-    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 use std::str::FromStr;
 use std::time::Duration;
 
-use alloy_primitives::{Address, B256, U256};
+use alloy_primitives::{B256, U256};
 use common::*;
 use engine::auth::{Role, Roles};
 use engine::config::{KeyConfig, Layout};
@@ -26,18 +26,6 @@ fn event<'a>(frames: &'a [Value], state: &str) -> &'a Value {
         .iter()
         .find(|f| f["state"] == state)
         .unwrap_or_else(|| panic!("no {state} in {frames:#?}"))
-}
-
-async fn reply(desk: &mut Desk, req: &str) -> Value {
-    loop {
-        let f = tokio::time::timeout(Duration::from_secs(30), desk.recv())
-            .await
-            .expect("a reply")
-            .unwrap();
-        if f["req"] == req {
-            return f;
-        }
-    }
 }
 
 /// Waits for `state` of `id`, keeping every frame read.
@@ -247,7 +235,6 @@ fn a_refused_transaction_leaves_no_nonce_gap() {
         assert_eq!(nonce("g-c"), nonce("g-b") + 1);
         assert_eq!(used, 3, "g-b's nonce filled");
     }
-    let _ = Address::ZERO;
 }
 
 #[test]

@@ -297,11 +297,6 @@ impl BroadcastConnection {
         self.write_pending
     }
 
-    /// Requests sent whose reply has not been handled yet, heartbeats excluded.
-    pub fn tx_in_flight(&self) -> usize {
-        self.in_flight.len() - usize::from(self.heartbeat_sent.is_some())
-    }
-
     fn take_tag(&mut self, id: u64) -> Option<u64> {
         if let Some(&(front, tag)) = self.in_flight.front()
             && front == id

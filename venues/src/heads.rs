@@ -519,11 +519,6 @@ impl HeadFollower {
         Ok(next)
     }
 
-    /// The newest block reported, if any.
-    pub fn tip(&self) -> Option<u64> {
-        (self.tracker.chain.len > 0).then_some(self.tracker.chain.tip)
-    }
-
     /// Registers the socket with `registry` for read and write readiness
     /// (edge-triggered). Call [`HeadFollower::poll`] once right after
     /// registering (frames may already be buffered from `connect`), then on

@@ -59,7 +59,7 @@ use serde_json::value::RawValue;
 
 use crate::broadcast::{MALFORMED_REPLY_CODE, RpcErrorInfo};
 use crate::error::VenueError;
-use crate::ws::{CONNECT_TIMEOUT, ErrorObject};
+use crate::ws::{CONNECT_TIMEOUT, ErrorObject, push_decimal};
 
 /// The name of the authentication header.
 pub const FLASHBOTS_SIGNATURE_HEADER: &str = "X-Flashbots-Signature";
@@ -934,21 +934,6 @@ fn decode_reply(pending: Pending, status: u16, body: &[u8]) -> Result<RelayReply
             Err(_) => malformed(format!("result is not a boolean: {}", result.get())),
         },
     })
-}
-
-/// Appends `n` in decimal without allocating (beyond `out`'s growth).
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// Appends `n` as a JSON-RPC quantity's digits (lowercase hex, no leading

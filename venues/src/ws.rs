@@ -155,8 +155,8 @@ pub(crate) struct Envelope<'a> {
     pub error: Option<ErrorObject>,
 }
 
-/// Writes `n` in decimal into `out` without allocating.
-pub(crate) fn push_decimal(out: &mut bytes::BytesMut, mut n: u64) {
+/// Writes `n` in decimal into `out` without allocating (beyond `out`'s own growth).
+pub(crate) fn push_decimal<B: Extend<u8>>(out: &mut B, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -167,7 +167,7 @@ pub(crate) fn push_decimal(out: &mut bytes::BytesMut, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    out.extend(digits[i..].iter().copied());
 }
 
 #[cfg(test)]

@@ -242,22 +242,6 @@ impl BroadcastStats {
             private_routed: AtomicU64::new(0),
         }
     }
-
-    /// Providers connected now.
-    pub fn providers_up(&self) -> usize {
-        self.providers
-            .iter()
-            .filter(|p| p.up.load(Ordering::Relaxed))
-            .count()
-    }
-
-    /// Relays connected now.
-    pub fn relays_up(&self) -> usize {
-        self.relays
-            .iter()
-            .filter(|p| p.up.load(Ordering::Relaxed))
-            .count()
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1119,25 +1103,32 @@ impl BroadcastStage {
             ));
         }
         let bit = self.relay_bit(j);
+        for seq in self.orphans(bit, true) {
+            self.advance_private_settle(seq);
+        }
+    }
+
+    /// A venue (bit `bit`) lost its connection: transactions waiting on it forget it
+    /// (unanswered, they may still reach the chain through it, and may be sent there
+    /// again after the redial: idempotent by hash). Returns those that now wait on no
+    /// venue at all and are to be sent again; one that lost too many connections fails
+    /// instead. `private`: only transactions on the private route.
+    fn orphans(&mut self, bit: u32, private: bool) -> Vec<u64> {
         let mut orphans: Vec<u64> = Vec::new();
         for (seq, f) in &mut self.in_flight {
-            if f.private && f.pending & bit != 0 {
+            if f.pending & bit != 0 && (!private || f.private) {
                 f.pending &= !bit;
-                // Unanswered: it may still reach the chain through that relay, and is sent
-                // there again after the redial (relays take the same hash twice).
                 f.sent &= !bit;
                 if f.pending == 0 {
                     orphans.push(*seq);
                 }
             }
         }
-        for seq in orphans {
-            if self.too_often_lost(seq) {
-                continue;
-            }
-            self.stats.resends.fetch_add(1, Ordering::Relaxed);
-            self.advance_private_settle(seq);
-        }
+        orphans.retain(|&seq| !self.too_often_lost(seq));
+        self.stats
+            .resends
+            .fetch_add(orphans.len() as u64, Ordering::Relaxed);
+        orphans
     }
 
     /// Counts one more broken connection under transaction `seq`; past [`MAX_LOST`] it
@@ -1379,24 +1370,7 @@ impl BroadcastStage {
             .reconnect
             .requests
             .send(Dial::Provider(i, self.providers[i].spec.ws_url.clone()));
-        let bit = 1u32 << i;
-        let mut orphans: Vec<u64> = Vec::new();
-        for (seq, f) in &mut self.in_flight {
-            if f.pending & bit != 0 {
-                f.pending &= !bit;
-                // Sent there but unanswered: it may still reach the chain through it, and
-                // may be sent there again after the redial (idempotent by hash).
-                f.sent &= !bit;
-                if f.pending == 0 {
-                    orphans.push(*seq);
-                }
-            }
-        }
-        for seq in orphans {
-            if self.too_often_lost(seq) {
-                continue;
-            }
-            self.stats.resends.fetch_add(1, Ordering::Relaxed);
+        for seq in self.orphans(1u32 << i, false) {
             self.advance(seq, false);
         }
     }
@@ -1639,9 +1613,15 @@ impl BroadcastStage {
             let heartbeat_was_out = conn.heartbeat_waiting().is_some();
             let mut answers = std::mem::take(&mut self.answers);
             let res = conn.poll_responses(|tag, r| answers.push((tag, r)));
-            let heartbeat_answered = heartbeat_was_out && conn.heartbeat_waiting().is_none();
-            if !answers.is_empty() || heartbeat_answered {
+            let heartbeat_rtt = (heartbeat_was_out && conn.heartbeat_waiting().is_none())
+                .then(|| conn.heartbeat_rtt())
+                .flatten();
+            if !answers.is_empty() || heartbeat_rtt.is_some() {
                 self.providers[i].last_activity = Instant::now();
+            }
+            // A quiet provider's latency is measured by its heartbeats.
+            if let Some(rtt) = heartbeat_rtt {
+                self.observe(i, rtt.as_nanos() as u64);
             }
             let now = now_raw();
             handled += answers.len();

@@ -263,3 +263,17 @@ pub fn metric(h: &Harness, line: &str) -> f64 {
         .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no metric {line} in:\n{body}"))
 }
+
+/// Reads frames until the one that echoes `req` (at most 30 s); the frames before it
+/// are dropped.
+pub async fn reply(desk: &mut Desk, req: &str) -> Value {
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(30), desk.recv())
+            .await
+            .expect("a reply")
+            .unwrap();
+        if f["req"] == req {
+            return f;
+        }
+    }
+}
