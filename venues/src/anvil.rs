@@ -284,6 +284,8 @@ pub struct Anvil {
     tail: OutputTail,
     /// Set once the exit was observed, so it is reported consistently.
     exit: Option<String>,
+    /// The threads draining stdout and stderr (they end at the pipes' end of file).
+    drains: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Anvil {
@@ -305,13 +307,15 @@ impl Anvil {
         let (tx, rx) = mpsc::channel::<(String, u16)>();
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        spawn_drain(
-            format!("anvil-{pid}-out"),
-            stdout,
-            Arc::clone(&tail),
-            Some(tx),
-        )?;
-        spawn_drain(format!("anvil-{pid}-err"), stderr, Arc::clone(&tail), None)?;
+        let drains = vec![
+            spawn_drain(
+                format!("anvil-{pid}-out"),
+                stdout,
+                Arc::clone(&tail),
+                Some(tx),
+            )?,
+            spawn_drain(format!("anvil-{pid}-err"), stderr, Arc::clone(&tail), None)?,
+        ];
 
         let mut anvil = Anvil {
             child: Some(child),
@@ -322,6 +326,7 @@ impl Anvil {
             chain_id: cfg.chain_id.unwrap_or(DEFAULT_CHAIN_ID),
             tail,
             exit: None,
+            drains,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         match rx.recv_timeout(START_TIMEOUT) {
@@ -335,7 +340,7 @@ impl Anvil {
                 let status = anvil.wait_exit(Duration::from_secs(5));
                 return Err(VenueError::AnvilExited {
                     status,
-                    output: anvil.output_tail(),
+                    output: anvil.exit_output(),
                 });
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -358,7 +363,7 @@ impl Anvil {
                     if let Some(status) = self.exited() {
                         return Err(VenueError::AnvilExited {
                             status,
-                            output: self.output_tail(),
+                            output: self.exit_output(),
                         });
                     }
                     if Instant::now() >= deadline {
@@ -436,6 +441,19 @@ impl Anvil {
             .join("\n")
     }
 
+    /// [`Anvil::output_tail`] once the process has exited: waits (at most 2 s) for both
+    /// pipes to be drained to their end, so the last words of a process that exited
+    /// (on stderr, say) are there even when the other pipe closed first.
+    fn exit_output(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.drains.iter().all(std::thread::JoinHandle::is_finished)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.output_tail()
+    }
+
     /// Supervision: `Some(status)` once the process has exited (never
     /// blocks). After [`Anvil::kill`] this reports the kill.
     pub fn exited(&mut self) -> Option<String> {
@@ -482,7 +500,7 @@ fn spawn_drain(
     pipe: impl Read + Send + 'static,
     tail: OutputTail,
     mut listening: Option<mpsc::Sender<(String, u16)>>,
-) -> Result<(), VenueError> {
+) -> Result<std::thread::JoinHandle<()>, VenueError> {
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -512,7 +530,6 @@ fn spawn_drain(
                 t.push_back(line.to_owned());
             }
         })
-        .map(|_| ())
         .map_err(VenueError::Io)
 }
 
