@@ -22,6 +22,8 @@
 //! - [`blob`]: fixed slots for calldata and raw transactions, so ring messages stay small
 //!   and `Copy`.
 //! - [`txbuild`]: EIP-1559 encoding into a caller's buffer, byte-identical to alloy's.
+//! - [`journal`]: the write-ahead intent journal's storage: lanes of memory-mapped,
+//!   checksummed segments with one writer each, group commit, replay and compaction.
 //! - [`engine`]: assembly and lifecycle; [`dev`] and [`demo`]: the dev chain and the
 //!   built-in desk.
 //!
@@ -47,6 +49,7 @@ pub mod desk;
 pub mod dev;
 pub mod engine;
 pub mod error;
+pub mod journal;
 pub mod metrics;
 pub mod msg;
 pub mod protocol;
