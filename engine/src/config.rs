@@ -297,6 +297,10 @@ pub struct Config {
     /// Blocks on top of the inclusion block before `confirmed`.
     #[serde(default = "default_confirmations")]
     pub confirmations: u32,
+    /// `[journal]`: the write-ahead intent journal. Without it nothing survives a
+    /// restart: an `ack` means only that the intent is in the pipeline.
+    #[serde(default)]
+    pub journal: Option<JournalSettings>,
     /// Signing accounts.
     pub accounts: Vec<AccountConfig>,
     /// Thread layout.
@@ -324,9 +328,22 @@ pub struct Config {
     /// and `max_value_wei` are the whole policy. Reloaded on SIGHUP and `reload_policy`.
     #[serde(default)]
     pub policy_file: Option<PathBuf>,
-    /// Audit trail (JSON lines, appended). Without one, records go to the log.
+    /// Directory of the hash-chained audit log (segment files `audit-NNNNNNNN.jsonl`,
+    /// created if missing; see docs/audit.md). Without one, records go to the process log,
+    /// unchained.
     #[serde(default)]
-    pub audit_log: Option<PathBuf>,
+    pub audit_dir: Option<PathBuf>,
+    /// Size at which the audit log moves to a new segment file (bytes, at least 1024).
+    #[serde(default = "default_audit_segment_bytes")]
+    pub audit_segment_bytes: u64,
+    /// Longest time audit records stay written but not synced to disk (ms; 0: synced
+    /// whenever the writer has caught up).
+    #[serde(default = "default_audit_fsync_ms")]
+    pub audit_fsync_ms: u64,
+    /// File holding the hex secret of the key that signs every audit segment head (not a
+    /// custody key); the file must not be readable by group or others.
+    #[serde(default)]
+    pub audit_key_file: Option<PathBuf>,
     /// Requests the async signers (KMS, MPC) may have outstanding, all accounts together.
     #[serde(default = "default_async_capacity")]
     pub async_sign_capacity: usize,
@@ -407,6 +424,64 @@ impl Default for BroadcastConfig {
     }
 }
 
+/// `[journal]`: where and how durably intents and their transactions are recorded.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSettings {
+    /// Directory of the journal's segment files (created if missing).
+    pub dir: PathBuf,
+    /// Size of one segment file; a lane moves to a new segment when one is full.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// `none`: a record is in the OS page cache when its stage goes on (survives a crash
+    /// of the process, not of the machine). `group`: acks and broadcasts wait until their
+    /// record is synced to disk; one sync covers every record written meanwhile, at most
+    /// `group_commit_us` apart. `interval`: synced every `interval_ms`, nobody waits (a
+    /// machine crash loses at most that much).
+    #[serde(default)]
+    pub sync: JournalSync,
+    /// Longest wait between two group-commit syncs (µs).
+    #[serde(default = "default_group_commit_us")]
+    pub group_commit_us: u64,
+    /// Sync period of `sync = "interval"` (ms).
+    #[serde(default = "default_sync_interval_ms")]
+    pub interval_ms: u64,
+}
+
+/// The journal's sync policy (see [`JournalSettings::sync`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalSync {
+    /// Page cache only.
+    #[default]
+    None,
+    /// Group commit: acks and broadcasts wait for the sync.
+    Group,
+    /// Periodic sync; nobody waits.
+    Interval,
+}
+
+impl JournalSync {
+    /// Configuration name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JournalSync::None => "none",
+            JournalSync::Group => "group",
+            JournalSync::Interval => "interval",
+        }
+    }
+}
+
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+fn default_group_commit_us() -> u64 {
+    200
+}
+fn default_sync_interval_ms() -> u64 {
+    10
+}
+
 impl BroadcastConfig {
     /// As the broadcast stage takes it.
     pub fn tuning(&self) -> crate::stages::broadcast::BroadcastTuning {
@@ -453,6 +528,12 @@ fn default_async_capacity() -> usize {
 fn default_failover_retry_ms() -> u64 {
     5_000
 }
+fn default_audit_segment_bytes() -> u64 {
+    crate::audit::DEFAULT_SEGMENT_BYTES
+}
+fn default_audit_fsync_ms() -> u64 {
+    crate::audit::DEFAULT_FSYNC_MS
+}
 
 impl Config {
     /// Every broadcast provider as `(name, ws_url)`: `providers`, or `node_ws_url` named
@@ -479,7 +560,8 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut cfg.policy_file,
-            &mut cfg.audit_log,
+            &mut cfg.audit_dir,
+            &mut cfg.audit_key_file,
             &mut cfg.relay_auth_key_file,
         ]
         .into_iter()
@@ -607,6 +689,13 @@ impl Config {
         }
         if self.confirmations == 0 {
             return bad("confirmations: must be at least 1".into());
+        }
+        if self.audit_segment_bytes < crate::audit::MIN_SEGMENT_BYTES {
+            return bad(format!(
+                "audit_segment_bytes: at least {}, got {}",
+                crate::audit::MIN_SEGMENT_BYTES,
+                self.audit_segment_bytes
+            ));
         }
         if self.io_threads == 0 {
             return bad("io_threads: must be at least 1".into());

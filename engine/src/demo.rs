@@ -55,6 +55,8 @@ pub struct BroadcastSetup {
     pub endpoints: usize,
     /// Hedge delay (µs).
     pub hedge_delay_us: u64,
+    /// The journal's sync policy (`None`: no journal).
+    pub journal: Option<crate::config::JournalSync>,
 }
 
 impl BroadcastSetup {
@@ -68,6 +70,15 @@ impl BroadcastSetup {
             providers: list.iter().map(|(n, _)| n.clone()).collect(),
             endpoints: urls.len(),
             hedge_delay_us: cfg.broadcast.hedge_delay_us,
+            journal: cfg.journal.as_ref().map(|j| j.sync),
+        }
+    }
+
+    /// One line: whether intents are journaled, and how durably.
+    pub fn describe_journal(&self) -> String {
+        match self.journal {
+            None => "no journal".into(),
+            Some(s) => format!("journal on, sync `{}`", s.as_str()),
         }
     }
 
@@ -291,6 +302,7 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     );
     if let Some(b) = &opts.broadcast {
         let _ = writeln!(text, "broadcast: {}", b.describe());
+        let _ = writeln!(text, "journal: {}", b.describe_journal());
     }
     let _ = writeln!(text);
     if let Some(share) = idle {
@@ -351,6 +363,7 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
         );
         if let Some(b) = &opts.broadcast {
             let _ = writeln!(machine, "- broadcast: {}", b.describe());
+            let _ = writeln!(machine, "- journal: {}", b.describe_journal());
         }
         let args: Vec<String> = std::env::args().collect();
         let _ = writeln!(machine, "- command: `{}`", args.join(" "));
@@ -646,6 +659,7 @@ mod tests {
             providers: vec!["anvil-0".into(), "anvil-1".into()],
             endpoints: 1,
             hedge_delay_us: 500,
+            journal: None,
         };
         assert_eq!(
             two.describe(),
@@ -655,10 +669,13 @@ mod tests {
             providers: vec!["anvil".into()],
             endpoints: 1,
             hedge_delay_us: 2000,
+            journal: Some(crate::config::JournalSync::Group),
         };
         assert!(
             one.describe()
                 .starts_with("1 provider (anvil) over 1 WebSocket connection to")
         );
+        assert_eq!(two.describe_journal(), "no journal");
+        assert_eq!(one.describe_journal(), "journal on, sync `group`");
     }
 }

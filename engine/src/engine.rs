@@ -8,28 +8,33 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pipeline::{
-    CoreBudget, Input, LatencyRegistry, Output, Pipeline, PipelineBuilder, ThreadConfig, WaitKind,
-    fuse, many_to_one, one_to_one,
+    CoreBudget, Input, LatencyRegistry, ManyToOneProducer, Output, Pipeline, PipelineBuilder,
+    ThreadConfig, WaitKind, fuse, many_to_one, one_to_one,
 };
 use venues::{FeeView, RpcClient};
 
 use crate::auth::{JwtAuth, Principals};
 use crate::blob::BlobPool;
+use crate::config::JournalSync;
 use crate::config::{Config, Layout, WaitChoice};
 use crate::custody::Custody;
 use crate::error::EngineError;
+use crate::journal::{Journal, JournalConfig, SyncPolicy};
 use crate::msg::{IntentMsg, StatusMsg, TxMsg};
-use crate::risk::audit::AuditStats;
+use crate::recovery::{Plan, Recovered};
+use crate::risk::audit::{AuditStats, StatusAudit};
 use crate::risk::{self, RiskAdmin};
 use crate::server::{self, Health, ServerCtx};
 use crate::stages::StatusSink;
 use crate::stages::broadcast::{
-    BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec, RelaySpec,
+    BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec, RelaySpec, Resend,
 };
+use crate::stages::intake::IntakeJournal;
 use crate::stages::intake::IntakeStage;
 use crate::stages::policy::PolicyStage;
 use crate::stages::receipts::{ReceiptsStage, ReceiptsStats};
 use crate::stages::signing::{SigningAccount, SigningStage};
+use crate::stages::status::StatusJournal;
 use crate::stages::status::{Counters, StatusStage};
 
 /// How the engine laid its stages out on threads, for reports.
@@ -59,6 +64,7 @@ pub struct Engine {
     risk: Arc<RiskAdmin>,
     risk_stop: Arc<AtomicBool>,
     audit_stats: Arc<AuditStats>,
+    journal: Option<Journal>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -100,6 +106,44 @@ impl Engine {
                 next_nonce,
             });
         }
+        // The journal: replayed, checked against the chain, compacted, then reopened for
+        // this run's records.
+        let principals = Arc::new(Principals::default());
+        let addresses: Vec<alloy_primitives::Address> = accounts.iter().map(|a| a.from).collect();
+        let recovery = match &cfg.journal {
+            None => None,
+            Some(js) => {
+                let (journal, replay) = Journal::open(JournalConfig {
+                    dir: js.dir.clone(),
+                    segment_bytes: js.segment_bytes,
+                    sync: match js.sync {
+                        JournalSync::None => SyncPolicy::None,
+                        JournalSync::Group => SyncPolicy::Group {
+                            max_delay_us: js.group_commit_us,
+                        },
+                        JournalSync::Interval => SyncPolicy::Interval { ms: js.interval_ms },
+                    },
+                })?;
+                let recovered = Recovered::from_replay(&replay, &addresses);
+                drop(replay);
+                let plan = recovered
+                    .plan(&principals, |h| rpc.receipt(h).map_err(|e| e.to_string()))
+                    .map_err(EngineError::Recovery)?;
+                journal.compact(recovered.keep_records())?;
+                if !recovered.entries.is_empty() {
+                    tracing::info!(
+                        intents = recovered.entries.len(),
+                        reprocessed = plan.reinject.len(),
+                        included = plan.included.len(),
+                        resent = plan.resend.len(),
+                        failed = plan.fail.len(),
+                        torn = recovered.torn,
+                        "recovered from the journal"
+                    );
+                }
+                Some((journal, plan, recovered.next_seq()))
+            }
+        };
         drop(rpc);
 
         let blobs = Arc::new(BlobPool::new(cfg.blob_slots));
@@ -134,10 +178,9 @@ impl Engine {
             WaitChoice::SpinYield => WaitKind::SpinThenYield,
             WaitChoice::SpinYieldPark => WaitKind::SpinYieldPark,
         };
-        let intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 16);
+        let mut intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 16);
         // The risk engine: kill switch, audit trail, policy (file or configuration),
         // four-eyes pending set.
-        let principals = Arc::new(Principals::default());
         let mut parts = risk::assemble(
             &cfg,
             intake_tx.clone(),
@@ -232,6 +275,13 @@ impl Engine {
         // Venue bits: the providers, then the relays.
         let venue_names: Vec<String> = provider_names.into_iter().chain(relay_names).collect();
         let mut status_stage = StatusStage::new(control_rx, venue_names, Arc::clone(&counters));
+        // Requests, signatures, broadcasts and receipts go to the audit trail from here.
+        let audited: Vec<_> = custody_view
+            .accounts
+            .iter()
+            .map(|a| a.signer.address())
+            .collect();
+        status_stage.set_audit(StatusAudit::new(risk_admin.audit.clone(), &audited));
         // After signing: cancellations from desks, stuck and settled transactions from the
         // receipt watcher, nonces no provider took from broadcast.
         signing.set_reconcile(cfg.node_ws_url.clone())?;
@@ -239,6 +289,57 @@ impl Engine {
         status_stage.set_notices(notices.clone());
         receipts.set_notices(notices.clone(), cfg.broadcast.stuck_blocks);
         broadcast.set_notices(notices);
+        let resend = broadcast.resend_handle();
+        // Journal lanes, and what the journal says each stage starts with.
+        if let Some((journal, plan, next_seq)) = &recovery {
+            let intake_lane = journal.lane("intake")?;
+            let signing_lane = journal.lane("signing")?;
+            let status_wake: crate::stages::signing::WakeCell = Arc::default();
+            status_stage.set_journal(StatusJournal {
+                lane: journal.lane("events")?,
+                intake: intake_lane.durable(),
+                held: std::collections::VecDeque::with_capacity(cap),
+                wake: Arc::clone(&status_wake),
+            });
+            broadcast.set_journal(signing_lane.durable());
+            {
+                let waker = broadcast.waker();
+                journal.on_durable(Box::new(move || {
+                    let _ = waker.wake();
+                    if let Some(s) = status_wake.get() {
+                        s.notify();
+                    }
+                }));
+            }
+            intake.set_journal(IntakeJournal {
+                lane: intake_lane,
+                principals: Arc::clone(&principals),
+                accounts: addresses.clone(),
+                named: std::collections::HashSet::new(),
+            });
+            signing.set_journal(signing_lane);
+            intake.recover(plan.keys.iter().copied(), *next_seq);
+            for (seq, principal, id, last) in &plan.known {
+                status_stage.recover(*seq, *principal, *id, *last);
+            }
+            for (msg, data, s) in &plan.live {
+                let mut m = *msg;
+                m.data = claim_blob(&blobs, data)?;
+                signing.recover(m, s.nonce, s.max_fee, s.tip, s.generation);
+            }
+            for inc in &plan.included {
+                receipts.recover_included(
+                    inc.msg.seq,
+                    inc.msg.origin,
+                    inc.msg.account,
+                    inc.tx.nonce,
+                    inc.receipt.tx_hash,
+                    inc.receipt.block_number,
+                    inc.receipt.block_hash,
+                    inc.tx.raw.clone(),
+                );
+            }
+        }
 
         let mut threads: Vec<String> = Vec::new();
         let mut next = |name: &str| {
@@ -302,12 +403,21 @@ impl Engine {
             Output::Discard,
         )?;
         let pipeline = Arc::new(Mutex::new(Some(builder.start())));
+        // Recovered work goes back in through the same rings and handles as any other.
+        let journal = match recovery {
+            Some((journal, plan, _)) => {
+                resume(&plan, &status, &resend, &intake_tx, &blobs)?;
+                Some(journal)
+            }
+            None => None,
+        };
 
         // Desk listener.
         let health = Arc::new(Health {
             chain_id,
             broadcast: Some(Arc::clone(&broadcast_stats)),
             receipts: Some(Arc::clone(&receipts_stats)),
+            journal: journal.clone(),
             ..Health::default()
         });
         let std_listener =
@@ -414,6 +524,7 @@ impl Engine {
             risk: risk_admin,
             risk_stop,
             audit_stats,
+            journal,
             layout: LayoutReport {
                 usable_cores: budget.usable_cores(),
                 fused,
@@ -490,6 +601,108 @@ impl Engine {
         };
         self.dead.store(true, Ordering::Relaxed);
         self.risk_stop.store(true, Ordering::Release);
+        // Everything the stages wrote is synced before the engine says it stopped.
+        if let Some(j) = self.journal.take() {
+            j.shutdown();
+        }
         res
     }
+
+    /// The journal, when one is configured (its counters for `/metrics`).
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+}
+
+/// A blob slot holding `data` (none for empty calldata).
+fn claim_blob(blobs: &BlobPool, data: &[u8]) -> Result<crate::blob::BlobRef, EngineError> {
+    if data.is_empty() {
+        return Ok(crate::blob::BlobRef::default());
+    }
+    blobs.claim_with(data).ok_or_else(|| {
+        EngineError::Recovery("not enough blob slots for the recovered intents".into())
+    })
+}
+
+/// Puts recovered work back into the running pipeline: events the chain settled while
+/// the engine was down, transactions to send again (same bytes, in nonce order), intents
+/// to process again.
+fn resume(
+    plan: &Plan,
+    status: &StatusSink,
+    resend: &Resend,
+    intake: &ManyToOneProducer<IntentMsg>,
+    blobs: &BlobPool,
+) -> Result<(), EngineError> {
+    use crate::msg::{Reason, State};
+    let now = pipeline::now_raw();
+    for inc in &plan.included {
+        if inc.announce {
+            status.send(StatusMsg {
+                tx_hash: inc.receipt.tx_hash,
+                block_number: inc.receipt.block_number,
+                block_hash: inc.receipt.block_hash,
+                success: inc.receipt.success,
+                gas_used: inc.receipt.gas_used,
+                ..StatusMsg::event(inc.msg.seq, inc.msg.origin, State::Included, now)
+            });
+        }
+    }
+    for (seq, origin, why) in &plan.fail {
+        status.send(StatusMsg::refusal(
+            *seq,
+            *origin,
+            State::Failed,
+            Reason::NodeRejected,
+            why,
+            now,
+        ));
+    }
+    for (msg, s) in &plan.resend {
+        let raw = claim_blob(blobs, &s.raw)?;
+        let tx = TxMsg {
+            seq: msg.seq,
+            origin: msg.origin,
+            account: msg.account,
+            nonce: s.nonce,
+            tx_hash: s.tx_hash,
+            raw,
+            asset: msg.asset,
+            urgent: s.urgent,
+            route: s.route,
+            public_fallback: s.public_fallback,
+            purpose: s.purpose,
+            generation: s.generation,
+            hops: pipeline::Hops::starting_at(now),
+            ..TxMsg::default()
+        };
+        if !resend.send(tx) {
+            blobs.release(raw);
+            return Err(EngineError::Recovery("the broadcast stage is gone".into()));
+        }
+    }
+    for (msg, data) in &plan.reinject {
+        let mut m = *msg;
+        m.data = claim_blob(blobs, data)?;
+        m.hops = pipeline::Hops::starting_at(now);
+        let mut spins = 0u32;
+        loop {
+            match intake.try_push(m) {
+                Ok(()) => break,
+                Err(pipeline::Full(back)) => {
+                    m = back;
+                    spins += 1;
+                    if spins > 100_000 {
+                        blobs.release(m.data);
+                        return Err(EngineError::Recovery(
+                            "the intake ring stayed full while recovered intents were fed back"
+                                .into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+    }
+    Ok(())
 }

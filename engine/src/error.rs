@@ -36,6 +36,13 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The journal cannot be opened or recovered (a corrupt segment names its file and
+    /// offset).
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
+    /// Recovery from the journal failed (the chain could not be asked).
+    #[error("recovery: {0}")]
+    Recovery(String),
     /// Other I/O.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -23,7 +23,10 @@
 //!   and `Copy`.
 //! - [`txbuild`]: EIP-1559 encoding into a caller's buffer, byte-identical to alloy's.
 //! - [`journal`]: the write-ahead intent journal's storage: lanes of memory-mapped,
-//!   checksummed segments with one writer each, group commit, replay and compaction.
+//!   checksummed segments with one writer each, group commit, replay and compaction;
+//!   [`recovery`]: what a restarted engine makes of it (replay, chain check, plan).
+//! - [`audit`]: the tamper-evident audit log (a hash chain of JSON lines) and its
+//!   `verify` and `export`.
 //! - [`engine`]: assembly and lifecycle; [`dev`] and [`demo`]: the dev chain and the
 //!   built-in desk.
 //!
@@ -38,8 +41,12 @@
 //! - Nothing on the path from the intake ring to the node socket allocates, locks, or
 //!   formats text in steady state (see `tests/hot_path_alloc.rs`).
 //! - A blob slot has exactly one owner: the holder of the message that refers to it.
+//! - With a journal, an intent is recorded before its `ack` and a transaction before any
+//!   node sees it; after a restart a transaction is only sent again with its recorded
+//!   bytes.
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod auth;
 pub mod blob;
 pub mod config;
@@ -53,6 +60,7 @@ pub mod journal;
 pub mod metrics;
 pub mod msg;
 pub mod protocol;
+pub mod recovery;
 pub mod risk;
 pub mod server;
 pub mod stages;

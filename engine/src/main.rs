@@ -1,11 +1,14 @@
-//! `engine`: dev mode (default), `engine demo`, `engine token`, `engine run --config`.
+//! `engine`: dev mode (default), `engine demo`, `engine token`, `engine run --config`,
+//! `engine audit verify|export`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use alloy_primitives::Address;
 use clap::{Parser, Subcommand};
+use engine::audit::{AccountMatch, ExportFilter, parse_time};
 use engine::auth::{JwtAuth, Roles, parse_roles};
 use engine::config::{Layout, WaitChoice};
 use engine::demo::{self, BroadcastSetup, DemoOptions};
@@ -64,6 +67,61 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check or read out the hash-chained audit log (see docs/audit.md).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Check every segment of the log: each line's hash, the links between records,
+    /// consecutive record numbers, the segment heads and their signatures. Exit 0 with a
+    /// one-line summary; exit 1 at the first problem, naming the segment file, the line
+    /// and the record number.
+    Verify {
+        /// The audit directory (`audit_dir`; dev mode: .engine-dev/audit).
+        dir: PathBuf,
+        /// Every segment head must be signed by this address (the audit key's); without
+        /// it, a head signature present is still checked against its `signer`.
+        #[arg(long, value_parser = parse_address)]
+        signer: Option<Address>,
+    },
+    /// Write the log's records as JSON lines (each the record's body with its `hash`
+    /// added) for a SIEM or an auditor, filtered by time, account, intent and principal
+    /// (every filter given must match). The chain is verified while it is read, before
+    /// any line is written: a log that does not check out exports nothing and fails with
+    /// the same message as `verify` and exit status 1.
+    Export {
+        /// The audit directory.
+        dir: PathBuf,
+        /// Records at or after this time: RFC 3339 (2026-12-01T06:00:00Z) or unix seconds.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i128>,
+        /// Records before this time: RFC 3339 or unix seconds.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i128>,
+        /// Records about this account: its address (0x…) or its configured name.
+        #[arg(long)]
+        account: Option<AccountMatch>,
+        /// Records about the intent with this desk id.
+        #[arg(long)]
+        intent: Option<String>,
+        /// Records submitted by this principal, or where it acted (approved, rejected,
+        /// killed).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// As for `verify`.
+        #[arg(long, value_parser = parse_address)]
+        signer: Option<Address>,
+    },
+}
+
+fn parse_address(s: &str) -> Result<Address, String> {
+    s.parse()
+        .map_err(|e| format!("`{s}` is not an address (0x and 40 hex digits): {e}"))
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -102,6 +160,23 @@ struct DevArgs {
     /// send also goes to the next provider (default: the configuration default).
     #[arg(long)]
     hedge_delay_us: Option<u64>,
+    /// Journal sync policy: `none` (page cache: survives a crash of the process), `group`
+    /// (acks and broadcasts wait for fsync, group commit) or `interval`. The dev journal is
+    /// `<dev dir>/journal`, started empty each time (the dev chain is new each time).
+    #[arg(long, default_value = "none", value_parser = parse_sync)]
+    journal_sync: engine::config::JournalSync,
+}
+
+fn parse_sync(s: &str) -> Result<engine::config::JournalSync, String> {
+    use engine::config::JournalSync;
+    match s {
+        "none" => Ok(JournalSync::None),
+        "group" => Ok(JournalSync::Group),
+        "interval" => Ok(JournalSync::Interval),
+        _ => Err(format!(
+            "unknown journal sync `{s}`: none, group or interval"
+        )),
+    }
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -134,6 +209,7 @@ fn main() -> ExitCode {
         policy: None,
         providers: 1,
         hedge_delay_us: None,
+        journal_sync: engine::config::JournalSync::None,
     })) {
         Cmd::Dev(args) => {
             let demo = args.demo.then(DemoOptions::default);
@@ -162,6 +238,7 @@ fn main() -> ExitCode {
             config,
         } => token(&sub, &roles, ttl, config),
         Cmd::Run { config } => run(config),
+        Cmd::Audit(cmd) => return audit(cmd),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,6 +261,61 @@ fn token(sub: &str, roles: &str, ttl: u64, config: Option<PathBuf>) -> Result<()
     Ok(())
 }
 
+/// `engine audit …`: 0 when the log checks out, 1 (with the problem on stderr) when not.
+fn audit(cmd: AuditCmd) -> ExitCode {
+    match cmd {
+        AuditCmd::Verify { dir, signer } => match engine::audit::verify(&dir, signer) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(b) => {
+                eprintln!("engine audit verify: {b}");
+                ExitCode::FAILURE
+            }
+        },
+        AuditCmd::Export {
+            dir,
+            since,
+            until,
+            account,
+            intent,
+            principal,
+            out,
+            signer,
+        } => {
+            let filter = ExportFilter {
+                since_ns: since,
+                until_ns: until,
+                account,
+                intent,
+                principal,
+            };
+            let mut sink: Box<dyn std::io::Write> = match &out {
+                Some(p) => match std::fs::File::create(p) {
+                    Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                    Err(e) => {
+                        eprintln!("engine audit export: {}: {e}", p.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            match engine::audit::export(&dir, &filter, signer, &mut sink) {
+                Ok(s) => {
+                    eprintln!("exported {} records; {}", s.exported, s.log);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let _ = sink.flush();
+                    eprintln!("engine audit export: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
 fn run(config: PathBuf) -> Result<(), EngineError> {
     let cfg = Config::load(&config)?;
     let engine = Engine::start(cfg)?;
@@ -200,12 +332,25 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         Duration::from_millis(args.block_time_ms.max(1)),
     )?;
     let listen = args.listen;
+    // The dev chain is new, so is the dev journal: what an earlier run left refers to
+    // transactions of a chain that is gone.
+    let journal_dir = dir.join("journal");
+    if journal_dir.exists() {
+        std::fs::remove_dir_all(&journal_dir)?;
+    }
     let config = |listen| {
         let mut c = dev::dev_config(&chain.ws_url(), listen, secret.clone());
         c.layout = args.layout;
         c.wait = args.wait;
-        c.audit_log = Some(dir.join("audit.jsonl"));
+        c.audit_dir = Some(dir.join("audit"));
         c.policy_file = args.policy.clone();
+        c.journal = Some(engine::config::JournalSettings {
+            dir: journal_dir.clone(),
+            segment_bytes: 64 << 20,
+            sync: args.journal_sync,
+            group_commit_us: 200,
+            interval_ms: 10,
+        });
         c.providers = dev::dev_providers(&chain.ws_url(), args.providers);
         if let Some(us) = args.hedge_delay_us {
             c.broadcast.hedge_delay_us = us;
@@ -239,9 +384,12 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
     );
     let p = engine.risk().control.policy_origin();
     println!(
-        "  policy:     {p} (version {}); audit trail {}",
-        engine.risk().control.active_version(),
-        dir.join("audit.jsonl").display()
+        "  policy:     {p} (version {})",
+        engine.risk().control.active_version()
+    );
+    println!(
+        "  audit log:  {0} (check it: engine audit verify {0})",
+        dir.join("audit").display()
     );
     println!(
         "  layout:     {} usable cores, CPU stages {}, wait {:?}",
@@ -250,6 +398,11 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         layout.wait
     );
     println!("  broadcast:  {}", setup.describe());
+    println!(
+        "  journal:    {} (sync {})",
+        journal_dir.display(),
+        args.journal_sync.as_str()
+    );
     println!("  JWT (principal `dev`, every role, 7 days):\n{token}");
     println!("  more tokens: engine token --sub NAME --roles trader,approver");
     if let Some(mut opts) = demo {
@@ -287,7 +440,19 @@ fn wait_for_stop(engine: &Engine, mut chain: Option<&mut venues::Anvil>) {
     if let Ok(rt) = rt {
         std::thread::spawn(move || {
             rt.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
+                // Ctrl-C or SIGTERM (what a service manager sends): a clean stop, with the
+                // journal synced.
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
             });
             let _ = tx.send(());
         });

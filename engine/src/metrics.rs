@@ -366,3 +366,63 @@ fn venue_metrics(
         }
     }
 }
+
+/// Prometheus text of the write-ahead journal: records and bytes per lane, how far each
+/// lane is synced, and the group-commit syncs.
+pub fn journal_prometheus(j: &crate::journal::JournalStats) -> String {
+    let mut s = String::with_capacity(1024);
+    let _ = writeln!(
+        s,
+        "# HELP engine_journal_records_total Records appended per lane.\n# TYPE engine_journal_records_total counter"
+    );
+    for l in &j.lanes {
+        let _ = writeln!(
+            s,
+            "engine_journal_records_total{{lane=\"{}\"}} {}",
+            l.lane, l.frames
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_journal_bytes_total Bytes appended per lane.\n# TYPE engine_journal_bytes_total counter"
+    );
+    for l in &j.lanes {
+        let _ = writeln!(
+            s,
+            "engine_journal_bytes_total{{lane=\"{}\"}} {}",
+            l.lane, l.bytes
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_journal_unsynced_bytes Bytes appended but not synced yet, per lane (0 unless a sync policy syncs).\n# TYPE engine_journal_unsynced_bytes gauge"
+    );
+    for l in &j.lanes {
+        let behind = if l.written.segno() == l.durable.segno() {
+            l.written.offset().saturating_sub(l.durable.offset())
+        } else {
+            l.written.offset()
+        };
+        let _ = writeln!(
+            s,
+            "engine_journal_unsynced_bytes{{lane=\"{}\"}} {behind}",
+            l.lane
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_journal_syncs_total Syncs of the journal to disk.\n# TYPE engine_journal_syncs_total counter\nengine_journal_syncs_total {}",
+        j.syncs
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_journal_sync_errors_total Syncs that failed.\n# TYPE engine_journal_sync_errors_total counter\nengine_journal_sync_errors_total {}",
+        j.sync_errors
+    );
+    let _ = writeln!(
+        s,
+        "# HELP engine_journal_sync_seconds_max Longest sync so far.\n# TYPE engine_journal_sync_seconds_max gauge\nengine_journal_sync_seconds_max {:.6}",
+        j.max_sync_ns as f64 / 1e9
+    );
+    s
+}

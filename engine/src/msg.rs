@@ -238,6 +238,9 @@ pub struct TxMsg {
     /// How many times the intent's transaction was replaced before this one (0 for the
     /// first): with `seq`, it tells the transactions of one intent apart.
     pub generation: u16,
+    /// Journal position of this message's record (0: none): what a stage that must not
+    /// act before the record is synced (group commit) waits for.
+    pub jpos: u64,
     /// Hop timestamps carried over from the intent.
     pub hops: Hops,
 }
@@ -388,11 +391,13 @@ pub enum Reason {
     ApprovalRejected,
     /// No approval arrived in time.
     ApprovalExpired,
+    /// The journal could not record the signed transaction, so it was not sent.
+    JournalUnavailable,
 }
 
 impl Reason {
     /// Number of reasons (for per-reason counters).
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 22;
     /// Every reason, in declaration order (`ALL[r as usize] == r`).
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::None,
@@ -416,6 +421,7 @@ impl Reason {
         Reason::FeeCap,
         Reason::ApprovalRejected,
         Reason::ApprovalExpired,
+        Reason::JournalUnavailable,
     ];
 
     /// Protocol name.
@@ -442,6 +448,7 @@ impl Reason {
             Reason::FeeCap => "fee_cap",
             Reason::ApprovalRejected => "approval_rejected",
             Reason::ApprovalExpired => "approval_expired",
+            Reason::JournalUnavailable => "journal_unavailable",
         }
     }
 }
@@ -507,6 +514,9 @@ pub enum StatusKind {
     Query,
     /// A desk asked to cancel `id` (`cancel` op).
     Cancel,
+    /// The intent was not accepted (the journal could not record it): `error unavailable`
+    /// with `detail`, no sequence number used.
+    Refused,
 }
 
 /// A status update for the fan-out thread: one per state change, from every stage.
@@ -551,6 +561,9 @@ pub struct StatusMsg {
     pub policy_version: u32,
     /// Free-text detail (rejection message, node error).
     pub detail: Detail,
+    /// Journal position of this message's record (0: none): what a stage that must not
+    /// act before the record is synced (group commit) waits for.
+    pub jpos: u64,
     /// Hop timestamps of the intent when the event was made.
     pub hops: Hops,
 }

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     NotSupported,
     /// The intent is in a state where the op cannot apply (e.g. `cancel` after inclusion).
     Conflict,
+    /// The engine could not make the intent durable (its journal write failed): nothing
+    /// was done and the id is still free; retry.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -43,6 +46,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct Health {
     pub broadcast: Option<Arc<crate::stages::broadcast::BroadcastStats>>,
     /// The receipts stage's counters (head subscription, reorgs).
     pub receipts: Option<Arc<crate::stages::receipts::ReceiptsStats>>,
+    /// The write-ahead journal, when configured.
+    pub journal: Option<crate::journal::Journal>,
 }
 
 /// Everything a connection task needs; shared read-only (plus lock-free handles).
@@ -194,6 +196,12 @@ fn route(
                     .receipts
                     .as_deref()
                     .map(crate::metrics::receipts_prometheus)
+                    .unwrap_or_default()
+                + &ctx
+                    .health
+                    .journal
+                    .as_ref()
+                    .map(|j| crate::metrics::journal_prometheus(&j.stats()))
                     .unwrap_or_default(),
         ),
         (&Method::GET, "/v1/latency") => {
@@ -714,6 +722,14 @@ fn render(out: Outbound, reqs: &mut PendingReqs) -> Vec<String> {
                     .to_json(),
                 ],
             }
+        }
+        Outbound::Refused { id, message } => {
+            let req = PendingReqs::pop(&mut reqs.submit, &id);
+            vec![
+                RequestError::new(ErrorCode::Unavailable, message.as_str())
+                    .with_context(req.as_deref(), Some(id.as_str()))
+                    .to_json(),
+            ]
         }
         Outbound::StatusReply {
             id,

@@ -1,7 +1,7 @@
 //! The hot path allocates nothing in steady state: a desk intent pushed into the intake
-//! ring, decided by policy, signed and encoded by the signing stage (the three CPU stages
-//! fused as the 2-core layout runs them), with every status event going through the
-//! status ring. Checked with a counting global allocator; this file holds one test so no
+//! ring, journaled, decided by policy, signed, encoded and journaled again by the signing
+//! stage (the three CPU stages fused as the 2-core layout runs them), with every status
+//! event going through the status ring. Checked with a counting global allocator; this file holds one test so no
 //! other test thread allocates meanwhile.
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use alloy_primitives::U256;
 use engine::auth::Principals;
 use engine::blob::{BlobPool, BlobRef};
+use engine::journal::{Journal, JournalConfig, SyncPolicy};
 use engine::msg::{AccountIdx, IntentId, IntentKind, IntentMsg, Origin, Route, StatusMsg, TxMsg};
 use engine::risk::RiskControl;
 use engine::risk::kill::KillSwitch;
 use engine::risk::rules::Risk;
 use engine::stages::StatusSink;
-use engine::stages::intake::IntakeStage;
+use engine::stages::intake::{IntakeJournal, IntakeStage};
 use engine::stages::policy::PolicyStage;
 use engine::stages::signing::{NonceNotice, SigningAccount, SigningStage};
 use pipeline::{Emit, Hops, LatencyRegistry, Stage, fuse, many_to_one, now_raw};
@@ -119,9 +120,29 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
     // The receipt watcher's part: each transaction, once confirmed, is settled (the
     // signing stage then forgets it and frees its calldata slot).
     let notices = signing.notices();
+    // The write-ahead journal, as the engine runs it: intake and signing append to their
+    // own lanes of memory-mapped segments.
+    let journal_dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(JournalConfig {
+        dir: journal_dir.path().to_path_buf(),
+        segment_bytes: 64 << 20,
+        sync: SyncPolicy::None,
+    })
+    .unwrap();
+    let mut signing = signing;
+    signing.set_journal(journal.lane("signing").unwrap());
+    let principals = Arc::new(Principals::default());
+    principals.intern("desk-a");
+    let mut intake = IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 14);
+    intake.set_journal(IntakeJournal {
+        lane: journal.lane("intake").unwrap(),
+        principals,
+        accounts: DEV_ADDRESSES[..5].to_vec(),
+        named: std::collections::HashSet::with_capacity(16),
+    });
     let mut chain = fuse(
         fuse(
-            IntakeStage::new(status.clone(), Arc::clone(&blobs), 1 << 14),
+            intake,
             PolicyStage::new(
                 Risk::new(first, Arc::clone(&kill)),
                 link,
@@ -223,4 +244,22 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
         20 * ROUND
     );
     assert_eq!(blobs.available(), blobs.capacity(), "every slot returned");
+    let stats = journal.stats();
+    let frames = |lane: &str| {
+        stats
+            .lanes
+            .iter()
+            .find(|l| l.lane == lane)
+            .map_or(0, |l| l.frames)
+    };
+    assert!(
+        frames("intake") >= (24 * ROUND) as u64,
+        "every intent journaled ({:?})",
+        stats
+    );
+    assert!(
+        frames("signing") as usize >= signed,
+        "every signed transaction journaled ({stats:?})"
+    );
+    journal.shutdown();
 }

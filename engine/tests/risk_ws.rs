@@ -48,12 +48,12 @@ struct Setup {
 fn start(text: &str, layout: Layout) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
-    let audit = dir.path().join("audit.jsonl");
+    let audit = dir.path().join("audit");
     std::fs::write(&policy, text).unwrap();
     let (p, a) = (policy.clone(), audit.clone());
     let h = Harness::start_with(layout, move |c| {
         c.policy_file = Some(p);
-        c.audit_log = Some(a);
+        c.audit_dir = Some(a);
     });
     Setup {
         h,
@@ -84,15 +84,23 @@ async fn read_until(desk: &mut Desk, pred: impl Fn(&Value) -> bool) -> Vec<Value
     }
 }
 
-fn audit_lines(path: &Path, want: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+/// The records (bodies) of the audit log in `dir`, once `want` holds of them (or after
+/// 10 s); the chain verifies.
+fn audit_lines(dir: &Path, want: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
-            .collect();
+        let mut lines: Vec<Value> = Vec::new();
+        for (_, path) in engine::audit::list_segments(dir).unwrap_or_default() {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            // Only whole lines: the writer may be in the middle of one.
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            lines.extend(whole.lines().map(|l| {
+                let v: Value = serde_json::from_str(l).expect("audit lines are JSON");
+                v["rec"].clone()
+            }));
+        }
         if want(&lines) || std::time::Instant::now() > deadline {
+            engine::audit::verify(dir, None).expect("the audit chain verifies");
             return lines;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -337,6 +337,7 @@ impl AuditRecord {
         Self {
             at_ns: unix_now_ns(),
             seq: msg.seq,
+            intent: msg.id,
             principal: msg.origin.principal,
             account: msg.account.0,
             intent_kind: msg.kind,

@@ -8,7 +8,8 @@
 //! - [`file`]: policy files (TOML), validated with errors naming file, line and rule.
 //! - [`velocity`]: O(1) rolling windows. [`kyt`]: address-risk snapshots and their
 //!   refresher. [`travel`]: travel-rule data. [`kill`]: the kill switch.
-//!   [`approvals`]: the four-eyes pending set. [`audit`]: the decision trail.
+//!   [`approvals`]: the four-eyes pending set. [`audit`]: the audit trail's records and
+//!   its writer thread (the hash-chained log itself is [`crate::audit`]).
 //! - [`RiskControl`]: the admin side: (re)loads policy files and hands the compiled
 //!   policy to the stage whole, so no intent is ever decided by a half-loaded policy.
 //!
@@ -292,6 +293,9 @@ pub struct RiskAdmin {
     pub account_names: Vec<String>,
     /// The engine configuration (for policies derived from it).
     pub cfg: crate::config::Config,
+    /// The audit writer thread: stopped (after writing what is queued, and syncing the
+    /// log) when this is dropped.
+    _audit_writer: audit::AuditWriter,
 }
 
 impl RiskAdmin {
@@ -373,15 +377,19 @@ pub fn assemble(
     let account_names: Vec<String> = cfg.accounts.iter().map(|a| a.name.clone()).collect();
     let (audit, audit_rx) = audit::channel(1 << 16);
     let audit_stats = Arc::new(audit::AuditStats::default());
-    audit::spawn_writer(
-        cfg.audit_log.clone(),
+    // A key file that others may read refuses the start, naming the file.
+    let writer_cfg =
+        audit::WriterConfig::from_config(cfg).map_err(|e| crate::error::EngineError::Config {
+            what: e.to_string(),
+        })?;
+    let audit_writer = audit::spawn_writer(
+        writer_cfg,
         audit_rx,
-        Arc::clone(&principals),
-        account_names.clone(),
+        audit::AuditContext::from_config(cfg, Arc::clone(&principals)),
         Arc::clone(&audit_stats),
     )
     .map_err(|e| crate::error::EngineError::Config {
-        what: format!("audit_log: {e}"),
+        what: format!("audit_dir: {e}"),
     })?;
     let (control, first, link) = RiskControl::start(
         cfg.policy_file.clone(),
@@ -408,6 +416,7 @@ pub fn assemble(
             audit: audit.clone(),
             account_names,
             cfg: cfg.clone(),
+            _audit_writer: audit_writer,
         }),
         risk: rules::Risk::new(first, kill),
         link,

@@ -512,6 +512,9 @@ pub struct BroadcastStage {
     /// Signed transactions held by a kill switch, in arrival order (sent on unkill).
     held: VecDeque<TxMsg>,
     held_epoch: u64,
+    /// Under group commit: whether a transaction's journal record is synced yet (it is
+    /// held here until then, like a kill switch hold).
+    journal: Option<crate::journal::DurableWatch>,
     /// Scratch for the release pass: accounts with an earlier transaction still held.
     blocked: Vec<bool>,
     /// Next time to look at heartbeats.
@@ -523,7 +526,19 @@ pub struct BroadcastStage {
 }
 
 impl BroadcastStage {
-    /// A handle for sending already-signed transactions again (see [`Resend`]).
+    /// Holds each transaction until `signed` says its journal record is synced (group
+    /// commit); the journal's flusher wakes the stage through [`Self::waker`].
+    pub fn set_journal(&mut self, signed: crate::journal::DurableWatch) {
+        self.journal = Some(signed);
+    }
+
+    /// Wakes the stage's poller from another thread.
+    pub fn waker(&self) -> Arc<mio::Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    /// A handle for sending already-signed transactions again, same bytes (see
+    /// [`Resend`]): reorged, and recovered after a restart.
     pub fn resend_handle(&self) -> Resend {
         Resend {
             tx: self.resend_tx.clone(),
@@ -612,6 +627,7 @@ impl BroadcastStage {
             kill,
             held: VecDeque::with_capacity(capacity),
             held_epoch: 0,
+            journal: None,
             blocked: vec![false; u16::MAX as usize + 1],
             next_heartbeat_check: Instant::now() + tuning.heartbeat_every,
         })
@@ -698,7 +714,20 @@ impl BroadcastStage {
     }
 
     fn must_hold(&self, m: &TxMsg) -> bool {
-        self.kill.check(m.account.0, m.asset, None).is_some() || self.all_venues_killed(m)
+        self.kill.check(m.account.0, m.asset, None).is_some()
+            || self.all_venues_killed(m)
+            || self
+                .journal
+                .as_ref()
+                .is_some_and(|j| !j.is_durable(crate::journal::Pos(m.jpos)))
+    }
+
+    /// Whether the oldest held transaction's journal record was synced since it was held.
+    fn front_durable(&self) -> bool {
+        match (&self.journal, self.held.front()) {
+            (Some(j), Some(m)) => j.is_durable(crate::journal::Pos(m.jpos)),
+            _ => false,
+        }
     }
 
     /// Venue bit of relay `j`.
@@ -1307,6 +1336,7 @@ impl BroadcastStage {
             hops,
             purpose: f.purpose,
             generation: f.generation,
+            jpos: 0,
         });
     }
 
@@ -1702,7 +1732,9 @@ impl Stage for BroadcastStage {
     }
 
     fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
-        let released = if !self.held.is_empty() && self.kill.epoch() != self.held_epoch {
+        let released = if !self.held.is_empty()
+            && (self.kill.epoch() != self.held_epoch || self.front_durable())
+        {
             self.release()
         } else {
             0

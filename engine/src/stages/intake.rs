@@ -1,14 +1,36 @@
-//! Intake: the first stage. Assigns sequence numbers, enforces idempotency keys, acks.
-//! Approved intents re-enter here with their sequence number and pass straight through.
+//! Intake: the first stage. Assigns sequence numbers, enforces idempotency keys, journals
+//! each new intent, acks. Approved and recovered intents re-enter here with their sequence
+//! number and pass straight through.
+//!
+//! With a journal, an intent is appended to the `intake` lane before its `ack` is sent
+//! (the status thread may hold the ack further, until the record is synced, under
+//! group commit). A failed append acks nothing: the desk gets `error unavailable` and the
+//! id stays free.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use pipeline::{Emit, Stage, now_raw};
 
+use crate::auth::Principals;
 use crate::blob::BlobPool;
+use crate::journal::LaneWriter;
 use crate::msg::{IntentId, IntentMsg, StatusKind, StatusMsg};
+use crate::recovery;
 use crate::stages::StatusSink;
+
+/// The intake lane of the journal and what intake needs to fill its records.
+#[derive(Debug)]
+pub struct IntakeJournal {
+    /// The `intake` lane.
+    pub lane: LaneWriter,
+    /// Principal names, for the first record of each principal in this run.
+    pub principals: Arc<Principals>,
+    /// Account addresses by index (a record names the account by address too).
+    pub accounts: Vec<alloy_primitives::Address>,
+    /// Principals whose name record is already in the journal in this run.
+    pub named: std::collections::HashSet<u32>,
+}
 
 /// Owns the idempotency table: `(principal, id)` → engine sequence number.
 #[derive(Debug)]
@@ -17,6 +39,7 @@ pub struct IntakeStage {
     next_seq: u64,
     status: StatusSink,
     blobs: Arc<BlobPool>,
+    journal: Option<IntakeJournal>,
 }
 
 impl IntakeStage {
@@ -28,7 +51,53 @@ impl IntakeStage {
             next_seq: 1,
             status,
             blobs,
+            journal: None,
         }
+    }
+
+    /// Journals every new intent before its ack.
+    pub fn set_journal(&mut self, j: IntakeJournal) {
+        self.journal = Some(j);
+    }
+
+    /// Seeds the idempotency table with intents recovered from the journal; new intents
+    /// are numbered after `next_seq - 1`.
+    pub fn recover(
+        &mut self,
+        keys: impl IntoIterator<Item = ((u32, IntentId), u64)>,
+        next_seq: u64,
+    ) {
+        self.seen.extend(keys);
+        self.next_seq = self.next_seq.max(next_seq);
+    }
+
+    /// Appends `msg` (numbered `seq`) to the journal; the position of its record (0
+    /// without a journal), or why it could not be written.
+    fn journal(&mut self, msg: &IntentMsg, seq: u64) -> Result<u64, String> {
+        let Some(j) = &mut self.journal else {
+            return Ok(0);
+        };
+        let principal = msg.origin.principal;
+        if !j.named.contains(&principal) {
+            // First intent of this principal in this run: its name goes first (cold).
+            let name = j.principals.name(principal).unwrap_or_default();
+            recovery::append_principal(&mut j.lane, principal, &name).map_err(|e| e.to_string())?;
+            j.named.insert(principal);
+        }
+        let data = if msg.data.is_some() {
+            // SAFETY: intake holds the message, hence owns its calldata slot; read only.
+            unsafe { self.blobs.bytes(msg.data) }
+        } else {
+            &[]
+        };
+        let from = j
+            .accounts
+            .get(msg.account.0 as usize)
+            .copied()
+            .unwrap_or_default();
+        recovery::append_intent(&mut j.lane, msg, seq, from, data)
+            .map(|p| p.0)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -64,6 +133,25 @@ impl Stage for IntakeStage {
             return;
         }
         let seq = self.next_seq;
+        let jpos = match self.journal(&msg, seq) {
+            Ok(p) => p,
+            Err(e) => {
+                // Not durable, so not accepted: the desk may retry the same id.
+                tracing::error!(error = %e, "journal append failed; intent refused");
+                self.blobs.release(msg.data);
+                self.status.send(StatusMsg {
+                    kind: StatusKind::Refused,
+                    origin: msg.origin,
+                    id: msg.id,
+                    at_raw: now_raw(),
+                    detail: crate::msg::Detail::new(
+                        "the intent could not be journaled; nothing was done, retry",
+                    ),
+                    ..StatusMsg::default()
+                });
+                return;
+            }
+        };
         self.next_seq += 1;
         self.seen.insert(key, seq);
         msg.seq = seq;
@@ -73,6 +161,8 @@ impl Stage for IntakeStage {
             origin: msg.origin,
             id: msg.id,
             at_raw: now_raw(),
+            // Under group commit the status thread holds the ack until this is synced.
+            jpos,
             hops: msg.hops,
             ..StatusMsg::default()
         });

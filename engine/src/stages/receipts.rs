@@ -204,6 +204,47 @@ impl ReceiptsStage {
         }
     }
 
+    /// Takes over a transaction found in block `block_number` when the engine restarted
+    /// (from the journal and the chain): it is confirmed at depth like one seen in this
+    /// run, and sent again if its block is reorged away. Call in block order, before the
+    /// stage starts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recover_included(
+        &mut self,
+        seq: u64,
+        origin: Origin,
+        account: AccountIdx,
+        nonce: u64,
+        tx_hash: B256,
+        block_number: u64,
+        block_hash: B256,
+        raw: Vec<u8>,
+    ) {
+        self.kept.insert(
+            seq,
+            Kept {
+                origin,
+                account,
+                nonce,
+                tx_hash,
+                asset: 0,
+                route: Route::Public,
+                public_fallback: false,
+                first_raw: 0,
+                purpose: TxPurpose::Intent,
+                generation: 0,
+                raw,
+            },
+        );
+        self.included.push_back(Included {
+            seq,
+            origin,
+            tx_hash,
+            block_number,
+            block_hash,
+        });
+    }
+
     /// Where transactions are sent again (the broadcast stage's [`Resend`] handle).
     pub fn set_resend(&mut self, resend: Resend) {
         self.resend = Some(resend);
@@ -351,6 +392,12 @@ impl ReceiptsStage {
         }
         let mut due: Vec<(u64, B256)> = Vec::new();
         for (hash, w) in self.watching.iter_mut() {
+            if w.since_head == 0 {
+                // Handed over before the first head arrived (just after start): its wait
+                // counts from this head.
+                w.since_head = head;
+                continue;
+            }
             if w.max_block == 0
                 && w.purpose != TxPurpose::Filler
                 && head >= w.since_head + self.stuck_blocks

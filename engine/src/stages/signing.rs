@@ -246,6 +246,9 @@ pub struct SigningStage {
     notices_tx: crossbeam_channel::Sender<NonceNotice>,
     notices_rx: crossbeam_channel::Receiver<NonceNotice>,
     reconciler: Option<Reconciler>,
+    /// The journal's `signing` lane: every transaction is recorded (nonce and raw bytes)
+    /// before it leaves this stage.
+    journal: Option<crate::journal::LaneWriter>,
 }
 
 /// The async side of the stage: the worker, where it wakes the stage, and how many
@@ -307,6 +310,7 @@ impl SigningStage {
             notices_tx,
             notices_rx,
             reconciler: None,
+            journal: None,
             accounts,
             queues,
             by_worker,
@@ -322,6 +326,58 @@ impl SigningStage {
             kill,
             scratch: Box::new([0u8; BLOB_SIZE]),
         }
+    }
+
+    /// Records every signed transaction in `lane` before handing it on.
+    pub fn set_journal(&mut self, lane: crate::journal::LaneWriter) {
+        self.journal = Some(lane);
+    }
+
+    /// Takes back a transaction signed before a restart and not settled yet (from the
+    /// journal): it can be replaced, cancelled and filled like one signed in this run.
+    /// `msg.data` must hold its calldata (a slot this stage now owns).
+    pub fn recover(
+        &mut self,
+        msg: IntentMsg,
+        nonce: u64,
+        max_fee: u128,
+        tip: u128,
+        generation: u16,
+    ) {
+        let a = msg.account.0 as usize;
+        if let Some(acc) = self.accounts.get_mut(a) {
+            acc.next_nonce = acc.next_nonce.max(nonce + 1);
+        }
+        self.live.insert(
+            msg.seq,
+            Live {
+                msg,
+                nonce,
+                max_fee,
+                tip,
+                generation,
+                cancelling: false,
+                fee_wait: false,
+            },
+        );
+    }
+
+    /// Records a signed transaction; its journal position (0 without a journal).
+    #[allow(clippy::too_many_arguments)]
+    fn journal_signed(
+        &mut self,
+        msg: &IntentMsg,
+        tx: &TxMsg,
+        max_fee: u128,
+        tip: u128,
+    ) -> Result<u64, crate::journal::JournalError> {
+        let Some(lane) = &mut self.journal else {
+            return Ok(0);
+        };
+        let from = self.accounts[msg.account.0 as usize].from;
+        // SAFETY: this stage claimed `tx.raw` and wrote it; nothing else holds it yet.
+        let raw = unsafe { self.blobs.bytes(tx.raw) };
+        crate::recovery::append_signed(lane, tx, from, max_fee, tip, raw).map(|p| p.0)
     }
 
     /// The handle later stages and the desk edge use to reach this stage.
@@ -590,7 +646,7 @@ impl SigningStage {
             });
         }
         let own = purpose == TxPurpose::Replacement;
-        out.emit(TxMsg {
+        let mut tx = TxMsg {
             seq,
             origin: l.msg.origin,
             account: l.msg.account,
@@ -611,7 +667,17 @@ impl SigningStage {
             generation,
             hops: pipeline::Hops::starting_at(now),
             ..TxMsg::default()
-        });
+        };
+        match self.journal_signed(&l.msg, &tx, max_fee, tip) {
+            Ok(p) => tx.jpos = p,
+            Err(e) => {
+                // Not recorded, so not sent: the transaction it would replace stands.
+                tracing::error!(seq, error = %e, "journal append failed; replacement not sent");
+                self.blobs.release(tx.raw);
+                return;
+            }
+        }
+        out.emit(tx);
     }
 
     fn fail(&self, msg: &IntentMsg, reason: Reason, detail: &str) {
@@ -682,6 +748,37 @@ impl SigningStage {
             self.fail(msg, Reason::Overloaded, "transaction larger than a buffer");
             return false;
         };
+        let mut tx = TxMsg {
+            seq: msg.seq,
+            origin: msg.origin,
+            account: msg.account,
+            nonce,
+            tx_hash,
+            raw: BlobRef {
+                slot: raw.slot,
+                len: len as u32,
+            },
+            asset: msg.asset,
+            urgent: msg.urgent,
+            route: msg.route,
+            public_fallback: msg.public_fallback,
+            hops: msg.hops,
+            ..TxMsg::default()
+        };
+        match self.journal_signed(msg, &tx, max_fee, tip) {
+            Ok(p) => tx.jpos = p,
+            Err(e) => {
+                // Not recorded, so never sent: the intent fails and its nonce stays unused.
+                tracing::error!(seq = msg.seq, error = %e, "journal append failed; transaction not sent");
+                self.blobs.release(raw);
+                self.fail(
+                    msg,
+                    Reason::JournalUnavailable,
+                    "the signed transaction could not be journaled; it was not sent",
+                );
+                return false;
+            }
+        }
         let from = self.accounts[msg.account.0 as usize].from;
         // Kept (calldata slot included) until settled, to replace or cancel it.
         self.live.insert(
@@ -702,23 +799,7 @@ impl SigningStage {
             nonce,
             ..StatusMsg::event(msg.seq, msg.origin, State::Signed, at)
         });
-        out.emit(TxMsg {
-            seq: msg.seq,
-            origin: msg.origin,
-            account: msg.account,
-            nonce,
-            tx_hash,
-            raw: BlobRef {
-                slot: raw.slot,
-                len: len as u32,
-            },
-            asset: msg.asset,
-            urgent: msg.urgent,
-            route: msg.route,
-            public_fallback: msg.public_fallback,
-            hops: msg.hops,
-            ..TxMsg::default()
-        });
+        out.emit(tx);
         // Cancelled while it was at an async signer: signed now, so its nonce is taken
         // by a cancellation right away.
         if !self.cancels.is_empty() && self.cancels.remove(&msg.seq) {

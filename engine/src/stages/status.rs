@@ -45,6 +45,13 @@ pub enum Outbound {
         /// is unknown).
         outcome: Result<u64, (bool, &'static str)>,
     },
+    /// The intent was not accepted: the journal could not record it.
+    Refused {
+        /// Intent id.
+        id: IntentId,
+        /// Why.
+        message: crate::msg::Detail,
+    },
     /// Answer to `status`.
     StatusReply {
         /// Intent id asked about.
@@ -111,6 +118,22 @@ pub struct StatusStage {
     providers: Vec<String>,
     counters: Arc<Counters>,
     notices: Option<crate::stages::signing::Notices>,
+    journal: Option<StatusJournal>,
+    audit: Option<crate::risk::audit::StatusAudit>,
+}
+
+/// The status thread's side of the journal: it records every state change (the `events`
+/// lane) and, under group commit, holds each `ack` until the intent's record is synced.
+#[derive(Debug)]
+pub struct StatusJournal {
+    /// The `events` lane.
+    pub lane: crate::journal::LaneWriter,
+    /// Whether the intake lane's records are synced yet (always true unless group commit).
+    pub intake: crate::journal::DurableWatch,
+    /// Acks waiting for their record to be synced, in order.
+    pub held: std::collections::VecDeque<(u32, IntentId, u64, u64)>,
+    /// Where the journal's flusher wakes this thread.
+    pub wake: crate::stages::signing::WakeCell,
 }
 
 impl StatusStage {
@@ -136,12 +159,85 @@ impl StatusStage {
             providers,
             counters,
             notices: None,
+            journal: None,
+            audit: None,
+        }
+    }
+
+    /// Records every event in the journal's `events` lane; holds acks as `j.intake` says.
+    pub fn set_journal(&mut self, j: StatusJournal) {
+        self.journal = Some(j);
+    }
+
+    /// Knows an intent from before a restart: `latest` is its last recorded event (if any),
+    /// rendered with its recorded time. Its events go to no connection (the desk that sent
+    /// it is gone); `status` and a resubmission of the id answer from here.
+    pub fn recover(
+        &mut self,
+        seq: u64,
+        principal: u32,
+        id: IntentId,
+        latest: Option<(StatusMsg, u64)>,
+    ) {
+        let (text, state) = match latest {
+            Some((m, at_unix_us)) => {
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&self.render(&id, &m)).unwrap_or_default();
+                v["ts_us"] = json!(at_unix_us);
+                (Some(v.to_string()), Some(m.state))
+            }
+            None => (None, None),
+        };
+        self.intents.insert(
+            seq,
+            Record {
+                conn: 0,
+                id,
+                latest: text,
+                state,
+            },
+        );
+        self.by_key.insert((principal, id), seq);
+    }
+
+    /// Sends the acks whose intents' records are synced now.
+    fn release_acks(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            let Some(j) = &mut self.journal else {
+                return n;
+            };
+            let Some(&(conn, id, seq, pos)) = j.held.front() else {
+                return n;
+            };
+            if !j.intake.is_durable(crate::journal::Pos(pos)) {
+                return n;
+            }
+            j.held.pop_front();
+            n += 1;
+            self.send(conn, Outbound::Ack { id, seq });
+        }
+    }
+
+    /// Appends an event to the `events` lane (a failure is logged: the event still goes
+    /// out; recovery then sees an older state and re-checks against the chain).
+    fn journal_event(&mut self, m: &StatusMsg) {
+        let at_us = self.ts_us(m.at_raw);
+        if let Some(j) = &mut self.journal
+            && let Err(e) = crate::recovery::append_state(&mut j.lane, m, at_us)
+        {
+            tracing::error!(seq = m.seq, error = %e, "journal append of an event failed");
         }
     }
 
     /// Where `cancel` requests go (the signing stage).
     pub fn set_notices(&mut self, n: crate::stages::signing::Notices) {
         self.notices = Some(n);
+    }
+
+    /// Hands every request, signature, broadcast and receipt event to the audit trail.
+    pub fn set_audit(&mut self, a: crate::risk::audit::StatusAudit) {
+        self.audit = Some(a);
     }
 
     fn drain_control(&mut self) -> usize {
@@ -266,6 +362,9 @@ impl Stage for StatusStage {
     }
 
     fn on_message<E: Emit<NoMessage>>(&mut self, m: StatusMsg, _out: &mut E) {
+        if let Some(a) = &mut self.audit {
+            a.on_status(&m);
+        }
         match m.kind {
             StatusKind::Ack => {
                 self.counters.acks.fetch_add(1, Ordering::Relaxed);
@@ -279,6 +378,13 @@ impl Stage for StatusStage {
                     },
                 );
                 self.by_key.insert((m.origin.principal, m.id), m.seq);
+                if let Some(j) = &mut self.journal
+                    && (!j.held.is_empty() || !j.intake.is_durable(crate::journal::Pos(m.jpos)))
+                {
+                    // Group commit: the ack waits until the intent's record is synced.
+                    j.held.push_back((m.origin.conn, m.id, m.seq, m.jpos));
+                    return;
+                }
                 self.send(
                     m.origin.conn,
                     Outbound::Ack {
@@ -295,7 +401,12 @@ impl Stage for StatusStage {
                 let Some(rec) = self.intents.get(&m.seq) else {
                     return;
                 };
-                let text = self.render(&rec.id, &m);
+                let id = rec.id;
+                self.journal_event(&m);
+                let text = self.render(&id, &m);
+                let Some(rec) = self.intents.get(&m.seq) else {
+                    return;
+                };
                 let conn = rec.conn;
                 if let Some(rec) = self.intents.get_mut(&m.seq) {
                     rec.latest = Some(text.clone());
@@ -337,6 +448,15 @@ impl Stage for StatusStage {
                 };
                 self.send(m.origin.conn, Outbound::CancelReply { id: m.id, outcome });
             }
+            StatusKind::Refused => {
+                self.send(
+                    m.origin.conn,
+                    Outbound::Refused {
+                        id: m.id,
+                        message: m.detail,
+                    },
+                );
+            }
             StatusKind::Query => {
                 let seq = self.by_key.get(&(m.origin.principal, m.id)).copied();
                 let latest = seq
@@ -356,6 +476,16 @@ impl Stage for StatusStage {
     }
 
     fn poll_extra<E: Emit<NoMessage>>(&mut self, _out: &mut E) -> usize {
-        self.drain_control()
+        let acks = match &self.journal {
+            Some(j) if !j.held.is_empty() => self.release_acks(),
+            _ => 0,
+        };
+        self.drain_control() + acks
+    }
+
+    fn on_start(&mut self, input: &Arc<pipeline::Signal>) {
+        if let Some(j) = &self.journal {
+            let _ = j.wake.set(Arc::clone(input));
+        }
     }
 }

@@ -1,0 +1,627 @@
+//! Crash recovery: what the journal says each stage starts with after a restart.
+//!
+//! The journal ([`crate::journal`]) has three lanes, each written by one thread:
+//! `intake` (principal names, every acked intent with its calldata), `signing` (every
+//! signed transaction with its nonce and raw bytes, replacements included) and `events`
+//! (every state change the status thread saw). On start, [`Recovered::from_replay`]
+//! merges them per intent, and [`Recovered::plan`] checks the chain for every transaction
+//! signed but not known to be final:
+//!
+//! - acked, never signed, not final: processed again from the policy stage on (same
+//!   sequence number, same id; no nonce was used);
+//! - signed and found on chain (any of its transactions, by hash): included; it is
+//!   confirmed at depth by the receipt watcher like any other;
+//! - signed and not on chain: the newest transaction for its nonce is sent again, byte
+//!   for byte, through broadcast (never re-signed with a new nonce);
+//! - final (rejected, failed, cancelled, confirmed): kept only as its idempotency key and
+//!   last state.
+//!
+//! Invariants: a recovered intent keeps its sequence number and `(principal, id)` key, so a
+//! desk resubmitting after a crash gets the existing intent; no transaction is signed
+//! twice for one intent except as a replacement on the same nonce; a transaction is only
+//! ever sent again with the exact bytes the journal recorded.
+
+use std::collections::BTreeMap;
+
+use alloy_primitives::{Address, B256, U256};
+
+use crate::auth::Principals;
+use crate::journal::{
+    DoneRec, IntentRec, JournalError, LaneWriter, OwnedRecord, Pos, PrincipalRec, Replay,
+    SignedRec, StateRec,
+};
+use crate::msg::{
+    AccountIdx, Detail, IntentId, IntentKind, IntentMsg, Origin, Reason, Route, State, StatusMsg,
+    TravelInfo, TxMsg, TxPurpose,
+};
+
+// ---------------------------------------------------------------------------------------
+// Writing: the stages' records.
+
+/// Appends principal `idx`'s name.
+pub fn append_principal(lane: &mut LaneWriter, idx: u32, name: &str) -> Result<Pos, JournalError> {
+    lane.append_principal(&PrincipalRec::new(idx, name))
+}
+
+/// Appends intent `msg` under sequence `seq`, with its account's address and calldata.
+pub fn append_intent(
+    lane: &mut LaneWriter,
+    msg: &IntentMsg,
+    seq: u64,
+    account: Address,
+    calldata: &[u8],
+) -> Result<Pos, JournalError> {
+    let r = IntentRec {
+        seq,
+        principal: msg.origin.principal,
+        id: IntentRec::id_bytes(msg.id.as_str()),
+        account: account.into_array(),
+        account_idx: msg.account.0,
+        kind: msg.kind as u8,
+        route: msg.route as u8,
+        urgent: msg.urgent,
+        public_fallback: msg.public_fallback,
+        to: msg.to.into_array(),
+        value: msg.value.to_be_bytes(),
+        gas_limit: msg.gas_limit,
+        max_fee_cap: msg.max_fee_cap.to_le_bytes(),
+        travel_present: msg.travel.present,
+        travel_vasp_key: msg.travel.vasp_key,
+        travel_hash: msg.travel.hash.0,
+        approved_by: msg.approved_by,
+        at_unix_ns: unix_ns(),
+        ..IntentRec::default()
+    };
+    lane.append_intent(&r, calldata)
+}
+
+/// Appends signed transaction `tx` (raw bytes `raw`) of account `from`.
+pub fn append_signed(
+    lane: &mut LaneWriter,
+    tx: &TxMsg,
+    from: Address,
+    max_fee: u128,
+    tip: u128,
+    raw: &[u8],
+) -> Result<Pos, JournalError> {
+    let r = SignedRec {
+        seq: tx.seq,
+        account: from.into_array(),
+        account_idx: tx.account.0,
+        nonce: tx.nonce,
+        generation: tx.generation,
+        purpose: tx.purpose as u8,
+        max_fee: max_fee.to_le_bytes(),
+        priority_fee: tip.to_le_bytes(),
+        tx_hash: tx.tx_hash.0,
+        route: tx.route as u8,
+        urgent: tx.urgent,
+        public_fallback: tx.public_fallback,
+        max_block: tx.max_block,
+        at_unix_ns: unix_ns(),
+        ..SignedRec::default()
+    };
+    lane.append_signed(&r, raw)
+}
+
+/// Appends event `m` (made at `at_unix_us`).
+pub fn append_state(
+    lane: &mut LaneWriter,
+    m: &StatusMsg,
+    at_unix_us: u64,
+) -> Result<Pos, JournalError> {
+    let r = StateRec {
+        seq: m.seq,
+        state: m.state as u8,
+        reason: m.reason as u8,
+        tx_hash: m.tx_hash.0,
+        from: m.from.into_array(),
+        nonce: m.nonce,
+        block_number: m.block_number,
+        block_hash: m.block_hash.0,
+        gas_used: m.gas_used,
+        success: m.success,
+        depth: m.depth,
+        route: m.route as u8,
+        venues: m.venues,
+        policy_version: m.policy_version,
+        detail: StateRec::detail_bytes(m.detail.as_str()),
+        at_unix_us,
+    };
+    lane.append_state(&r)
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading back.
+
+/// One transaction the signing stage recorded.
+#[derive(Clone, Debug)]
+pub struct SignedTx {
+    /// Account address.
+    pub from: Address,
+    /// Nonce.
+    pub nonce: u64,
+    /// 0 for the intent's first transaction, then one more per replacement.
+    pub generation: u16,
+    /// Why it was made.
+    pub purpose: TxPurpose,
+    /// Fees it was signed with.
+    pub max_fee: u128,
+    /// Priority fee it was signed with.
+    pub tip: u128,
+    /// Its hash.
+    pub tx_hash: B256,
+    /// Route it was sent on.
+    pub route: Route,
+    /// Sent to every provider at once.
+    pub urgent: bool,
+    /// Private with public fallback.
+    pub public_fallback: bool,
+    /// The signed bytes.
+    pub raw: Vec<u8>,
+}
+
+/// Everything the journal holds about one intent.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Principal name (the `sub` of its JWT).
+    pub principal: String,
+    /// Desk id.
+    pub id: IntentId,
+    /// The intent as acked (`None` when only its final record survived a compaction), with
+    /// its account's address and calldata.
+    pub intent: Option<(IntentMsg, Address, Vec<u8>)>,
+    /// Its transactions, in signing order.
+    pub signed: Vec<SignedTx>,
+    /// Its last recorded event and when it was made (unix µs).
+    pub last: Option<(StatusMsg, u64)>,
+    /// Its recorded end, from a compaction: state, reason, transaction, block.
+    pub done: Option<(State, Reason, B256, u64)>,
+}
+
+impl Entry {
+    /// The state it ended in, if it ended.
+    pub fn final_state(&self) -> Option<State> {
+        if let Some((s, ..)) = self.done {
+            return Some(s);
+        }
+        self.last
+            .as_ref()
+            .map(|(m, _)| m.state)
+            .filter(|s| s.is_terminal())
+    }
+}
+
+/// The journal's content, merged per intent.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Intents by sequence number.
+    pub entries: BTreeMap<u64, Entry>,
+    /// Torn last records cut off at open.
+    pub torn: usize,
+}
+
+fn state_of(b: u8) -> State {
+    State::ALL.get(b as usize).copied().unwrap_or(State::Failed)
+}
+
+fn reason_of(b: u8) -> Reason {
+    Reason::ALL.get(b as usize).copied().unwrap_or(Reason::None)
+}
+
+fn route_of(b: u8) -> Route {
+    match b {
+        1 => Route::Public,
+        2 => Route::Private,
+        _ => Route::Auto,
+    }
+}
+
+fn kind_of(b: u8) -> IntentKind {
+    match b {
+        1 => IntentKind::Call,
+        2 => IntentKind::StakeDeposit,
+        3 => IntentKind::StakeExit,
+        _ => IntentKind::Transfer,
+    }
+}
+
+fn purpose_of(b: u8) -> TxPurpose {
+    match b {
+        1 => TxPurpose::Replacement,
+        2 => TxPurpose::Cancel,
+        3 => TxPurpose::Filler,
+        _ => TxPurpose::Intent,
+    }
+}
+
+impl Recovered {
+    /// Merges the lanes of `replay`. Principal numbers in intent records are the ones of
+    /// the run that wrote them; names resolve them (each run records a name before its
+    /// first use). `accounts` are the configured account addresses: an intent's account is
+    /// found again by address.
+    pub fn from_replay(replay: &Replay, accounts: &[Address]) -> Recovered {
+        let mut out = Recovered {
+            torn: replay.truncated.len(),
+            ..Recovered::default()
+        };
+        let account_idx = |a: Address| {
+            accounts
+                .iter()
+                .position(|x| *x == a)
+                .map_or(AccountIdx::UNKNOWN, |i| AccountIdx(i as u16))
+        };
+        // Intake first: it defines the intents.
+        let mut names: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+        for (_, rec) in replay
+            .lane("intake")
+            .iter()
+            .chain(replay.lane("base").iter())
+        {
+            match rec {
+                OwnedRecord::Principal(p) => {
+                    names.insert(p.idx, p.name().to_owned());
+                }
+                OwnedRecord::Intent(r, data) => {
+                    let principal = names.get(&r.principal).cloned().unwrap_or_default();
+                    let id = IntentId::new(r.id()).unwrap_or_default();
+                    let from = Address::from(r.account);
+                    let msg = IntentMsg {
+                        seq: r.seq,
+                        origin: Origin::default(),
+                        id,
+                        account: account_idx(from),
+                        kind: kind_of(r.kind),
+                        route: route_of(r.route),
+                        urgent: r.urgent,
+                        public_fallback: r.public_fallback,
+                        to: Address::from(r.to),
+                        value: U256::from_be_bytes(r.value),
+                        gas_limit: r.gas_limit,
+                        max_fee_cap: u128::from_le_bytes(r.max_fee_cap),
+                        travel: TravelInfo {
+                            present: r.travel_present,
+                            vasp_key: r.travel_vasp_key,
+                            hash: B256::from(r.travel_hash),
+                        },
+                        approved_by: 0,
+                        ..IntentMsg::default()
+                    };
+                    out.entries.entry(r.seq).or_insert(Entry {
+                        principal,
+                        id,
+                        intent: Some((msg, from, data.clone())),
+                        signed: Vec::new(),
+                        last: None,
+                        done: None,
+                    });
+                }
+                OwnedRecord::Done(d) => {
+                    let id = IntentId::new(d.id()).unwrap_or_default();
+                    // Its last event, as far as the compact record tells it.
+                    let last = StatusMsg {
+                        kind: crate::msg::StatusKind::Event,
+                        state: state_of(d.state),
+                        reason: reason_of(d.reason),
+                        seq: d.seq,
+                        id,
+                        tx_hash: B256::from(d.tx_hash),
+                        block_number: d.block_number,
+                        ..StatusMsg::default()
+                    };
+                    out.entries.entry(d.seq).or_insert(Entry {
+                        principal: d.principal_name().to_owned(),
+                        id,
+                        intent: None,
+                        signed: Vec::new(),
+                        last: Some((last, d.at_unix_us)),
+                        done: Some((
+                            state_of(d.state),
+                            reason_of(d.reason),
+                            B256::from(d.tx_hash),
+                            d.block_number,
+                        )),
+                    });
+                }
+                _ => {}
+            }
+        }
+        for (_, rec) in replay
+            .lane("base")
+            .iter()
+            .chain(replay.lane("signing").iter())
+        {
+            if let OwnedRecord::Signed(r, raw) = rec
+                && let Some(e) = out.entries.get_mut(&r.seq)
+                && !e.signed.iter().any(|s| s.tx_hash.0 == r.tx_hash)
+            {
+                e.signed.push(SignedTx {
+                    from: Address::from(r.account),
+                    nonce: r.nonce,
+                    generation: r.generation,
+                    purpose: purpose_of(r.purpose),
+                    max_fee: u128::from_le_bytes(r.max_fee),
+                    tip: u128::from_le_bytes(r.priority_fee),
+                    tx_hash: B256::from(r.tx_hash),
+                    route: route_of(r.route),
+                    urgent: r.urgent,
+                    public_fallback: r.public_fallback,
+                    raw: raw.clone(),
+                });
+            }
+        }
+        for (_, rec) in replay
+            .lane("base")
+            .iter()
+            .chain(replay.lane("events").iter())
+        {
+            if let OwnedRecord::State(r) = rec
+                && let Some(e) = out.entries.get_mut(&r.seq)
+            {
+                // A terminal state is never overwritten by a late event of the same intent.
+                if e.final_state().is_some() {
+                    continue;
+                }
+                let m = StatusMsg {
+                    kind: crate::msg::StatusKind::Event,
+                    state: state_of(r.state),
+                    reason: reason_of(r.reason),
+                    seq: r.seq,
+                    id: e.id,
+                    tx_hash: B256::from(r.tx_hash),
+                    from: Address::from(r.from),
+                    nonce: r.nonce,
+                    block_number: r.block_number,
+                    block_hash: B256::from(r.block_hash),
+                    gas_used: r.gas_used,
+                    success: r.success,
+                    depth: r.depth,
+                    route: route_of(r.route),
+                    venues: r.venues,
+                    policy_version: r.policy_version,
+                    detail: Detail::new(r.detail()),
+                    ..StatusMsg::default()
+                };
+                e.last = Some((m, r.at_unix_us));
+            }
+        }
+        out
+    }
+
+    /// The first sequence number free for new intents.
+    pub fn next_seq(&self) -> u64 {
+        self.entries.keys().next_back().map_or(1, |s| s + 1)
+    }
+
+    /// What survives a compaction: every unfinished intent whole (names, intent, its
+    /// transactions, its last event) and each finished one as its idempotency key and end.
+    pub fn keep_records(&self) -> Vec<OwnedRecord> {
+        let mut out = Vec::new();
+        let mut named: BTreeMap<String, u32> = BTreeMap::new();
+        for (&seq, e) in &self.entries {
+            if let Some(s) = e.final_state() {
+                let (reason, tx, block) = match (&e.done, &e.last) {
+                    (Some((_, r, h, b)), _) => (*r, *h, *b),
+                    (None, Some((m, _))) => (m.reason, m.tx_hash, m.block_number),
+                    (None, None) => (Reason::None, B256::ZERO, 0),
+                };
+                let mut d = DoneRec::new(
+                    seq,
+                    &e.principal,
+                    e.id.as_str(),
+                    s as u8,
+                    reason as u8,
+                    tx.0,
+                    block,
+                );
+                d.at_unix_us = e.last.as_ref().map_or(0, |(_, at)| *at);
+                out.push(OwnedRecord::Done(d));
+                continue;
+            }
+            let Some((msg, from, data)) = &e.intent else {
+                continue;
+            };
+            let n = named.len() as u32 + 1;
+            let idx = *named.entry(e.principal.clone()).or_insert_with(|| {
+                out.push(OwnedRecord::Principal(PrincipalRec::new(n, &e.principal)));
+                n
+            });
+            let mut m = *msg;
+            m.origin.principal = idx;
+            let r = IntentRec {
+                seq,
+                principal: idx,
+                id: IntentRec::id_bytes(e.id.as_str()),
+                account: from.into_array(),
+                account_idx: m.account.0,
+                kind: m.kind as u8,
+                route: m.route as u8,
+                urgent: m.urgent,
+                public_fallback: m.public_fallback,
+                to: m.to.into_array(),
+                value: m.value.to_be_bytes(),
+                gas_limit: m.gas_limit,
+                max_fee_cap: m.max_fee_cap.to_le_bytes(),
+                travel_present: m.travel.present,
+                travel_vasp_key: m.travel.vasp_key,
+                travel_hash: m.travel.hash.0,
+                ..IntentRec::default()
+            };
+            out.push(OwnedRecord::Intent(r, data.clone()));
+            for s in &e.signed {
+                let r = SignedRec {
+                    seq,
+                    account: s.from.into_array(),
+                    account_idx: m.account.0,
+                    nonce: s.nonce,
+                    generation: s.generation,
+                    purpose: s.purpose as u8,
+                    max_fee: s.max_fee.to_le_bytes(),
+                    priority_fee: s.tip.to_le_bytes(),
+                    tx_hash: s.tx_hash.0,
+                    route: s.route as u8,
+                    urgent: s.urgent,
+                    public_fallback: s.public_fallback,
+                    ..SignedRec::default()
+                };
+                out.push(OwnedRecord::Signed(r, s.raw.clone()));
+            }
+            if let Some((m, at)) = &e.last {
+                let r = StateRec {
+                    seq,
+                    state: m.state as u8,
+                    reason: m.reason as u8,
+                    tx_hash: m.tx_hash.0,
+                    from: m.from.into_array(),
+                    nonce: m.nonce,
+                    block_number: m.block_number,
+                    block_hash: m.block_hash.0,
+                    gas_used: m.gas_used,
+                    success: m.success,
+                    depth: m.depth,
+                    route: m.route as u8,
+                    venues: m.venues,
+                    policy_version: m.policy_version,
+                    detail: StateRec::detail_bytes(m.detail.as_str()),
+                    at_unix_us: *at,
+                };
+                out.push(OwnedRecord::State(r));
+            }
+        }
+        out
+    }
+
+    /// Decides, with the chain's help, what becomes of every unfinished intent. `chain`
+    /// answers receipts by hash and takes nothing else; `principals` interns the names
+    /// (the numbers this run uses).
+    pub fn plan(
+        &self,
+        principals: &Principals,
+        mut receipt: impl FnMut(B256) -> Result<Option<venues::ReceiptSummary>, String>,
+    ) -> Result<Plan, String> {
+        let mut plan = Plan::default();
+        // For each (account, nonce), the newest transaction recorded: only it may be sent
+        // again (an older one on that nonce was replaced, cancelled or its nonce reused).
+        let mut newest: BTreeMap<(Address, u64), (u64, B256)> = BTreeMap::new();
+        for (&seq, e) in &self.entries {
+            for s in &e.signed {
+                newest.insert((s.from, s.nonce), (seq, s.tx_hash));
+            }
+        }
+        for (&seq, e) in &self.entries {
+            let principal = principals.intern(&e.principal);
+            plan.keys.push(((principal, e.id), seq));
+            let origin = Origin { conn: 0, principal };
+            plan.known.push((seq, principal, e.id, e.last));
+            if e.final_state().is_some() {
+                continue;
+            }
+            let Some((msg, _, data)) = &e.intent else {
+                continue;
+            };
+            let mut msg = *msg;
+            msg.origin = origin;
+            if e.signed.is_empty() {
+                if matches!(
+                    e.last.as_ref().map(|(m, _)| m.state),
+                    Some(State::PendingApproval)
+                ) {
+                    tracing::warn!(seq, "intent was waiting for approval; it is decided again");
+                }
+                plan.reinject.push((msg, data.clone()));
+                continue;
+            }
+            if msg.account == AccountIdx::UNKNOWN {
+                plan.fail.push((
+                    seq,
+                    origin,
+                    "the intent's account is no longer configured; its transaction was not sent again",
+                ));
+                continue;
+            }
+            // On chain already? Any of its transactions, newest first.
+            let mut found = None;
+            for s in e.signed.iter().rev() {
+                if let Some(r) = receipt(s.tx_hash)? {
+                    found = Some((s.clone(), r));
+                    break;
+                }
+            }
+            let Some(latest) = e.signed.last().cloned() else {
+                continue;
+            };
+            let newest_here =
+                newest.get(&(latest.from, latest.nonce)) == Some(&(seq, latest.tx_hash));
+            match found {
+                Some((s, r)) => {
+                    let already = e.last.as_ref().is_some_and(|(m, _)| {
+                        matches!(m.state, State::Included) && m.tx_hash == r.tx_hash
+                    });
+                    plan.included.push(RecoveredInclusion {
+                        msg,
+                        tx: s,
+                        receipt: r,
+                        announce: !already,
+                    });
+                }
+                None if newest_here && latest.purpose != TxPurpose::Filler => {
+                    plan.live.push((msg, data.clone(), latest.clone()));
+                    plan.resend.push((msg, latest));
+                }
+                None => plan.fail.push((
+                    seq,
+                    origin,
+                    "the intent's nonce was taken by a later transaction before the restart; its transaction is not on chain",
+                )),
+            }
+        }
+        plan.included
+            .sort_by_key(|i| (i.receipt.block_number, i.msg.seq));
+        plan.resend.sort_by_key(|(_, s)| (s.from, s.nonce));
+        Ok(plan)
+    }
+}
+
+/// A recovered transaction the chain already has.
+#[derive(Clone, Debug)]
+pub struct RecoveredInclusion {
+    /// The intent (origin: no connection, this run's principal number).
+    pub msg: IntentMsg,
+    /// The transaction found.
+    pub tx: SignedTx,
+    /// Its receipt.
+    pub receipt: venues::ReceiptSummary,
+    /// `included` was not recorded before the restart: send it now.
+    pub announce: bool,
+}
+
+/// An intent the status thread learns of at start: sequence, principal (this run's
+/// number), id, last event and when it was made (unix µs).
+pub type Known = (u64, u32, IntentId, Option<(StatusMsg, u64)>);
+
+/// What the engine does with the journal at start.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Idempotency keys (this run's principal numbers) → sequence.
+    pub keys: Vec<((u32, IntentId), u64)>,
+    /// Every intent, for the status thread: sequence, principal, id, last event.
+    pub known: Vec<Known>,
+    /// Acked, never signed: processed again.
+    pub reinject: Vec<(IntentMsg, Vec<u8>)>,
+    /// Signed and on chain: confirmed at depth from here.
+    pub included: Vec<RecoveredInclusion>,
+    /// Signed, not on chain: sent again, same bytes (sorted by account and nonce).
+    pub resend: Vec<(IntentMsg, SignedTx)>,
+    /// Signed and not settled: the signing stage keeps them (to replace or cancel), with
+    /// their calldata.
+    pub live: Vec<(IntentMsg, Vec<u8>, SignedTx)>,
+    /// Cannot go on: failed with this message.
+    pub fail: Vec<(u64, Origin, &'static str)>,
+}
