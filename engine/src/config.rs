@@ -446,6 +446,15 @@ pub struct JournalSettings {
     /// Sync period of `sync = "interval"` (ms).
     #[serde(default = "default_sync_interval_ms")]
     pub interval_ms: u64,
+    /// How often the running engine looks for full segments to compact: finished intents
+    /// become small `Done` records in the `base` lane and the segments are deleted (ms;
+    /// 0: only at start-up).
+    #[serde(default = "default_compact_every_ms")]
+    pub compact_every_ms: u64,
+}
+
+fn default_compact_every_ms() -> u64 {
+    10_000
 }
 
 /// The journal's sync policy (see [`JournalSettings::sync`]).

@@ -129,7 +129,7 @@ impl Engine {
                 let plan = recovered
                     .plan(&principals, |h| rpc.receipt(h).map_err(|e| e.to_string()))
                     .map_err(EngineError::Recovery)?;
-                journal.compact(recovered.keep_records())?;
+                journal.compact(recovered.keep_records(|name| principals.intern(name)))?;
                 if !recovered.entries.is_empty() {
                     tracing::info!(
                         intents = recovered.entries.len(),
@@ -406,7 +406,24 @@ impl Engine {
         // Recovered work goes back in through the same rings and handles as any other.
         let journal = match recovery {
             Some((journal, plan, _)) => {
-                resume(&plan, &status, &resend, &intake_tx, &blobs)?;
+                spawn_resume(
+                    plan,
+                    status.clone(),
+                    resend,
+                    intake_tx.clone(),
+                    Arc::clone(&blobs),
+                    Arc::clone(&risk_stop),
+                )?;
+                let every = cfg.journal.as_ref().map_or(0, |j| j.compact_every_ms);
+                if every > 0 {
+                    spawn_compactor(
+                        journal.clone(),
+                        Arc::clone(&principals),
+                        addresses.clone(),
+                        Duration::from_millis(every),
+                        Arc::clone(&risk_stop),
+                    )?;
+                }
                 Some(journal)
             }
             None => None,
@@ -624,16 +641,50 @@ fn claim_blob(blobs: &BlobPool, data: &[u8]) -> Result<crate::blob::BlobRef, Eng
     })
 }
 
-/// Puts recovered work back into the running pipeline: events the chain settled while
-/// the engine was down, transactions to send again (same bytes, in nonce order), intents
-/// to process again.
+/// Puts recovered work back into the running pipeline, on a `recovery-feed` thread so
+/// start-up does not wait for it: events the chain settled while the engine was down,
+/// transactions to send again (same bytes, in nonce order), intents to process again.
+/// However many there are, they go in as blob slots and ring room free up; nothing is
+/// dropped.
+fn spawn_resume(
+    plan: Plan,
+    status: StatusSink,
+    resend: Resend,
+    intake: ManyToOneProducer<IntentMsg>,
+    blobs: Arc<BlobPool>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), EngineError> {
+    std::thread::Builder::new()
+        .name("recovery-feed".into())
+        .spawn(move || resume(&plan, &status, &resend, &intake, &blobs, &stop))?;
+    Ok(())
+}
+
+/// A blob slot holding `data`, waiting for one to free up; `None` if the engine stops
+/// meanwhile.
+fn claim_waiting(blobs: &BlobPool, data: &[u8], stop: &AtomicBool) -> Option<crate::blob::BlobRef> {
+    if data.is_empty() {
+        return Some(crate::blob::BlobRef::default());
+    }
+    loop {
+        if let Some(r) = blobs.claim_with(data) {
+            return Some(r);
+        }
+        if stop.load(Ordering::Acquire) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn resume(
     plan: &Plan,
     status: &StatusSink,
     resend: &Resend,
     intake: &ManyToOneProducer<IntentMsg>,
     blobs: &BlobPool,
-) -> Result<(), EngineError> {
+    stop: &AtomicBool,
+) {
     use crate::msg::{Reason, State};
     let now = pipeline::now_raw();
     for inc in &plan.included {
@@ -659,7 +710,9 @@ fn resume(
         ));
     }
     for (msg, s) in &plan.resend {
-        let raw = claim_blob(blobs, &s.raw)?;
+        let Some(raw) = claim_waiting(blobs, &s.raw, stop) else {
+            return;
+        };
         let tx = TxMsg {
             seq: msg.seq,
             origin: msg.origin,
@@ -678,31 +731,94 @@ fn resume(
         };
         if !resend.send(tx) {
             blobs.release(raw);
-            return Err(EngineError::Recovery("the broadcast stage is gone".into()));
+            return;
         }
     }
     for (msg, data) in &plan.reinject {
         let mut m = *msg;
-        m.data = claim_blob(blobs, data)?;
+        let Some(data) = claim_waiting(blobs, data, stop) else {
+            return;
+        };
+        m.data = data;
         m.hops = pipeline::Hops::starting_at(now);
-        let mut spins = 0u32;
         loop {
             match intake.try_push(m) {
                 Ok(()) => break,
                 Err(pipeline::Full(back)) => {
                     m = back;
-                    spins += 1;
-                    if spins > 100_000 {
+                    if stop.load(Ordering::Acquire) {
                         blobs.release(m.data);
-                        return Err(EngineError::Recovery(
-                            "the intake ring stayed full while recovered intents were fed back"
-                                .into(),
-                        ));
+                        return;
                     }
-                    std::thread::sleep(Duration::from_micros(100));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         }
     }
+    if !plan.resend.is_empty() || !plan.reinject.is_empty() {
+        tracing::info!(
+            resent = plan.resend.len(),
+            reprocessed = plan.reinject.len(),
+            "recovered work handed back to the pipeline"
+        );
+    }
+}
+
+/// The `journal-compact` thread: every `every`, the segments no writer appends to any
+/// more are read back, their finished intents reduced to `Done` records, and the result
+/// written as the new `base` before they are deleted (`Journal::compact_closed`). Off the
+/// stages' threads; the writers go on meanwhile.
+fn spawn_compactor(
+    journal: Journal,
+    principals: Arc<Principals>,
+    addresses: Vec<alloy_primitives::Address>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<(), EngineError> {
+    std::thread::Builder::new()
+        .name("journal-compact".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(50).min(every);
+            let mut waited = Duration::ZERO;
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(tick);
+                waited += tick;
+                if waited < every {
+                    continue;
+                }
+                waited = Duration::ZERO;
+                if let Err(e) = compact_once(&journal, &principals, &addresses) {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    tracing::error!(error = %e, "journal compaction failed; the segments stay as they are");
+                }
+            }
+        })?;
     Ok(())
+}
+
+/// One online compaction; `Ok(false)` when no lane had a full segment.
+fn compact_once(
+    journal: &Journal,
+    principals: &Principals,
+    addresses: &[alloy_primitives::Address],
+) -> Result<bool, crate::journal::JournalError> {
+    let closed = journal.closed_segments()?;
+    if closed.iter().all(|c| c.lane == crate::journal::BASE_LANE) {
+        return Ok(false);
+    }
+    let replay = journal.read_closed(&closed)?;
+    let recovered = Recovered::from_replay(&replay, addresses);
+    drop(replay);
+    journal.compact_closed(
+        &closed,
+        recovered.keep_records(|name| principals.intern(name)),
+    )?;
+    tracing::info!(
+        segments = closed.len(),
+        intents = recovered.entries.len(),
+        "journal compacted"
+    );
+    Ok(true)
 }

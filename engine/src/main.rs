@@ -350,6 +350,7 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
             sync: args.journal_sync,
             group_commit_us: 200,
             interval_ms: 10,
+            compact_every_ms: 10_000,
         });
         c.providers = dev::dev_providers(&chain.ws_url(), args.providers);
         if let Some(us) = args.hedge_delay_us {

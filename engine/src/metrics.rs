@@ -421,6 +421,11 @@ pub fn journal_prometheus(j: &crate::journal::JournalStats) -> String {
     );
     let _ = writeln!(
         s,
+        "# HELP engine_journal_compactions_total Online compactions of full segments.\n# TYPE engine_journal_compactions_total counter\nengine_journal_compactions_total {}",
+        j.compactions
+    );
+    let _ = writeln!(
+        s,
         "# HELP engine_journal_sync_seconds_max Longest sync so far.\n# TYPE engine_journal_sync_seconds_max gauge\nengine_journal_sync_seconds_max {:.6}",
         j.max_sync_ns as f64 / 1e9
     );

@@ -241,6 +241,10 @@ pub struct TxMsg {
     /// Journal position of this message's record (0: none): what a stage that must not
     /// act before the record is synced (group commit) waits for.
     pub jpos: u64,
+    /// A node answered "nonce too low": the receipt watcher asks for this very
+    /// transaction's receipt before anything is concluded (found: it is included; not
+    /// found: another transaction used the nonce, and the intent fails).
+    pub verify: bool,
     /// Hop timestamps carried over from the intent.
     pub hops: Hops,
 }

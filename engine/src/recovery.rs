@@ -206,6 +206,12 @@ pub struct Recovered {
     pub entries: BTreeMap<u64, Entry>,
     /// Torn last records cut off at open.
     pub torn: usize,
+    /// Every principal name recorded.
+    pub names: std::collections::BTreeSet<String>,
+    /// Transactions and events of intents whose intent record is not in what was read
+    /// (while running, lanes rotate independently: the intent may still be in its lane's
+    /// open segment). A compaction keeps them as they are.
+    pub orphans: Vec<OwnedRecord>,
 }
 
 fn state_of(b: u8) -> State {
@@ -258,15 +264,19 @@ impl Recovered {
                 .position(|x| *x == a)
                 .map_or(AccountIdx::UNKNOWN, |i| AccountIdx(i as u16))
         };
-        // Intake first: it defines the intents.
+        // The compacted base first (older; where a record is in both, the base's wins),
+        // then intake: together they define the intents. One run numbers principals one
+        // way, and a compaction writes them with the numbers of the run that made it, so
+        // one map serves both.
         let mut names: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
         for (_, rec) in replay
-            .lane("intake")
+            .lane("base")
             .iter()
-            .chain(replay.lane("base").iter())
+            .chain(replay.lane("intake").iter())
         {
             match rec {
                 OwnedRecord::Principal(p) => {
+                    out.names.insert(p.name().to_owned());
                     names.insert(p.idx, p.name().to_owned());
                 }
                 OwnedRecord::Intent(r, data) => {
@@ -338,10 +348,14 @@ impl Recovered {
             .iter()
             .chain(replay.lane("signing").iter())
         {
-            if let OwnedRecord::Signed(r, raw) = rec
-                && let Some(e) = out.entries.get_mut(&r.seq)
-                && !e.signed.iter().any(|s| s.tx_hash.0 == r.tx_hash)
-            {
+            let OwnedRecord::Signed(r, raw) = rec else {
+                continue;
+            };
+            let Some(e) = out.entries.get_mut(&r.seq) else {
+                out.orphans.push(rec.clone());
+                continue;
+            };
+            if !e.signed.iter().any(|s| s.tx_hash.0 == r.tx_hash) {
                 e.signed.push(SignedTx {
                     from: Address::from(r.account),
                     nonce: r.nonce,
@@ -362,8 +376,13 @@ impl Recovered {
             .iter()
             .chain(replay.lane("events").iter())
         {
-            if let OwnedRecord::State(r) = rec
-                && let Some(e) = out.entries.get_mut(&r.seq)
+            let OwnedRecord::State(r) = rec else {
+                continue;
+            };
+            let Some(e) = out.entries.get_mut(&r.seq) else {
+                out.orphans.push(rec.clone());
+                continue;
+            };
             {
                 // A terminal state is never overwritten by a late event of the same intent.
                 if e.final_state().is_some() {
@@ -402,9 +421,21 @@ impl Recovered {
 
     /// What survives a compaction: every unfinished intent whole (names, intent, its
     /// transactions, its last event) and each finished one as its idempotency key and end.
-    pub fn keep_records(&self) -> Vec<OwnedRecord> {
+    /// Principals are recorded under the numbers `number` gives their names: the running
+    /// engine's own (its intake lane goes on using them), so one name map reads the base
+    /// and the open segments alike. Transactions and events whose intent was not read
+    /// are kept as they are.
+    pub fn keep_records(&self, mut number: impl FnMut(&str) -> u32) -> Vec<OwnedRecord> {
         let mut out = Vec::new();
-        let mut named: BTreeMap<String, u32> = BTreeMap::new();
+        let mut names: std::collections::BTreeSet<&str> =
+            self.names.iter().map(String::as_str).collect();
+        names.extend(self.entries.values().map(|e| e.principal.as_str()));
+        for name in names {
+            out.push(OwnedRecord::Principal(PrincipalRec::new(
+                number(name),
+                name,
+            )));
+        }
         for (&seq, e) in &self.entries {
             if let Some(s) = e.final_state() {
                 let (reason, tx, block) = match (&e.done, &e.last) {
@@ -428,11 +459,7 @@ impl Recovered {
             let Some((msg, from, data)) = &e.intent else {
                 continue;
             };
-            let n = named.len() as u32 + 1;
-            let idx = *named.entry(e.principal.clone()).or_insert_with(|| {
-                out.push(OwnedRecord::Principal(PrincipalRec::new(n, &e.principal)));
-                n
-            });
+            let idx = number(&e.principal);
             let mut m = *msg;
             m.origin.principal = idx;
             let r = IntentRec {
@@ -495,6 +522,7 @@ impl Recovered {
                 out.push(OwnedRecord::State(r));
             }
         }
+        out.extend(self.orphans.iter().cloned());
         out
     }
 

@@ -29,6 +29,7 @@ fn config(anvil: &Anvil, journal: &Path, sync: JournalSync) -> Config {
         sync,
         group_commit_us: 200,
         interval_ms: 10,
+        compact_every_ms: 0,
     });
     cfg
 }
@@ -66,7 +67,10 @@ fn run_transfers(
     ids.iter()
         .map(|id| {
             let f = &frames[id];
-            let ack = f.iter().find(|v| v["op"] == "ack").expect("acked");
+            // The ack comes first (under group commit it waits for the sync, and so
+            // does everything behind it).
+            assert_eq!(f[0]["op"], "ack", "{id}: {f:?}");
+            let ack = &f[0];
             let last = f.last().unwrap();
             assert_eq!(last["state"], "confirmed", "{id}: {f:?}");
             (id.clone(), ack["seq"].as_u64().unwrap())
@@ -247,5 +251,70 @@ fn a_corrupt_record_in_the_middle_stops_start_up_and_names_its_offset() {
     assert!(
         text.contains(&offset.to_string()),
         "names offset {offset}: {text}"
+    );
+}
+
+#[test]
+fn finished_intents_are_compacted_while_running_and_their_ids_survive() {
+    let anvil = Anvil::spawn(&AnvilConfig::with_block_time(Duration::from_millis(100))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut cfg = config(&anvil, dir.path(), JournalSync::None);
+    if let Some(j) = cfg.journal.as_mut() {
+        // Small segments, so the lanes rotate; a compaction pass every 100 ms.
+        j.segment_bytes = 16 << 10;
+        j.compact_every_ms = 100;
+    }
+    let e = Engine::start(cfg.clone()).unwrap();
+    let first = run_transfers(&rt, &e, "k", 60);
+    let journal = e.journal().unwrap().clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while journal.stats().compactions == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction ran: {:?}",
+            journal.stats()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The events lane alone filled more than five 16 KiB segments (60 intents, five
+    // events each); compaction left the lanes' open segments and the base.
+    let closed_left = journal
+        .closed_segments()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.lane != "base")
+        .count();
+    let before_last_pass = segments(dir.path(), "events").len();
+    assert!(
+        before_last_pass <= 3,
+        "{before_last_pass} events segments left ({closed_left} closed)"
+    );
+    drop(journal);
+    e.shutdown().unwrap();
+
+    // After a restart the compacted intents are still known, finished, by their ids.
+    let e = Engine::start(cfg).unwrap();
+    let mut d = desk(&rt, &e);
+    rt.block_on(async {
+        for (id, seq) in first.iter().take(10) {
+            d.send(&submit(transfer(id, "dev0", 5, 1_000)))
+                .await
+                .unwrap();
+            let ack = common::reply(&mut d, id).await;
+            assert_eq!(ack["duplicate"], true, "{id}: {ack}");
+            assert_eq!(ack["seq"].as_u64(), Some(*seq), "{id}");
+            let latest: Value = tokio::time::timeout(Duration::from_secs(5), d.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(latest["state"], "confirmed", "{latest}");
+        }
+    });
+    e.shutdown().unwrap();
+    let mut rpc = anvil.rpc().unwrap();
+    assert_eq!(
+        rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap(),
+        60
     );
 }

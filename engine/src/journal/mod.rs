@@ -251,6 +251,8 @@ pub struct JournalStats {
     pub max_sync_ns: u64,
     /// Failed syncs (retried).
     pub sync_errors: u64,
+    /// Online compactions done ([`Journal::compact_closed`]).
+    pub compactions: u64,
 }
 
 /// Where a lane's writer resumes: after the last good frame of its last segment.
@@ -277,6 +279,7 @@ pub(crate) struct Shared {
     pub(crate) last_sync_ns: AtomicU64,
     pub(crate) max_sync_ns: AtomicU64,
     pub(crate) sync_errors: AtomicU64,
+    pub(crate) compactions: AtomicU64,
     writers_taken: AtomicBool,
     resume: Mutex<HashMap<String, Resume>>,
     lock_file: Mutex<Option<File>>,
@@ -351,6 +354,17 @@ impl Drop for Inner {
     }
 }
 
+/// A segment file no writer appends to any more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClosedSegment {
+    /// Its lane.
+    pub lane: String,
+    /// Its number.
+    pub segno: u64,
+    /// The file.
+    pub path: PathBuf,
+}
+
 /// A journal directory, open. Cheap to clone; the last clone dropped shuts it down.
 #[derive(Clone, Debug)]
 pub struct Journal {
@@ -419,6 +433,7 @@ impl Journal {
             last_sync_ns: AtomicU64::new(0),
             max_sync_ns: AtomicU64::new(0),
             sync_errors: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
             writers_taken: AtomicBool::new(false),
             resume: Mutex::new(resume),
             lock_file: Mutex::new(Some(lock_file)),
@@ -529,6 +544,106 @@ impl Journal {
         Ok(())
     }
 
+    /// The segments no writer appends to any more, oldest first per lane: every `base`
+    /// segment, and each lane's segments below the one its writer is on (all of a lane
+    /// with no writer). They are immutable, so they can be read and compacted while the
+    /// writers go on (see [`Journal::compact_closed`]).
+    pub fn closed_segments(&self) -> Result<Vec<ClosedSegment>, JournalError> {
+        let shared = &self.inner.shared;
+        let current: HashMap<&'static str, u64> = lock(&shared.lanes)
+            .iter()
+            .map(|l| (l.name, l.segno.load(Ordering::Acquire)))
+            .collect();
+        let mut out = Vec::new();
+        for (segno, path) in segment_files(&shared.dir)? {
+            let Some(lane) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(parse_name)
+                .map(|(lane, _)| lane.to_owned())
+            else {
+                continue;
+            };
+            let closed = lane == BASE_LANE
+                || current
+                    .get(lane.as_str())
+                    .is_none_or(|&writing| segno < writing);
+            if closed {
+                out.push(ClosedSegment { lane, segno, path });
+            }
+        }
+        out.sort_by(|a, b| (a.lane.as_str(), a.segno).cmp(&(b.lane.as_str(), b.segno)));
+        Ok(out)
+    }
+
+    /// Reads closed segments back (from [`Journal::closed_segments`]). Any bad frame in
+    /// them is [`JournalError::Corrupt`]: no writer can be cutting one short.
+    pub fn read_closed(&self, segments: &[ClosedSegment]) -> Result<Replay, JournalError> {
+        let mut replay = Replay::default();
+        for c in segments {
+            let seg = Segment::open(c.path.clone(), c.segno, 0)?;
+            // SAFETY: a closed segment has no writer (it is below its lane's current
+            // segment, or a base segment, which nothing appends to).
+            let bytes = unsafe { seg.bytes() };
+            let scan = frame::scan(bytes);
+            if let Some(bad) = scan.bad {
+                return Err(JournalError::Corrupt {
+                    file: c.path.clone(),
+                    offset: bad.offset,
+                    what: bad.what,
+                });
+            }
+            replay.lanes.entry(c.lane.clone()).or_default().extend(
+                scan.records
+                    .into_iter()
+                    .map(|(end, r)| (Pos::new(c.segno, end), r)),
+            );
+        }
+        Ok(replay)
+    }
+
+    /// Online compaction: writes `keep` (what the caller made of [`Journal::read_closed`]
+    /// of `segments`) to new `base` segments, syncs them and the directory, then deletes
+    /// `segments`. The writers go on meanwhile. A crash before the renames leaves the old
+    /// segments (the temporary files are removed at the next open); after them, replay
+    /// may see a record both in the new base and in an old segment not deleted yet, and
+    /// the consumer keeps one per sequence number. Nothing is lost at any point.
+    pub fn compact_closed(
+        &self,
+        segments: &[ClosedSegment],
+        keep: impl IntoIterator<Item = OwnedRecord>,
+    ) -> Result<(), JournalError> {
+        let shared = &self.inner.shared;
+        let _one = lock(&self.inner.compacting);
+        if shared.stop.load(Ordering::Acquire) {
+            return Err(JournalError::Closed);
+        }
+        let written = match write_base(shared, keep) {
+            Ok(w) => w,
+            Err((e, tmps)) => {
+                for t in tmps {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+        };
+        for (tmp, fin) in &written {
+            std::fs::rename(tmp, fin)
+                .map_err(|e| JournalError::io("renaming compacted segment", fin, e))?;
+        }
+        sync_dir(&shared.dir)?;
+        for c in segments {
+            match std::fs::remove_file(&c.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io("removing compacted segment", &c.path, e)),
+            }
+        }
+        sync_dir(&shared.dir)?;
+        shared.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Counters: per lane frames, bytes, positions and segments; syncs and their duration.
     pub fn stats(&self) -> JournalStats {
         let s = &self.inner.shared;
@@ -550,6 +665,7 @@ impl Journal {
             last_sync_ns: s.last_sync_ns.load(Ordering::Relaxed),
             max_sync_ns: s.max_sync_ns.load(Ordering::Relaxed),
             sync_errors: s.sync_errors.load(Ordering::Relaxed),
+            compactions: s.compactions.load(Ordering::Relaxed),
         }
     }
 

@@ -506,6 +506,9 @@ pub struct BroadcastStage {
     stats: Arc<BroadcastStats>,
     /// Answers parked by `poll_responses` until they can be handled.
     answers: Vec<(u64, Result<B256, RpcErrorInfo>)>,
+    /// Intent transactions a node answered "nonce too low" for: handed to the receipt
+    /// watcher to check by hash whether this very transaction is on chain.
+    to_verify: Vec<(u64, InFlight)>,
     /// Scratch: usable providers in rank order.
     order: Vec<usize>,
     kill: Arc<KillSwitch>,
@@ -623,6 +626,7 @@ impl BroadcastStage {
             rec,
             stats,
             answers: Vec::with_capacity(capacity),
+            to_verify: Vec::with_capacity(64),
             order: Vec::with_capacity(MAX_PROVIDERS),
             kill,
             held: VecDeque::with_capacity(capacity),
@@ -1337,6 +1341,7 @@ impl BroadcastStage {
             purpose: f.purpose,
             generation: f.generation,
             jpos: 0,
+            verify: false,
         });
     }
 
@@ -1348,6 +1353,13 @@ impl BroadcastStage {
 
     fn finish_failed(&mut self, seq: u64, f: InFlight, reason: Reason, detail: &str) {
         self.in_flight.remove(&seq);
+        if f.purpose == TxPurpose::Intent && detail.to_ascii_lowercase().contains("nonce too low") {
+            // The nonce is used on chain: perhaps by this very transaction (sent before a
+            // restart, or mined while a resend was on its way). The receipt watcher
+            // checks by hash before the intent is called failed.
+            self.to_verify.push((seq, f));
+            return;
+        }
         self.blobs.release(f.raw);
         match f.purpose {
             TxPurpose::Replacement | TxPurpose::Cancel => {
@@ -1732,6 +1744,26 @@ impl Stage for BroadcastStage {
     }
 
     fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
+        let verifying = self.to_verify.len();
+        for (seq, f) in self.to_verify.drain(..) {
+            out.emit(TxMsg {
+                seq,
+                origin: f.origin,
+                account: f.account,
+                nonce: f.nonce,
+                tx_hash: f.tx_hash,
+                raw: f.raw,
+                asset: f.asset,
+                urgent: f.urgent,
+                route: Route::Public,
+                public_fallback: f.public_fallback,
+                hops: Hops::starting_at(f.first_raw),
+                purpose: f.purpose,
+                generation: f.generation,
+                verify: true,
+                ..TxMsg::default()
+            });
+        }
         let released = if !self.held.is_empty()
             && (self.kill.epoch() != self.held_epoch || self.front_durable())
         {
@@ -1749,7 +1781,7 @@ impl Stage for BroadcastStage {
             self.start(m);
             resent += 1;
         }
-        released + reconnected + resent + self.poll_answers(out) + self.timers()
+        verifying + released + reconnected + resent + self.poll_answers(out) + self.timers()
     }
 
     fn extra_ready(&mut self) -> bool {

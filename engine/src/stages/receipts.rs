@@ -139,6 +139,8 @@ pub struct ReceiptsStage {
     lookup: Lookup,
     /// Intents with more than one transaction watched (replaced on the same nonce).
     replaced: std::collections::HashSet<u64>,
+    /// Transactions a node answered "nonce too low" for, asked about by hash.
+    verifying: std::collections::HashSet<B256>,
 }
 
 impl ReceiptsStage {
@@ -188,6 +190,7 @@ impl ReceiptsStage {
             lookup,
             stuck_blocks: 0,
             replaced: std::collections::HashSet::with_capacity(64),
+            verifying: std::collections::HashSet::with_capacity(64),
         })
     }
 
@@ -425,8 +428,24 @@ impl ReceiptsStage {
             n += 1;
             match found {
                 Some(r) => {
+                    self.verifying.remove(&hash);
                     if let Some(w) = self.watching.remove(&hash) {
                         self.include(w, &r);
+                    }
+                }
+                None if self.verifying.remove(&hash) => {
+                    // Not on chain, yet its nonce is: another transaction took it.
+                    if let Some(w) = self.watching.remove(&hash) {
+                        self.kept.remove(&w.seq);
+                        self.notify(NonceNotice::Behind { seq: w.seq });
+                        self.status.send(StatusMsg::refusal(
+                            w.seq,
+                            w.origin,
+                            State::Failed,
+                            crate::msg::Reason::NodeRejected,
+                            "nonce too low: the account's nonce was used by another transaction",
+                            now_raw(),
+                        ));
                     }
                 }
                 None => {
@@ -665,6 +684,11 @@ impl Stage for ReceiptsStage {
         };
         if msg.generation > 0 {
             self.replaced.insert(msg.seq);
+        }
+        if msg.verify && !self.recent.contains_key(&msg.tx_hash) {
+            // "nonce too low": on chain already, or the nonce went to another transaction.
+            self.verifying.insert(msg.tx_hash);
+            let _ = self.lookup.ask.send((msg.seq, msg.tx_hash));
         }
         if let Some(r) = self.recent.get(&msg.tx_hash).copied() {
             self.include(w, &r);

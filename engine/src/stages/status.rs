@@ -130,8 +130,11 @@ pub struct StatusJournal {
     pub lane: crate::journal::LaneWriter,
     /// Whether the intake lane's records are synced yet (always true unless group commit).
     pub intake: crate::journal::DurableWatch,
-    /// Acks waiting for their record to be synced, in order.
-    pub held: std::collections::VecDeque<(u32, IntentId, u64, u64)>,
+    /// Under group commit: replies waiting, in order, behind an ack whose intent's record
+    /// is not synced yet (connection, reply, journal position; 0 for anything but an
+    /// ack). Holding everything behind the first unsynced ack keeps each desk's order:
+    /// `ack` before the intent's events.
+    pub held: std::collections::VecDeque<(u32, Outbound, u64)>,
     /// Where the journal's flusher wakes this thread.
     pub wake: crate::stages::signing::WakeCell,
 }
@@ -207,15 +210,17 @@ impl StatusStage {
             let Some(j) = &mut self.journal else {
                 return n;
             };
-            let Some(&(conn, id, seq, pos)) = j.held.front() else {
+            let Some(&(_, _, pos)) = j.held.front() else {
                 return n;
             };
             if !j.intake.is_durable(crate::journal::Pos(pos)) {
                 return n;
             }
-            j.held.pop_front();
+            let Some((conn, out, _)) = j.held.pop_front() else {
+                return n;
+            };
             n += 1;
-            self.send(conn, Outbound::Ack { id, seq });
+            self.deliver(conn, out);
         }
     }
 
@@ -257,6 +262,17 @@ impl StatusStage {
     }
 
     fn send(&mut self, conn: u32, out: Outbound) {
+        if let Some(j) = &mut self.journal
+            && !j.held.is_empty()
+        {
+            // Behind an ack that waits for its sync (group commit).
+            j.held.push_back((conn, out, 0));
+            return;
+        }
+        self.deliver(conn, out);
+    }
+
+    fn deliver(&mut self, conn: u32, out: Outbound) {
         if !self.conns.contains_key(&conn) {
             self.drain_control();
         }
@@ -382,7 +398,14 @@ impl Stage for StatusStage {
                     && (!j.held.is_empty() || !j.intake.is_durable(crate::journal::Pos(m.jpos)))
                 {
                     // Group commit: the ack waits until the intent's record is synced.
-                    j.held.push_back((m.origin.conn, m.id, m.seq, m.jpos));
+                    j.held.push_back((
+                        m.origin.conn,
+                        Outbound::Ack {
+                            id: m.id,
+                            seq: m.seq,
+                        },
+                        m.jpos,
+                    ));
                     return;
                 }
                 self.send(
