@@ -343,11 +343,17 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     }
 
     let providers = opts.broadcast.as_ref().map_or(1, |b| b.providers.len());
-    let kind = if providers > 1 {
+    let mut kind = if providers > 1 {
         format!("demo-{providers}providers")
     } else {
         "demo".to_owned()
     };
+    // A run whose acks wait for the disk says so in its folder name.
+    match opts.broadcast.as_ref().map(|b| b.journal) {
+        Some(Some(crate::config::JournalSync::Group)) => kind.push_str("-group-commit"),
+        Some(None) => kind.push_str("-no-journal"),
+        _ => {}
+    }
     if let Some(root) = &opts.report_root
         && let Ok(dir) = report::run_dir(root, &kind)
     {

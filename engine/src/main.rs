@@ -163,18 +163,24 @@ struct DevArgs {
     /// Journal sync policy: `none` (page cache: survives a crash of the process), `group`
     /// (acks and broadcasts wait for fsync, group commit) or `interval`. The dev journal is
     /// `<dev dir>/journal`, started empty each time (the dev chain is new each time).
+    /// `off` runs without a journal (acks are not durable; for comparison runs).
     #[arg(long, default_value = "none", value_parser = parse_sync)]
-    journal_sync: engine::config::JournalSync,
+    journal_sync: JournalMode,
 }
 
-fn parse_sync(s: &str) -> Result<engine::config::JournalSync, String> {
+/// The dev journal: off, or on with a sync policy.
+#[derive(Clone, Copy, Debug)]
+struct JournalMode(Option<engine::config::JournalSync>);
+
+fn parse_sync(s: &str) -> Result<JournalMode, String> {
     use engine::config::JournalSync;
     match s {
-        "none" => Ok(JournalSync::None),
-        "group" => Ok(JournalSync::Group),
-        "interval" => Ok(JournalSync::Interval),
+        "none" => Ok(JournalMode(Some(JournalSync::None))),
+        "group" => Ok(JournalMode(Some(JournalSync::Group))),
+        "interval" => Ok(JournalMode(Some(JournalSync::Interval))),
+        "off" => Ok(JournalMode(None)),
         _ => Err(format!(
-            "unknown journal sync `{s}`: none, group or interval"
+            "unknown journal sync `{s}`: none, group, interval or off"
         )),
     }
 }
@@ -209,7 +215,7 @@ fn main() -> ExitCode {
         policy: None,
         providers: 1,
         hedge_delay_us: None,
-        journal_sync: engine::config::JournalSync::None,
+        journal_sync: JournalMode(Some(engine::config::JournalSync::None)),
     })) {
         Cmd::Dev(args) => {
             let demo = args.demo.then(DemoOptions::default);
@@ -344,14 +350,17 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         c.wait = args.wait;
         c.audit_dir = Some(dir.join("audit"));
         c.policy_file = args.policy.clone();
-        c.journal = Some(engine::config::JournalSettings {
-            dir: journal_dir.clone(),
-            segment_bytes: 64 << 20,
-            sync: args.journal_sync,
-            group_commit_us: 200,
-            interval_ms: 10,
-            compact_every_ms: 10_000,
-        });
+        c.journal = args
+            .journal_sync
+            .0
+            .map(|sync| engine::config::JournalSettings {
+                dir: journal_dir.clone(),
+                segment_bytes: 64 << 20,
+                sync,
+                group_commit_us: 200,
+                interval_ms: 10,
+                compact_every_ms: 10_000,
+            });
         c.providers = dev::dev_providers(&chain.ws_url(), args.providers);
         if let Some(us) = args.hedge_delay_us {
             c.broadcast.hedge_delay_us = us;
@@ -399,11 +408,14 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         layout.wait
     );
     println!("  broadcast:  {}", setup.describe());
-    println!(
-        "  journal:    {} (sync {})",
-        journal_dir.display(),
-        args.journal_sync.as_str()
-    );
+    match args.journal_sync.0 {
+        Some(sync) => println!(
+            "  journal:    {} (sync {})",
+            journal_dir.display(),
+            sync.as_str()
+        ),
+        None => println!("  journal:    off (acks are not durable)"),
+    }
     println!("  JWT (principal `dev`, every role, 7 days):\n{token}");
     println!("  more tokens: engine token --sub NAME --roles trader,approver");
     if let Some(mut opts) = demo {

@@ -44,6 +44,14 @@ struct Engine {
     url: String,
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // A failing test must not leave an engine running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start_engine(config: &Path, log: &Path) -> Engine {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
