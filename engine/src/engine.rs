@@ -27,7 +27,7 @@ use crate::risk::{self, RiskAdmin};
 use crate::server::{self, Health, ServerCtx};
 use crate::stages::StatusSink;
 use crate::stages::broadcast::{
-    BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec, RelaySpec, Resend,
+    BroadcastRecorders, BroadcastStage, BroadcastStats, ProviderSpec, RelaySpec,
 };
 use crate::stages::intake::IntakeJournal;
 use crate::stages::intake::IntakeStage;
@@ -126,16 +126,30 @@ impl Engine {
                 })?;
                 let recovered = Recovered::from_replay(&replay, &addresses);
                 drop(replay);
-                let plan = recovered
+                let mut plan = recovered
                     .plan(&principals, |h| rpc.receipt(h).map_err(|e| e.to_string()))
                     .map_err(EngineError::Recovery)?;
+                // What the chain does not have goes to the node again now, in nonce
+                // order, before any new transaction can.
+                let rpc_cell = std::cell::RefCell::new(&mut rpc);
+                plan.send_again(
+                    |raw| {
+                        rpc_cell
+                            .borrow_mut()
+                            .send_raw_transaction(raw)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    },
+                    |h| rpc_cell.borrow_mut().receipt(h).map_err(|e| e.to_string()),
+                )
+                .map_err(EngineError::Recovery)?;
                 journal.compact(recovered.keep_records(|name| principals.intern(name)))?;
                 if !recovered.entries.is_empty() {
                     tracing::info!(
                         intents = recovered.entries.len(),
                         reprocessed = plan.reinject.len(),
                         included = plan.included.len(),
-                        resent = plan.resend.len(),
+                        resent = plan.watch.len(),
                         failed = plan.fail.len(),
                         torn = recovered.torn,
                         "recovered from the journal"
@@ -289,7 +303,6 @@ impl Engine {
         status_stage.set_notices(notices.clone());
         receipts.set_notices(notices.clone(), cfg.broadcast.stuck_blocks);
         broadcast.set_notices(notices);
-        let resend = broadcast.resend_handle();
         // Journal lanes, and what the journal says each stage starts with.
         if let Some((journal, plan, next_seq)) = &recovery {
             let intake_lane = journal.lane("intake")?;
@@ -326,6 +339,18 @@ impl Engine {
                 let mut m = *msg;
                 m.data = claim_blob(&blobs, data)?;
                 signing.recover(m, s.nonce, s.max_fee, s.tip, s.generation);
+            }
+            for (msg, tx) in &plan.watch {
+                receipts.recover_watch(
+                    msg.seq,
+                    msg.origin,
+                    msg.account,
+                    tx.nonce,
+                    tx.tx_hash,
+                    tx.purpose,
+                    tx.generation,
+                    tx.raw.clone(),
+                );
             }
             for inc in &plan.included {
                 receipts.recover_included(
@@ -409,7 +434,6 @@ impl Engine {
                 spawn_resume(
                     plan,
                     status.clone(),
-                    resend,
                     intake_tx.clone(),
                     Arc::clone(&blobs),
                     Arc::clone(&risk_stop),
@@ -642,21 +666,20 @@ fn claim_blob(blobs: &BlobPool, data: &[u8]) -> Result<crate::blob::BlobRef, Eng
 }
 
 /// Puts recovered work back into the running pipeline, on a `recovery-feed` thread so
-/// start-up does not wait for it: events the chain settled while the engine was down,
-/// transactions to send again (same bytes, in nonce order), intents to process again.
-/// However many there are, they go in as blob slots and ring room free up; nothing is
-/// dropped.
+/// start-up does not wait for it: events the chain settled while the engine was down and
+/// refusals found at start, then intents to process again. However many there are, they
+/// go in as blob slots and ring room free up; nothing is dropped. (Transactions to send
+/// again went to the node during start-up, before the pipeline: `Plan::send_again`.)
 fn spawn_resume(
     plan: Plan,
     status: StatusSink,
-    resend: Resend,
     intake: ManyToOneProducer<IntentMsg>,
     blobs: Arc<BlobPool>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
     std::thread::Builder::new()
         .name("recovery-feed".into())
-        .spawn(move || resume(&plan, &status, &resend, &intake, &blobs, &stop))?;
+        .spawn(move || resume(&plan, &status, &intake, &blobs, &stop))?;
     Ok(())
 }
 
@@ -680,7 +703,6 @@ fn claim_waiting(blobs: &BlobPool, data: &[u8], stop: &AtomicBool) -> Option<cra
 fn resume(
     plan: &Plan,
     status: &StatusSink,
-    resend: &Resend,
     intake: &ManyToOneProducer<IntentMsg>,
     blobs: &BlobPool,
     stop: &AtomicBool,
@@ -709,31 +731,6 @@ fn resume(
             now,
         ));
     }
-    for (msg, s) in &plan.resend {
-        let Some(raw) = claim_waiting(blobs, &s.raw, stop) else {
-            return;
-        };
-        let tx = TxMsg {
-            seq: msg.seq,
-            origin: msg.origin,
-            account: msg.account,
-            nonce: s.nonce,
-            tx_hash: s.tx_hash,
-            raw,
-            asset: msg.asset,
-            urgent: s.urgent,
-            route: s.route,
-            public_fallback: s.public_fallback,
-            purpose: s.purpose,
-            generation: s.generation,
-            hops: pipeline::Hops::starting_at(now),
-            ..TxMsg::default()
-        };
-        if !resend.send(tx) {
-            blobs.release(raw);
-            return;
-        }
-    }
     for (msg, data) in &plan.reinject {
         let mut m = *msg;
         let Some(data) = claim_waiting(blobs, data, stop) else {
@@ -755,11 +752,10 @@ fn resume(
             }
         }
     }
-    if !plan.resend.is_empty() || !plan.reinject.is_empty() {
+    if !plan.reinject.is_empty() {
         tracing::info!(
-            resent = plan.resend.len(),
             reprocessed = plan.reinject.len(),
-            "recovered work handed back to the pipeline"
+            "recovered intents handed back to the pipeline"
         );
     }
 }

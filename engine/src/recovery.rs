@@ -11,8 +11,9 @@
 //!   sequence number, same id; no nonce was used);
 //! - signed and found on chain (any of its transactions, by hash): included; it is
 //!   confirmed at depth by the receipt watcher like any other;
-//! - signed and not on chain: the newest transaction for its nonce is sent again, byte
-//!   for byte, through broadcast (never re-signed with a new nonce);
+//! - signed and not on chain: the newest transaction for its nonce is sent to the node
+//!   again, byte for byte, before the pipeline starts and in nonce order
+//!   ([`Plan::send_again`]; never re-signed with a new nonce), then watched;
 //! - final (rejected, failed, cancelled, confirmed): kept only as its idempotency key and
 //!   last state.
 //!
@@ -570,7 +571,7 @@ impl Recovered {
                 plan.fail.push((
                     seq,
                     origin,
-                    "the intent's account is no longer configured; its transaction was not sent again",
+                    "the intent's account is no longer configured; its transaction was not sent again".into(),
                 ));
                 continue;
             }
@@ -606,7 +607,7 @@ impl Recovered {
                 None => plan.fail.push((
                     seq,
                     origin,
-                    "the intent's nonce was taken by a later transaction before the restart; its transaction is not on chain",
+                    "the intent's nonce was taken by a later transaction before the restart; its transaction is not on chain".into(),
                 )),
             }
         }
@@ -634,6 +635,58 @@ pub struct RecoveredInclusion {
 /// number), id, last event and when it was made (unix µs).
 pub type Known = (u64, u32, IntentId, Option<(StatusMsg, u64)>);
 
+impl Plan {
+    /// Sends every transaction of [`Plan::resend`] to the node again, byte for byte, in
+    /// account and nonce order, before the pipeline starts (so no new transaction of the
+    /// account can reach the node ahead of them). Taken (or already known): watched for
+    /// its receipt. "nonce too low": asked for its receipt once more (mined meanwhile:
+    /// included; otherwise another transaction took the nonce: failed). Refused
+    /// otherwise: failed with the node's message.
+    pub fn send_again(
+        &mut self,
+        mut send: impl FnMut(&[u8]) -> Result<(), String>,
+        mut receipt: impl FnMut(B256) -> Result<Option<venues::ReceiptSummary>, String>,
+    ) -> Result<(), String> {
+        for (msg, s) in std::mem::take(&mut self.resend) {
+            let refusal = match send(&s.raw) {
+                Ok(()) => None,
+                Err(e) => {
+                    let lower = e.to_ascii_lowercase();
+                    if lower.contains("already known") || lower.contains("already imported") {
+                        None
+                    } else {
+                        Some(e)
+                    }
+                }
+            };
+            match refusal {
+                None => self.watch.push((msg, s)),
+                Some(e) => {
+                    if let Some(r) = receipt(s.tx_hash)? {
+                        self.included.push(RecoveredInclusion {
+                            msg,
+                            tx: s,
+                            receipt: r,
+                            announce: true,
+                        });
+                        continue;
+                    }
+                    tracing::error!(seq = msg.seq, nonce = s.nonce, error = %e, "a recovered transaction was refused by the node");
+                    self.live.retain(|(m, _, _)| m.seq != msg.seq);
+                    self.fail.push((
+                        msg.seq,
+                        msg.origin,
+                        format!("sent again after a restart, the node refused it: {e}"),
+                    ));
+                }
+            }
+        }
+        self.included
+            .sort_by_key(|i| (i.receipt.block_number, i.msg.seq));
+        Ok(())
+    }
+}
+
 /// What the engine does with the journal at start.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -645,11 +698,14 @@ pub struct Plan {
     pub reinject: Vec<(IntentMsg, Vec<u8>)>,
     /// Signed and on chain: confirmed at depth from here.
     pub included: Vec<RecoveredInclusion>,
-    /// Signed, not on chain: sent again, same bytes (sorted by account and nonce).
+    /// Signed, not on chain: to send again, same bytes (sorted by account and nonce);
+    /// emptied by [`Plan::send_again`].
     pub resend: Vec<(IntentMsg, SignedTx)>,
     /// Signed and not settled: the signing stage keeps them (to replace or cancel), with
     /// their calldata.
     pub live: Vec<(IntentMsg, Vec<u8>, SignedTx)>,
     /// Cannot go on: failed with this message.
-    pub fail: Vec<(u64, Origin, &'static str)>,
+    pub fail: Vec<(u64, Origin, String)>,
+    /// Sent again at start and taken by the node: watched for their receipt.
+    pub watch: Vec<(IntentMsg, SignedTx)>,
 }

@@ -248,6 +248,53 @@ impl ReceiptsStage {
         });
     }
 
+    /// Takes over a transaction the node holds but has not included (sent again at a
+    /// restart): watched for its receipt like one handed over by broadcast. Before the
+    /// stage starts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recover_watch(
+        &mut self,
+        seq: u64,
+        origin: Origin,
+        account: AccountIdx,
+        nonce: u64,
+        tx_hash: B256,
+        purpose: TxPurpose,
+        generation: u16,
+        raw: Vec<u8>,
+    ) {
+        self.kept.insert(
+            seq,
+            Kept {
+                origin,
+                account,
+                nonce,
+                tx_hash,
+                asset: 0,
+                route: Route::Public,
+                public_fallback: false,
+                first_raw: 0,
+                purpose,
+                generation,
+                raw,
+            },
+        );
+        if generation > 0 {
+            self.replaced.insert(seq);
+        }
+        self.watching.insert(
+            tx_hash,
+            Watch {
+                seq,
+                origin,
+                first_raw: 0,
+                max_block: 0,
+                purpose,
+                since_head: 0,
+            },
+        );
+    }
+
     /// Where transactions are sent again (the broadcast stage's [`Resend`] handle).
     pub fn set_resend(&mut self, resend: Resend) {
         self.resend = Some(resend);
