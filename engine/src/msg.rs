@@ -568,6 +568,10 @@ pub struct StatusMsg {
     /// Journal position of this message's record (0: none): what a stage that must not
     /// act before the record is synced (group commit) waits for.
     pub jpos: u64,
+    /// On an ack: the intent's account (for the audit trail's `request` record).
+    pub account: AccountIdx,
+    /// On an ack: what the intent asks for.
+    pub intent_kind: IntentKind,
     /// Hop timestamps of the intent when the event was made.
     pub hops: Hops,
 }

@@ -448,6 +448,7 @@ fn engine_like_log(dir: &Path) -> (Address, Address) {
             origin,
             id: IntentId::new(id).unwrap(),
             at_raw: now,
+            account: engine::msg::AccountIdx(account),
             ..StatusMsg::default()
         });
         sink.record(AuditRecord {
@@ -537,6 +538,9 @@ fn the_writer_thread_records_every_step_of_an_intent_and_export_filters_by_inten
         assert_eq!(r["principal"], "alice", "{r}");
         assert_eq!(r["hash"].as_str().unwrap().len(), 64, "{r}");
     }
+    // The request names the account and what the intent asks for.
+    assert_eq!(a[0]["account"], "hot", "{}", a[0]);
+    assert_eq!(a[0]["intent_kind"], "transfer", "{}", a[0]);
     let signed = &a[2];
     assert_eq!(signed["account"], "hot");
     assert_eq!(signed["address"], json!(a0));

@@ -761,7 +761,11 @@ impl StatusAudit {
                     Known {
                         id: m.id,
                         principal: m.origin.principal,
-                        account: NO_ACCOUNT,
+                        account: if m.account == crate::msg::AccountIdx::UNKNOWN {
+                            NO_ACCOUNT
+                        } else {
+                            m.account.0
+                        },
                         tx_hash: B256::ZERO,
                     },
                 );
@@ -826,6 +830,7 @@ impl StatusAudit {
             success: m.success,
             depth: m.depth,
             venues: m.venues,
+            intent_kind: m.intent_kind,
             ..AuditRecord::default()
         });
         if m.state.is_terminal() && m.kind == StatusKind::Event {

@@ -163,6 +163,8 @@ impl Stage for IntakeStage {
             at_raw: now_raw(),
             // Under group commit the status thread holds the ack until this is synced.
             jpos,
+            account: msg.account,
+            intent_kind: msg.kind,
             hops: msg.hops,
             ..StatusMsg::default()
         });
