@@ -141,6 +141,10 @@ pub struct ReceiptsStage {
     replaced: std::collections::HashSet<u64>,
     /// Transactions a node answered "nonce too low" for, asked about by hash.
     verifying: std::collections::HashSet<B256>,
+    /// Reverted transactions whose `included` waits for the revert reason.
+    reverting: HashMap<B256, (Watch, ReceiptSummary)>,
+    /// Asks a node why a transaction reverted, off this thread.
+    reasons: Reasons,
 }
 
 impl ReceiptsStage {
@@ -164,6 +168,7 @@ impl ReceiptsStage {
         heads.register(poll.registry(), SOCKET)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
         let lookup = Lookup::spawn(urls.clone(), Arc::clone(&waker))?;
+        let reasons = Reasons::spawn(urls.clone(), Arc::clone(&waker))?;
         let (redial_tx, redial_rx) = spawn_redial(urls, Arc::clone(&waker))?;
         stats.subscribed.store(true, Ordering::Relaxed);
         Ok(Self {
@@ -191,6 +196,8 @@ impl ReceiptsStage {
             stuck_blocks: 0,
             replaced: std::collections::HashSet::with_capacity(64),
             verifying: std::collections::HashSet::with_capacity(64),
+            reverting: HashMap::with_capacity(64),
+            reasons,
         })
     }
 
@@ -326,6 +333,27 @@ impl ReceiptsStage {
             }
             TxPurpose::Intent | TxPurpose::Replacement => {}
         }
+        if !r.success
+            && let Some(k) = self.kept.get(&w.seq)
+            && k.tx_hash == r.tx_hash
+            && self
+                .reasons
+                .ask
+                .send((r.tx_hash, k.raw.clone(), r.from, r.block_number))
+                .is_ok()
+        {
+            // Reverted: `included` goes out with the node's revert reason, once the
+            // replay on the reasons thread answers.
+            self.reverting.insert(r.tx_hash, (w, *r));
+            return;
+        }
+        self.announce_included(w, r, "");
+    }
+
+    /// Sends `included` for `w` (with the revert reason, if it reverted and the node gave
+    /// one) and queues it for `confirmed`.
+    fn announce_included(&mut self, w: Watch, r: &ReceiptSummary, revert_reason: &str) {
+        let now = now_raw();
         if w.first_raw != 0 {
             self.ws_to_included.record(ticks_to_ns(w.first_raw, now));
         }
@@ -335,6 +363,7 @@ impl ReceiptsStage {
             block_hash: r.block_hash,
             success: r.success,
             gas_used: r.gas_used,
+            detail: crate::msg::Detail::new(revert_reason),
             ..StatusMsg::event(w.seq, w.origin, State::Included, now)
         });
         self.included.push_back(Included {
@@ -468,6 +497,18 @@ impl ReceiptsStage {
 
     /// Answers of the lookup thread: a receipt found is an inclusion; none, and the
     /// intent is still waiting, is a stuck transaction for the signing stage.
+    /// Revert reasons the reasons thread found: the waiting `included` goes out.
+    fn on_reasons(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok((hash, reason)) = self.reasons.answers.try_recv() {
+            n += 1;
+            if let Some((w, r)) = self.reverting.remove(&hash) {
+                self.announce_included(w, &r, reason.as_deref().unwrap_or(""));
+            }
+        }
+        n
+    }
+
     fn on_lookups(&mut self) -> usize {
         let mut n = 0;
         let mut stuck: Vec<u64> = Vec::new();
@@ -585,6 +626,92 @@ impl ReceiptsStage {
         self.stats.resubscribes.fetch_add(1, Ordering::Relaxed);
         self.heads = Some(heads);
         1
+    }
+}
+
+/// The `revert-reason` thread: replays a reverted transaction with `eth_call` at its
+/// block and reads the node's error (`execution reverted: <reason>`). `(hash, raw, from,
+/// block)` in, `(hash, reason)` out (`None`: the node gave none), then the stage is woken.
+#[derive(Debug)]
+struct Reasons {
+    ask: Sender<(B256, Vec<u8>, alloy_primitives::Address, u64)>,
+    answers: Receiver<(B256, Option<String>)>,
+}
+
+impl Reasons {
+    fn spawn(urls: Vec<String>, waker: Arc<mio::Waker>) -> std::io::Result<Self> {
+        let (ask, asked) =
+            crossbeam_channel::unbounded::<(B256, Vec<u8>, alloy_primitives::Address, u64)>();
+        let (tell, answers) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("revert-reason".into())
+            .spawn(move || {
+                let mut rpc: Option<venues::RpcClient> = None;
+                let mut next = 0usize;
+                while let Ok((hash, raw, from, block)) = asked.recv() {
+                    let mut reason = None;
+                    for _ in 0..urls.len() {
+                        if rpc.is_none() {
+                            rpc = venues::RpcClient::connect(&urls[next % urls.len()]).ok();
+                        }
+                        let Some(c) = rpc.as_mut() else {
+                            next += 1;
+                            continue;
+                        };
+                        match replay(c, &raw, from, block) {
+                            Ok(r) => {
+                                reason = r;
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "revert reason lookup failed");
+                                rpc = None;
+                                next += 1;
+                            }
+                        }
+                    }
+                    if tell.send((hash, reason)).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
+                }
+            })?;
+        Ok(Self { ask, answers })
+    }
+}
+
+/// Replays `raw` (sent by `from`, included in `block`) with `eth_call` on the state it
+/// ran on; the revert reason the node reports, if any. A connection error is `Err`.
+fn replay(
+    rpc: &mut venues::RpcClient,
+    raw: &[u8],
+    from: alloy_primitives::Address,
+    block: u64,
+) -> Result<Option<String>, venues::VenueError> {
+    use alloy_consensus::Transaction;
+    use alloy_eips::eip2718::Decodable2718;
+    let Ok(tx) = alloy_consensus::TxEnvelope::decode_2718(&mut &raw[..]) else {
+        return Ok(None);
+    };
+    let call = serde_json::json!({
+        "from": from,
+        "to": tx.to(),
+        "gas": format!("0x{:x}", tx.gas_limit()),
+        "value": tx.value(),
+        "input": tx.input(),
+    });
+    // The state before the block: the transaction ran on it (earlier transactions of the
+    // same block aside).
+    let at = format!("0x{:x}", block.saturating_sub(1));
+    match rpc.call::<serde_json::Value>("eth_call", serde_json::json!([call, at])) {
+        Ok(_) => Ok(None),
+        Err(venues::VenueError::Rpc { message, .. }) => Ok(Some(
+            message
+                .strip_prefix("execution reverted: ")
+                .unwrap_or(&message)
+                .to_owned(),
+        )),
+        Err(e) => Err(e),
     }
 }
 
@@ -745,7 +872,7 @@ impl Stage for ReceiptsStage {
     }
 
     fn poll_extra<E: Emit<NoMessage>>(&mut self, _out: &mut E) -> usize {
-        let mut n = self.on_lookups();
+        let mut n = self.on_lookups() + self.on_reasons();
         if self.heads.is_none() {
             n += self.on_redialled();
         }

@@ -343,6 +343,9 @@ impl StatusStage {
                 v["block_hash"] = json!(m.block_hash);
                 v["success"] = json!(m.success);
                 v["gas_used"] = json!(m.gas_used);
+                if !m.success && !m.detail.as_str().is_empty() {
+                    v["revert_reason"] = json!(m.detail.as_str());
+                }
             }
             State::Confirmed => {
                 v["depth"] = json!(m.depth);
