@@ -341,13 +341,27 @@ impl Engine {
                 signing.recover(m, s.nonce, s.max_fee, s.tip, s.generation);
             }
             for (msg, tx) in &plan.watch {
-                receipts.recover_watch(recovered_tx(msg, tx, tx.tx_hash));
+                receipts.recover_watch(
+                    msg.seq,
+                    msg.origin,
+                    msg.account,
+                    tx.nonce,
+                    tx.tx_hash,
+                    tx.purpose,
+                    tx.generation,
+                    tx.raw.clone(),
+                );
             }
             for inc in &plan.included {
                 receipts.recover_included(
-                    recovered_tx(&inc.msg, &inc.tx, inc.receipt.tx_hash),
+                    inc.msg.seq,
+                    inc.msg.origin,
+                    inc.msg.account,
+                    inc.tx.nonce,
+                    inc.receipt.tx_hash,
                     inc.receipt.block_number,
                     inc.receipt.block_hash,
+                    inc.tx.raw.clone(),
                 );
             }
         }
@@ -803,23 +817,4 @@ fn compact_once(
         "journal compacted"
     );
     Ok(true)
-}
-
-/// The receipt watcher's view of transaction `tx` (hash `tx_hash`) of recovered intent
-/// `msg`.
-fn recovered_tx(
-    msg: &IntentMsg,
-    tx: &crate::recovery::SignedTx,
-    tx_hash: alloy_primitives::B256,
-) -> crate::stages::receipts::RecoveredTx {
-    crate::stages::receipts::RecoveredTx {
-        seq: msg.seq,
-        origin: msg.origin,
-        account: msg.account,
-        nonce: tx.nonce,
-        tx_hash,
-        purpose: tx.purpose,
-        generation: tx.generation,
-        raw: tx.raw.clone(),
-    }
 }

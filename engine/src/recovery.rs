@@ -53,56 +53,8 @@ pub fn append_intent(
     calldata: &[u8],
 ) -> Result<Pos, JournalError> {
     let r = IntentRec {
-        at_unix_ns: unix_ns(),
-        ..intent_rec(msg, seq, msg.origin.principal, account)
-    };
-    lane.append_intent(&r, calldata)
-}
-
-/// Appends signed transaction `tx` (raw bytes `raw`) of account `from`.
-pub fn append_signed(
-    lane: &mut LaneWriter,
-    tx: &TxMsg,
-    from: Address,
-    max_fee: u128,
-    tip: u128,
-    raw: &[u8],
-) -> Result<Pos, JournalError> {
-    let signed = SignedTx {
-        from,
-        nonce: tx.nonce,
-        generation: tx.generation,
-        purpose: tx.purpose,
-        max_fee,
-        tip,
-        tx_hash: tx.tx_hash,
-        route: tx.route,
-        urgent: tx.urgent,
-        public_fallback: tx.public_fallback,
-        raw: Vec::new(),
-    };
-    let r = SignedRec {
-        max_block: tx.max_block,
-        at_unix_ns: unix_ns(),
-        ..signed_rec(tx.seq, tx.account.0, &signed)
-    };
-    lane.append_signed(&r, raw)
-}
-
-/// Appends event `m` (made at `at_unix_us`).
-pub fn append_state(
-    lane: &mut LaneWriter,
-    m: &StatusMsg,
-    at_unix_us: u64,
-) -> Result<Pos, JournalError> {
-    lane.append_state(&state_rec(m, at_unix_us))
-}
-
-/// The intent record of `msg` under `seq`, principal number `principal`.
-fn intent_rec(msg: &IntentMsg, seq: u64, principal: u32, account: Address) -> IntentRec {
-    IntentRec {
         seq,
-        principal,
+        principal: msg.origin.principal,
         id: IntentRec::id_bytes(msg.id.as_str()),
         account: account.into_array(),
         account_idx: msg.account.0,
@@ -118,32 +70,48 @@ fn intent_rec(msg: &IntentMsg, seq: u64, principal: u32, account: Address) -> In
         travel_vasp_key: msg.travel.vasp_key,
         travel_hash: msg.travel.hash.0,
         approved_by: msg.approved_by,
+        at_unix_ns: unix_ns(),
         ..IntentRec::default()
-    }
+    };
+    lane.append_intent(&r, calldata)
 }
 
-/// The record of transaction `s` of intent `seq` (account index `account_idx`).
-fn signed_rec(seq: u64, account_idx: u16, s: &SignedTx) -> SignedRec {
-    SignedRec {
-        seq,
-        account: s.from.into_array(),
-        account_idx,
-        nonce: s.nonce,
-        generation: s.generation,
-        purpose: s.purpose as u8,
-        max_fee: s.max_fee.to_le_bytes(),
-        priority_fee: s.tip.to_le_bytes(),
-        tx_hash: s.tx_hash.0,
-        route: s.route as u8,
-        urgent: s.urgent,
-        public_fallback: s.public_fallback,
+/// Appends signed transaction `tx` (raw bytes `raw`) of account `from`.
+pub fn append_signed(
+    lane: &mut LaneWriter,
+    tx: &TxMsg,
+    from: Address,
+    max_fee: u128,
+    tip: u128,
+    raw: &[u8],
+) -> Result<Pos, JournalError> {
+    let r = SignedRec {
+        seq: tx.seq,
+        account: from.into_array(),
+        account_idx: tx.account.0,
+        nonce: tx.nonce,
+        generation: tx.generation,
+        purpose: tx.purpose as u8,
+        max_fee: max_fee.to_le_bytes(),
+        priority_fee: tip.to_le_bytes(),
+        tx_hash: tx.tx_hash.0,
+        route: tx.route as u8,
+        urgent: tx.urgent,
+        public_fallback: tx.public_fallback,
+        max_block: tx.max_block,
+        at_unix_ns: unix_ns(),
         ..SignedRec::default()
-    }
+    };
+    lane.append_signed(&r, raw)
 }
 
-/// The record of event `m`, made at `at_unix_us`.
-fn state_rec(m: &StatusMsg, at_unix_us: u64) -> StateRec {
-    StateRec {
+/// Appends event `m` (made at `at_unix_us`).
+pub fn append_state(
+    lane: &mut LaneWriter,
+    m: &StatusMsg,
+    at_unix_us: u64,
+) -> Result<Pos, JournalError> {
+    let r = StateRec {
         seq: m.seq,
         state: m.state as u8,
         reason: m.reason as u8,
@@ -160,7 +128,8 @@ fn state_rec(m: &StatusMsg, at_unix_us: u64) -> StateRec {
         policy_version: m.policy_version,
         detail: StateRec::detail_bytes(m.detail.as_str()),
         at_unix_us,
-    }
+    };
+    lane.append_state(&r)
 }
 
 fn unix_ns() -> u64 {
@@ -492,14 +461,65 @@ impl Recovered {
                 continue;
             };
             let idx = number(&e.principal);
-            let r = intent_rec(msg, seq, idx, *from);
+            let mut m = *msg;
+            m.origin.principal = idx;
+            let r = IntentRec {
+                seq,
+                principal: idx,
+                id: IntentRec::id_bytes(e.id.as_str()),
+                account: from.into_array(),
+                account_idx: m.account.0,
+                kind: m.kind as u8,
+                route: m.route as u8,
+                urgent: m.urgent,
+                public_fallback: m.public_fallback,
+                to: m.to.into_array(),
+                value: m.value.to_be_bytes(),
+                gas_limit: m.gas_limit,
+                max_fee_cap: m.max_fee_cap.to_le_bytes(),
+                travel_present: m.travel.present,
+                travel_vasp_key: m.travel.vasp_key,
+                travel_hash: m.travel.hash.0,
+                ..IntentRec::default()
+            };
             out.push(OwnedRecord::Intent(r, data.clone()));
             for s in &e.signed {
-                let r = signed_rec(seq, msg.account.0, s);
+                let r = SignedRec {
+                    seq,
+                    account: s.from.into_array(),
+                    account_idx: m.account.0,
+                    nonce: s.nonce,
+                    generation: s.generation,
+                    purpose: s.purpose as u8,
+                    max_fee: s.max_fee.to_le_bytes(),
+                    priority_fee: s.tip.to_le_bytes(),
+                    tx_hash: s.tx_hash.0,
+                    route: s.route as u8,
+                    urgent: s.urgent,
+                    public_fallback: s.public_fallback,
+                    ..SignedRec::default()
+                };
                 out.push(OwnedRecord::Signed(r, s.raw.clone()));
             }
             if let Some((m, at)) = &e.last {
-                let r = state_rec(m, *at);
+                let r = StateRec {
+                    seq,
+                    state: m.state as u8,
+                    reason: m.reason as u8,
+                    tx_hash: m.tx_hash.0,
+                    from: m.from.into_array(),
+                    nonce: m.nonce,
+                    block_number: m.block_number,
+                    block_hash: m.block_hash.0,
+                    gas_used: m.gas_used,
+                    success: m.success,
+                    depth: m.depth,
+                    route: m.route as u8,
+                    venues: m.venues,
+                    policy_version: m.policy_version,
+                    detail: StateRec::detail_bytes(m.detail.as_str()),
+                    at_unix_us: *at,
+                };
                 out.push(OwnedRecord::State(r));
             }
         }

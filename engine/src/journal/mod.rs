@@ -516,11 +516,30 @@ impl Journal {
         if shared.stop.load(Ordering::Acquire) {
             return Err(JournalError::Closed);
         }
-        let old: Vec<PathBuf> = segment_files(&shared.dir)?
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect();
-        replace_with_base(shared, keep, &old)?;
+        let old = segment_files(&shared.dir)?;
+        let written = match write_base(shared, keep) {
+            Ok(w) => w,
+            Err((e, tmps)) => {
+                for t in tmps {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+        };
+        for (tmp, fin) in &written {
+            std::fs::rename(tmp, fin)
+                .map_err(|e| JournalError::io("renaming compacted segment", fin, e))?;
+        }
+        sync_dir(&shared.dir)?;
+        // Oldest first, so a crash meanwhile leaves a suffix of each lane.
+        for (_, path) in &old {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io("removing compacted segment", path, e)),
+            }
+        }
+        sync_dir(&shared.dir)?;
         lock(&shared.resume).clear();
         Ok(())
     }
@@ -599,8 +618,28 @@ impl Journal {
         if shared.stop.load(Ordering::Acquire) {
             return Err(JournalError::Closed);
         }
-        let old: Vec<PathBuf> = segments.iter().map(|c| c.path.clone()).collect();
-        replace_with_base(shared, keep, &old)?;
+        let written = match write_base(shared, keep) {
+            Ok(w) => w,
+            Err((e, tmps)) => {
+                for t in tmps {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+        };
+        for (tmp, fin) in &written {
+            std::fs::rename(tmp, fin)
+                .map_err(|e| JournalError::io("renaming compacted segment", fin, e))?;
+        }
+        sync_dir(&shared.dir)?;
+        for c in segments {
+            match std::fs::remove_file(&c.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io("removing compacted segment", &c.path, e)),
+            }
+        }
+        sync_dir(&shared.dir)?;
         shared.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -727,38 +766,6 @@ fn write_base(
         s.sync_all().map_err(|e| fail(e, &files))?;
     }
     Ok(files)
-}
-
-/// Writes `keep` as new `base` segments (temporary files, synced, renamed, directory
-/// synced), then deletes `old`, oldest first (a crash meanwhile leaves a suffix of each
-/// lane), and syncs the directory again.
-fn replace_with_base(
-    shared: &Shared,
-    keep: impl IntoIterator<Item = OwnedRecord>,
-    old: &[PathBuf],
-) -> Result<(), JournalError> {
-    let written = match write_base(shared, keep) {
-        Ok(w) => w,
-        Err((e, tmps)) => {
-            for t in tmps {
-                let _ = std::fs::remove_file(t);
-            }
-            return Err(e);
-        }
-    };
-    for (tmp, fin) in &written {
-        std::fs::rename(tmp, fin)
-            .map_err(|e| JournalError::io("renaming compacted segment", fin, e))?;
-    }
-    sync_dir(&shared.dir)?;
-    for path in old {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(JournalError::io("removing compacted segment", path, e)),
-        }
-    }
-    sync_dir(&shared.dir)
 }
 
 struct LaneRecovery {

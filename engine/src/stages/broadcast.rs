@@ -1319,7 +1319,30 @@ impl BroadcastStage {
                 ..StatusMsg::event(seq, f.origin, State::Broadcast, now)
             });
         }
-        out.emit(to_watcher(seq, f, route, false));
+        let mut hops = Hops::starting_at(f.first_raw);
+        hops.stamp(f.sent_raw);
+        out.emit(TxMsg {
+            seq,
+            origin: f.origin,
+            account: f.account,
+            nonce: f.nonce,
+            tx_hash: f.tx_hash,
+            raw: f.raw,
+            asset: f.asset,
+            urgent: f.urgent,
+            route,
+            public_fallback: f.public_fallback,
+            max_block: if route == Route::Private {
+                f.max_block
+            } else {
+                0
+            },
+            hops,
+            purpose: f.purpose,
+            generation: f.generation,
+            jpos: 0,
+            verify: false,
+        });
     }
 
     /// Where a signed transaction that no venue took is reported, so its nonce is not
@@ -1689,39 +1712,6 @@ impl BroadcastStage {
 }
 
 /// The node already has this exact transaction: the send succeeded (idempotent by hash).
-/// What the receipt watcher gets for transaction `seq`: its raw slot goes along (the
-/// watcher keeps the bytes). Hops: the intent's first stamp and when it was first
-/// written to a venue. `verify`: a node called its nonce too low; the watcher checks by
-/// hash whether it is on chain.
-fn to_watcher(seq: u64, f: &InFlight, route: Route, verify: bool) -> TxMsg {
-    let mut hops = Hops::starting_at(f.first_raw);
-    if f.sent_raw != 0 {
-        hops.stamp(f.sent_raw);
-    }
-    TxMsg {
-        seq,
-        origin: f.origin,
-        account: f.account,
-        nonce: f.nonce,
-        tx_hash: f.tx_hash,
-        raw: f.raw,
-        asset: f.asset,
-        urgent: f.urgent,
-        route,
-        public_fallback: f.public_fallback,
-        max_block: if route == Route::Private {
-            f.max_block
-        } else {
-            0
-        },
-        hops,
-        purpose: f.purpose,
-        generation: f.generation,
-        jpos: 0,
-        verify,
-    }
-}
-
 fn is_already_known(e: &RpcErrorInfo) -> bool {
     let m = e.message.to_ascii_lowercase();
     m.contains("already known") || m.contains("already imported")
@@ -1756,7 +1746,23 @@ impl Stage for BroadcastStage {
     fn poll_extra<E: Emit<TxMsg>>(&mut self, out: &mut E) -> usize {
         let verifying = self.to_verify.len();
         for (seq, f) in self.to_verify.drain(..) {
-            out.emit(to_watcher(seq, &f, Route::Public, true));
+            out.emit(TxMsg {
+                seq,
+                origin: f.origin,
+                account: f.account,
+                nonce: f.nonce,
+                tx_hash: f.tx_hash,
+                raw: f.raw,
+                asset: f.asset,
+                urgent: f.urgent,
+                route: Route::Public,
+                public_fallback: f.public_fallback,
+                hops: Hops::starting_at(f.first_raw),
+                purpose: f.purpose,
+                generation: f.generation,
+                verify: true,
+                ..TxMsg::default()
+            });
         }
         let released = if !self.held.is_empty()
             && (self.kill.epoch() != self.held_epoch || self.front_durable())

@@ -105,28 +105,6 @@ struct Kept {
     raw: Vec<u8>,
 }
 
-/// A transaction taken over from before a restart (see
-/// [`ReceiptsStage::recover_included`], [`ReceiptsStage::recover_watch`]).
-#[derive(Debug)]
-pub struct RecoveredTx {
-    /// Intent sequence.
-    pub seq: u64,
-    /// Where its events go (no connection after a restart).
-    pub origin: Origin,
-    /// Signing account.
-    pub account: AccountIdx,
-    /// Nonce.
-    pub nonce: u64,
-    /// Hash.
-    pub tx_hash: B256,
-    /// Why it was made.
-    pub purpose: TxPurpose,
-    /// Replacements before it.
-    pub generation: u16,
-    /// The signed bytes.
-    pub raw: Vec<u8>,
-}
-
 /// The receipts stage.
 #[derive(Debug)]
 pub struct ReceiptsStage {
@@ -236,37 +214,38 @@ impl ReceiptsStage {
         }
     }
 
-    /// Keeps a transaction taken over from before a restart (to send it again if its
-    /// block is reorged away).
-    fn keep_recovered(&mut self, t: RecoveredTx) {
-        if t.generation > 0 {
-            self.replaced.insert(t.seq);
-        }
-        self.kept.insert(
-            t.seq,
-            Kept {
-                origin: t.origin,
-                account: t.account,
-                nonce: t.nonce,
-                tx_hash: t.tx_hash,
-                asset: 0,
-                route: Route::Public,
-                public_fallback: false,
-                first_raw: 0,
-                purpose: t.purpose,
-                generation: t.generation,
-                raw: t.raw,
-            },
-        );
-    }
-
     /// Takes over a transaction found in block `block_number` when the engine restarted
     /// (from the journal and the chain): it is confirmed at depth like one seen in this
     /// run, and sent again if its block is reorged away. Call in block order, before the
     /// stage starts.
-    pub fn recover_included(&mut self, t: RecoveredTx, block_number: u64, block_hash: B256) {
-        let (seq, origin, tx_hash) = (t.seq, t.origin, t.tx_hash);
-        self.keep_recovered(t);
+    #[allow(clippy::too_many_arguments)]
+    pub fn recover_included(
+        &mut self,
+        seq: u64,
+        origin: Origin,
+        account: AccountIdx,
+        nonce: u64,
+        tx_hash: B256,
+        block_number: u64,
+        block_hash: B256,
+        raw: Vec<u8>,
+    ) {
+        self.kept.insert(
+            seq,
+            Kept {
+                origin,
+                account,
+                nonce,
+                tx_hash,
+                asset: 0,
+                route: Route::Public,
+                public_fallback: false,
+                first_raw: 0,
+                purpose: TxPurpose::Intent,
+                generation: 0,
+                raw,
+            },
+        );
         self.included.push_back(Included {
             seq,
             origin,
@@ -279,18 +258,48 @@ impl ReceiptsStage {
     /// Takes over a transaction the node holds but has not included (sent again at a
     /// restart): watched for its receipt like one handed over by broadcast. Before the
     /// stage starts.
-    pub fn recover_watch(&mut self, t: RecoveredTx) {
-        let w = Watch {
-            seq: t.seq,
-            origin: t.origin,
-            first_raw: 0,
-            max_block: 0,
-            purpose: t.purpose,
-            since_head: 0,
-        };
-        let tx_hash = t.tx_hash;
-        self.keep_recovered(t);
-        self.watching.insert(tx_hash, w);
+    #[allow(clippy::too_many_arguments)]
+    pub fn recover_watch(
+        &mut self,
+        seq: u64,
+        origin: Origin,
+        account: AccountIdx,
+        nonce: u64,
+        tx_hash: B256,
+        purpose: TxPurpose,
+        generation: u16,
+        raw: Vec<u8>,
+    ) {
+        self.kept.insert(
+            seq,
+            Kept {
+                origin,
+                account,
+                nonce,
+                tx_hash,
+                asset: 0,
+                route: Route::Public,
+                public_fallback: false,
+                first_raw: 0,
+                purpose,
+                generation,
+                raw,
+            },
+        );
+        if generation > 0 {
+            self.replaced.insert(seq);
+        }
+        self.watching.insert(
+            tx_hash,
+            Watch {
+                seq,
+                origin,
+                first_raw: 0,
+                max_block: 0,
+                purpose,
+                since_head: 0,
+            },
+        );
     }
 
     /// Where transactions are sent again (the broadcast stage's [`Resend`] handle).
