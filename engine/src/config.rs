@@ -728,27 +728,7 @@ impl Config {
         let bad = |why: String| EngineError::Config {
             what: format!("relay_auth_key_file: {}: {why}", path.display()),
         };
-        let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(bad(format!(
-                    "group or others may access it (mode {mode:04o}); make it 0600"
-                )));
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = meta;
-        let text =
-            std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
-        let t = text.trim();
-        let t = t.strip_prefix("0x").unwrap_or(t);
-        let mut secret = [0u8; 32];
-        if hex::decode_to_slice(t, &mut secret).is_err() {
-            return Err(bad("expected the 32-byte secret in hex".into()));
-        }
+        let mut secret = crate::audit::key::read_private_secret(path).map_err(bad)?;
         let signer = alloy_signer_local::PrivateKeySigner::from_bytes(&secret.into())
             .map_err(|_| bad("not a valid secp256k1 secret key".into()))?;
         secret.fill(0);

@@ -63,6 +63,21 @@ pub fn check_private_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a 32-byte secret in hex (`0x` optional, surrounding whitespace ignored) from a
+/// file that group and others cannot access ([`check_private_file`]). The error never
+/// carries the file's content.
+pub fn read_private_secret(path: &Path) -> Result<[u8; 32], String> {
+    check_private_file(path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let t = text.trim();
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    let mut secret = [0u8; 32];
+    if hex::decode_to_slice(t, &mut secret).is_err() {
+        return Err("expected the 32-byte secret in hex".into());
+    }
+    Ok(secret)
+}
+
 impl AuditKey {
     /// Reads the key from `path`: the 32-byte secret in hex (`0x` optional, surrounding
     /// whitespace ignored). A file that group or others may access is refused.
@@ -71,15 +86,7 @@ impl AuditKey {
             path: path.to_path_buf(),
             why,
         };
-        check_private_file(path).map_err(bad)?;
-        let text =
-            std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
-        let t = text.trim();
-        let t = t.strip_prefix("0x").unwrap_or(t);
-        let mut secret = [0u8; 32];
-        if hex::decode_to_slice(t, &mut secret).is_err() {
-            return Err(bad("expected the 32-byte secret in hex".into()));
-        }
+        let mut secret = read_private_secret(path).map_err(bad)?;
         let key = Self::from_secret(&B256::from(secret))
             .map_err(|_| bad("not a valid secp256k1 secret key".into()));
         secret.fill(0);

@@ -14,7 +14,7 @@ use pipeline::{Emit, Stage, now_raw};
 
 use crate::auth::Principals;
 use crate::blob::BlobPool;
-use crate::journal::LaneWriter;
+use crate::journal::{JournalError, LaneWriter};
 use crate::msg::{IntentId, IntentMsg, StatusKind, StatusMsg};
 use crate::recovery;
 use crate::stages::StatusSink;
@@ -73,7 +73,7 @@ impl IntakeStage {
 
     /// Appends `msg` (numbered `seq`) to the journal; the position of its record (0
     /// without a journal), or why it could not be written.
-    fn journal(&mut self, msg: &IntentMsg, seq: u64) -> Result<u64, String> {
+    fn journal(&mut self, msg: &IntentMsg, seq: u64) -> Result<u64, JournalError> {
         let Some(j) = &mut self.journal else {
             return Ok(0);
         };
@@ -81,7 +81,7 @@ impl IntakeStage {
         if !j.named.contains(&principal) {
             // First intent of this principal in this run: its name goes first (cold).
             let name = j.principals.name(principal).unwrap_or_default();
-            recovery::append_principal(&mut j.lane, principal, &name).map_err(|e| e.to_string())?;
+            recovery::append_principal(&mut j.lane, principal, &name)?;
             j.named.insert(principal);
         }
         let data = if msg.data.is_some() {
@@ -95,9 +95,7 @@ impl IntakeStage {
             .get(msg.account.0 as usize)
             .copied()
             .unwrap_or_default();
-        recovery::append_intent(&mut j.lane, msg, seq, from, data)
-            .map(|p| p.0)
-            .map_err(|e| e.to_string())
+        recovery::append_intent(&mut j.lane, msg, seq, from, data).map(|p| p.0)
     }
 }
 
