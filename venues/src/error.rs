@@ -61,6 +61,15 @@ pub enum VenueError {
     /// A bounded wait ran out; the payload names what was awaited.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// A contract deployment or installation failed (`name`: which contract; `what`: the
+    /// node's receipt status or the check that failed).
+    #[error("contract {name}: {what}")]
+    Contract {
+        /// The contract.
+        name: &'static str,
+        /// What went wrong.
+        what: String,
+    },
     /// The connection is closed (by the node, or after an earlier fatal error).
     #[error("connection closed")]
     Closed,
@@ -80,6 +89,31 @@ pub enum VenueError {
         /// The address the signature recovers to.
         recovered: alloy_primitives::Address,
     },
+    /// A Beacon API URL this crate cannot use (not `http://host:port[/path]`,
+    /// or one with a query).
+    #[error(
+        "invalid Beacon API URL {0:?} (expected http://host:port[/path]; TLS is not supported)"
+    )]
+    InvalidBeaconUrl(String),
+    /// The Beacon API answered with an HTTP status outside 2xx.
+    #[error("beacon API {endpoint}: HTTP {status}{}", display_message(.message))]
+    BeaconHttp {
+        /// The route, e.g. `/eth/v1/beacon/headers/head`.
+        endpoint: &'static str,
+        /// The HTTP status code.
+        status: u16,
+        /// The `message` field of the node's error body, verbatim, when the
+        /// body has one.
+        message: Option<String>,
+    },
+    /// A Beacon API reply that is not the JSON its route defines.
+    #[error("beacon API {endpoint}: malformed reply: {detail}")]
+    BeaconDecode {
+        /// The route, e.g. `/eth/v1/beacon/states/{state_id}/validators`.
+        endpoint: &'static str,
+        /// What is wrong, with the position in the body.
+        detail: String,
+    },
 }
 
 impl From<tungstenite::Error> for VenueError {
@@ -93,6 +127,13 @@ impl From<tungstenite::Error> for VenueError {
             tungstenite::Error::Io(io) => VenueError::Io(io),
             other => VenueError::WebSocket(Box::new(other)),
         }
+    }
+}
+
+fn display_message(message: &Option<String>) -> String {
+    match message {
+        Some(m) => format!(": {m}"),
+        None => String::new(),
     }
 }
 

@@ -6,6 +6,10 @@
 //! subscription ([`heads`]) and the fee view it keeps warm ([`fees`]).
 //! Private order flow goes to a builder's relay instead ([`relay`]): signed
 //! `eth_sendPrivateTransaction` over one persistent HTTP/1.1 connection.
+//! The consensus side is read through the Beacon API ([`beacon`]): a blocking
+//! client for the head and validator routes, and [`ValidatorWatch`], which
+//! turns its reads into status events, epoch balances and alerts; tests run
+//! it against a loopback node (`beacon_sim`, feature `testkit`).
 //!
 //! ## Design
 //!
@@ -70,11 +74,17 @@
 //! | [`RelayConnection::connect`] | yes, dial only (≤ 5 s per address) |
 //! | [`RelayConnection::send_private_transaction`], [`RelayConnection::cancel_private_transaction`], [`RelayConnection::poll_responses`] | no |
 //! | [`FeeView::load`], [`FeeView::store`] | no |
+//! | [`BeaconClient::connect`] | yes, dial only (≤ 5 s per address) |
+//! | [`BeaconClient`] methods, [`ValidatorWatch::poll`] | yes, one round trip per request (≤ its timeout, 10 s default) |
 
 #![deny(missing_docs)]
 
 pub mod anvil;
+pub mod beacon;
+#[cfg(feature = "testkit")]
+pub mod beacon_sim;
 pub mod broadcast;
+pub mod contracts;
 pub mod error;
 #[cfg(feature = "testkit")]
 pub mod fault;
@@ -90,9 +100,14 @@ mod ws;
 pub use anvil::{
     ANVIL_VERSION, Anvil, AnvilConfig, DEV_ADDRESSES, DEV_PRIVATE_KEYS, dev_address, locate_anvil,
 };
+pub use beacon::{
+    AlertKind, BeaconClient, BeaconHead, BlsPubkey, StateId, ValidatorId, ValidatorInfo,
+    ValidatorStatus, ValidatorWatch, WatchConfig, WatchEvent,
+};
 pub use broadcast::{BroadcastConnection, RpcErrorInfo};
 pub use error::VenueError;
 pub use fees::{FeeSnapshot, FeeView};
 pub use heads::{HeadEvent, HeadFollower};
 pub use relay::{RelayAuth, RelayConnection, RelayReply, verify_flashbots_signature};
 pub use rpc::{FeeEstimate, ReceiptSummary, RpcClient, TxView};
+pub use types::DepositLogs;

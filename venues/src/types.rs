@@ -71,6 +71,19 @@ pub struct ReceiptSummary {
     pub from: Address,
     /// Recipient; `None` for contract creation.
     pub to: Option<Address>,
+    /// The `DepositEvent` logs the transaction emitted (a validator deposit).
+    pub deposits: DepositLogs,
+}
+
+/// What a receipt says of validator deposits: the `DepositEvent` logs of one emitter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DepositLogs {
+    /// The contract that emitted them (the first `DepositEvent`'s address).
+    pub emitter: Address,
+    /// Deposit index of the first.
+    pub first_index: u64,
+    /// How many (0: none).
+    pub count: u16,
 }
 
 /// A `newHeads` notification / block header, as far as we need it.
@@ -85,7 +98,7 @@ pub(crate) struct HeaderJson {
     pub timestamp: U64,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ReceiptJson {
     pub transaction_hash: B256,
@@ -97,10 +110,40 @@ pub(crate) struct ReceiptJson {
     pub from: Address,
     #[serde(default)]
     pub to: Option<Address>,
+    #[serde(default)]
+    pub logs: Vec<LogJson>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct LogJson {
+    pub address: Address,
+    #[serde(default)]
+    pub topics: Vec<B256>,
+    #[serde(default)]
+    pub data: Bytes,
 }
 
 impl From<ReceiptJson> for ReceiptSummary {
     fn from(r: ReceiptJson) -> Self {
+        let mut deposits = DepositLogs::default();
+        for l in &r.logs {
+            if l.topics.first() != Some(&crate::contracts::DEPOSIT_EVENT_TOPIC)
+                || (deposits.count > 0 && l.address != deposits.emitter)
+            {
+                continue;
+            }
+            let Some(index) = crate::contracts::deposit_event_index(&l.data) else {
+                continue;
+            };
+            if deposits.count == 0 {
+                deposits = DepositLogs {
+                    emitter: l.address,
+                    first_index: index,
+                    count: 0,
+                };
+            }
+            deposits.count = deposits.count.saturating_add(1);
+        }
         ReceiptSummary {
             tx_hash: r.transaction_hash,
             block_number: r.block_number.to(),
@@ -109,6 +152,7 @@ impl From<ReceiptJson> for ReceiptSummary {
             gas_used: r.gas_used.to(),
             from: r.from,
             to: r.to,
+            deposits,
         }
     }
 }
