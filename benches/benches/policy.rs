@@ -38,7 +38,8 @@ fn timed_runs() {
             outcomes[match v.outcome {
                 engine::risk::rules::Outcome::Allow => 0,
                 engine::risk::rules::Outcome::Deny(..) => 1,
-                engine::risk::rules::Outcome::Approval(_) => 2,
+                engine::risk::rules::Outcome::Approval(_)
+                | engine::risk::rules::Outcome::Verify => 2,
             }] += 1;
             let ns = clock.delta_as_nanos(t0, t1).max(1);
             let _ = h.record(ns);

@@ -259,6 +259,93 @@ pub struct AccountConfig {
     pub allowlist: Vec<Address>,
     /// Largest `value_wei` of one intent.
     pub max_value_wei: U256,
+    /// Withdrawal addresses this account's validator deposits may point to (0x01 or 0x02
+    /// credentials); empty: the account may not deposit. Used when no policy file is set.
+    #[serde(default)]
+    pub staking_withdrawal: Vec<Address>,
+    /// A deposit for a pubkey that already has one (a top-up) is allowed.
+    #[serde(default)]
+    pub staking_top_up: bool,
+}
+
+/// `[staking]`: the network's deposit domain and contracts. Without it, staking intents
+/// are refused (`unsupported_kind`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StakingConfig {
+    /// The network's genesis fork version (4 bytes hex), part of the deposit signature's
+    /// domain: mainnet `0x00000000`, hoodi `0x10000910`, …
+    pub genesis_fork_version: String,
+    /// The deposit contract.
+    pub deposit_contract: Address,
+    /// A batch contract (`batchDeposit(bytes,bytes,bytes,bytes32[],uint64[])`) that takes
+    /// several entries in one transaction; without it an intent carries one entry.
+    #[serde(default)]
+    pub batch_contract: Option<Address>,
+    /// EIP-7002 withdrawal request contract.
+    #[serde(default = "default_withdrawal_contract")]
+    pub withdrawal_request_contract: Address,
+    /// EIP-7251 consolidation request contract.
+    #[serde(default = "default_consolidation_contract")]
+    pub consolidation_request_contract: Address,
+    /// Gas limit of a deposit transaction (per entry for a batch) when the desk gives none.
+    #[serde(default = "default_deposit_gas")]
+    pub deposit_gas: u64,
+    /// Gas limit of an exit or consolidation request when the desk gives none.
+    #[serde(default = "default_request_gas")]
+    pub request_gas: u64,
+    /// How often the request fees and the deposit contract's logs are read (ms).
+    #[serde(default = "default_staking_refresh_ms")]
+    pub refresh_ms: u64,
+    /// First block to read `DepositEvent` logs from (the contract's deployment block).
+    #[serde(default)]
+    pub deposit_contract_block: u64,
+    /// Beacon API base URL (`http://host:port`) for the validator watch; none: no watch.
+    #[serde(default)]
+    pub beacon_url: Option<String>,
+    /// How often the validator watch polls the beacon node (ms).
+    #[serde(default = "default_beacon_poll_ms")]
+    pub beacon_poll_ms: u64,
+    /// Alert when a validator's balance fell in this many consecutive epochs.
+    #[serde(default = "default_balance_falling_epochs")]
+    pub balance_falling_epochs: u32,
+}
+
+impl StakingConfig {
+    /// The genesis fork version as bytes.
+    pub fn fork_version(&self) -> Result<[u8; 4], EngineError> {
+        let s = self.genesis_fork_version.trim();
+        let digits = s.strip_prefix("0x").unwrap_or(s);
+        let mut out = [0u8; 4];
+        hex::decode_to_slice(digits, &mut out).map_err(|_| EngineError::Config {
+            what: format!(
+                "staking.genesis_fork_version: expected 4 bytes of hex (e.g. 0x00000000), got `{s}`"
+            ),
+        })?;
+        Ok(out)
+    }
+}
+
+fn default_withdrawal_contract() -> Address {
+    venues::contracts::WITHDRAWAL_REQUEST_CONTRACT
+}
+fn default_consolidation_contract() -> Address {
+    venues::contracts::CONSOLIDATION_REQUEST_CONTRACT
+}
+fn default_deposit_gas() -> u64 {
+    150_000
+}
+fn default_request_gas() -> u64 {
+    250_000
+}
+fn default_staking_refresh_ms() -> u64 {
+    1_000
+}
+fn default_beacon_poll_ms() -> u64 {
+    6_000
+}
+fn default_balance_falling_epochs() -> u32 {
+    3
 }
 
 /// The whole configuration.
@@ -303,6 +390,9 @@ pub struct Config {
     pub journal: Option<JournalSettings>,
     /// Signing accounts.
     pub accounts: Vec<AccountConfig>,
+    /// `[staking]`: validator deposits, exits and consolidations.
+    #[serde(default)]
+    pub staking: Option<StakingConfig>,
     /// Thread layout.
     #[serde(default)]
     pub layout: Layout,
@@ -708,6 +798,29 @@ impl Config {
         }
         if self.io_threads == 0 {
             return bad("io_threads: must be at least 1".into());
+        }
+        if let Some(st) = &self.staking {
+            st.fork_version()?;
+            if st.refresh_ms == 0 || st.beacon_poll_ms == 0 {
+                return bad("staking.refresh_ms and beacon_poll_ms: must be above 0".into());
+            }
+            for (field, g) in [
+                ("deposit_gas", st.deposit_gas),
+                ("request_gas", st.request_gas),
+            ] {
+                if !(21_000..=30_000_000).contains(&g) {
+                    return bad(format!(
+                        "staking.{field}: must be between 21000 and 30000000"
+                    ));
+                }
+            }
+            if let Some(u) = &st.beacon_url
+                && !u.starts_with("http://")
+            {
+                return bad(format!(
+                    "staking.beacon_url: expected an http:// URL, got `{u}`"
+                ));
+            }
         }
         Ok(())
     }

@@ -31,6 +31,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
             approvals: 0,
             allowlist: DEV_ADDRESSES[5..10].to_vec(),
             max_value_wei: dev_cap(),
+            staking_withdrawal: vec![DEV_ADDRESSES[i]],
+            staking_top_up: false,
         })
         .collect();
     Config {
@@ -59,7 +61,35 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         audit_key_file: None,
         async_sign_capacity: 1024,
         failover_retry_ms: 5_000,
+        staking: None,
     }
+}
+
+/// Genesis fork version of the dev chain's deposit domain (hoodi's, so deposit data made
+/// by the staking deposit CLI with `--chain hoodi` is valid on it).
+pub const DEV_FORK_VERSION: &str = "0x10000910";
+
+/// Staking on the dev chain: deploys the deposit and batch contracts (from anvil account 9,
+/// which no dev account signs with) and installs the EIP-7002/7251 system contracts, which
+/// anvil lacks; returns the `[staking]` section for them.
+pub fn dev_staking(chain: &Anvil) -> Result<crate::config::StakingConfig, EngineError> {
+    let mut rpc = chain.rpc()?;
+    let c = venues::contracts::deploy_staking(&mut rpc, DEV_ADDRESSES[9])?;
+    venues::contracts::install_system_contracts(&mut rpc)?;
+    Ok(crate::config::StakingConfig {
+        genesis_fork_version: DEV_FORK_VERSION.into(),
+        deposit_contract: c.deposit,
+        batch_contract: Some(c.batch),
+        withdrawal_request_contract: venues::contracts::WITHDRAWAL_REQUEST_CONTRACT,
+        consolidation_request_contract: venues::contracts::CONSOLIDATION_REQUEST_CONTRACT,
+        deposit_gas: 150_000,
+        request_gas: 250_000,
+        refresh_ms: 1_000,
+        deposit_contract_block: 0,
+        beacon_url: None,
+        beacon_poll_ms: 6_000,
+        balance_falling_epochs: 3,
+    })
 }
 
 /// Folder for dev-mode state (the JWT secret): `$ENGINE_DEV_DIR`, else `.engine-dev` in

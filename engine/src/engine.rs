@@ -23,6 +23,7 @@ use crate::journal::{Journal, JournalConfig, SyncPolicy};
 use crate::msg::{IntentMsg, StatusMsg, TxMsg};
 use crate::recovery::{Plan, Recovered};
 use crate::risk::audit::{AuditStats, StatusAudit};
+use crate::risk::staking::{RequestFees, StakingNet};
 use crate::risk::{self, RiskAdmin};
 use crate::server::{self, Health, ServerCtx};
 use crate::stages::StatusSink;
@@ -36,6 +37,8 @@ use crate::stages::receipts::{ReceiptsStage, ReceiptsStats};
 use crate::stages::signing::{SigningAccount, SigningStage};
 use crate::stages::status::StatusJournal;
 use crate::stages::status::{Counters, StatusStage};
+use crate::staking::chain::{RefreshStats, Refresher};
+use crate::staking::verifier::DepositVerifier;
 
 /// How the engine laid its stages out on threads, for reports.
 #[derive(Clone, Debug)]
@@ -208,7 +211,33 @@ impl Engine {
         let audit_stats = Arc::clone(&parts.audit_stats);
         // `private` (and `auto` resolved to it) needs a relay.
         parts.risk.set_private_relay(relay_auth.is_some());
-        let policy = PolicyStage::new(
+        // Staking: the network's contracts and fork, and the chain's validators and request
+        // fees as they are now (read before the first intent is decided).
+        let staking = match &cfg.staking {
+            None => None,
+            Some(st) => {
+                let net = StakingNet::from_config(st, Arc::new(RequestFees::unknown()))?;
+                let ours: std::collections::HashSet<alloy_primitives::Address> = cfg
+                    .accounts
+                    .iter()
+                    .flat_map(|a| a.staking_withdrawal.iter().copied())
+                    .chain(addresses.iter().copied())
+                    .collect();
+                let stats = Arc::new(RefreshStats::default());
+                let mut refresher = Refresher::new(
+                    cfg.node_ws_url.clone(),
+                    &net,
+                    st.deposit_contract_block,
+                    ours,
+                    Arc::clone(&stats),
+                );
+                let set = refresher.prime()?;
+                parts.risk.set_staking(net.clone(), addresses.clone());
+                drop(parts.risk.swap_validators(set));
+                Some((st.clone(), net, refresher, stats))
+            }
+        };
+        let mut policy = PolicyStage::new(
             parts.risk,
             parts.link,
             parts.pending,
@@ -217,6 +246,25 @@ impl Engine {
             Arc::clone(&blobs),
             quorum,
         );
+        // Deposits' signatures and roots are checked on their own thread.
+        let mut exit_notices = None;
+        if let Some((_, net, _, _)) = &staking {
+            let (vtx, vrx) = crossbeam_channel::bounded(1024);
+            policy.set_verifier(vtx);
+            let (etx, erx) = crossbeam_channel::bounded(1024);
+            policy.set_exit_notices(etx);
+            exit_notices = Some(erx);
+            DepositVerifier {
+                inbox: vrx,
+                intake: intake_tx.clone(),
+                status: status.clone(),
+                blobs: Arc::clone(&blobs),
+                audit: risk_admin.audit.clone(),
+                fork_version: net.fork_version,
+                stats: Arc::default(),
+            }
+            .spawn(Arc::clone(&risk_stop))?;
+        }
         let mut signing = SigningStage::new(
             accounts,
             custody.asynced,
@@ -284,6 +332,9 @@ impl Engine {
             Arc::clone(&blobs),
             Arc::clone(&receipts_stats),
         )?;
+        if let Some((st, _, _, _)) = &staking {
+            receipts.set_deposit_contract(st.deposit_contract);
+        }
         // Reorged transactions go back through broadcast, byte for byte.
         receipts.set_resend(broadcast.resend_handle());
         // Venue bits: the providers, then the relays.
@@ -483,6 +534,25 @@ impl Engine {
             .enumerate()
             .map(|(i, a)| (a.name.clone(), i as u16))
             .collect();
+        // The staking refresher (request fees, deposit logs) and validator watch.
+        if let Some((st, _, refresher, stats)) = staking {
+            let (updates, retired) = risk_admin.control.update_handles();
+            let on_tick = crate::staking::watch::on_tick(
+                &st,
+                control_tx.clone(),
+                exit_notices
+                    .take()
+                    .unwrap_or_else(|| crossbeam_channel::bounded(1).1),
+                stats,
+            )?;
+            refresher.spawn(
+                Duration::from_millis(st.refresh_ms),
+                updates,
+                retired,
+                Arc::clone(&risk_stop),
+                on_tick,
+            )?;
+        }
         let ctx = Arc::new(ServerCtx::new(
             JwtAuth::new(cfg.jwt_secret.as_bytes()),
             intake_tx,

@@ -64,6 +64,7 @@ pub mod recovery;
 pub mod risk;
 pub mod server;
 pub mod stages;
+pub mod staking;
 pub mod txbuild;
 
 pub use config::Config;

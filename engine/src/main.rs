@@ -344,8 +344,10 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
     if journal_dir.exists() {
         std::fs::remove_dir_all(&journal_dir)?;
     }
+    let staking = dev::dev_staking(&chain)?;
     let config = |listen| {
         let mut c = dev::dev_config(&chain.ws_url(), listen, secret.clone());
+        c.staking = Some(staking.clone());
         c.layout = args.layout;
         c.wait = args.wait;
         c.audit_dir = Some(dir.join("audit"));
@@ -391,6 +393,12 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
     );
     println!(
         "  accounts:   dev0..dev4 (anvil keys 0-4) -> anvil accounts 5-9, up to 100 ETH per intent"
+    );
+    println!(
+        "  staking:    deposit contract {}, batch {}, fork {} (dev accounts withdraw to themselves)",
+        staking.deposit_contract,
+        staking.batch_contract.unwrap_or_default(),
+        staking.genesis_fork_version
     );
     let p = engine.risk().control.policy_origin();
     println!(

@@ -65,10 +65,16 @@ pub enum IntentKind {
     Transfer,
     /// Contract call with calldata.
     Call,
-    /// Validator deposit (decoded, not yet executable by this engine).
+    /// Validator deposits: entries in the deposit CLI's format, validated by policy
+    /// (BLS signature, SSZ roots, withdrawal credentials, amounts) before signing; the
+    /// calldata blob holds them packed ([`crate::staking::DEPOSIT_ENTRY_BYTES`] each).
     StakeDeposit,
-    /// Validator exit request (decoded, not yet executable by this engine).
+    /// EIP-7002 withdrawal request (full exit when the amount is 0); the calldata blob
+    /// holds the system contract's 56-byte input.
     StakeExit,
+    /// EIP-7251 consolidation request; the calldata blob holds the system contract's
+    /// 96-byte input (source ++ target pubkey).
+    StakeConsolidate,
 }
 
 impl IntentKind {
@@ -79,7 +85,16 @@ impl IntentKind {
             IntentKind::Call => "call",
             IntentKind::StakeDeposit => "stake_deposit",
             IntentKind::StakeExit => "stake_exit",
+            IntentKind::StakeConsolidate => "stake_consolidate",
         }
+    }
+
+    /// A staking kind (deposit, exit, consolidation).
+    pub const fn is_staking(self) -> bool {
+        matches!(
+            self,
+            IntentKind::StakeDeposit | IntentKind::StakeExit | IntentKind::StakeConsolidate
+        )
     }
 }
 
@@ -163,6 +178,9 @@ pub struct IntentMsg {
     pub asset: u8,
     /// Version of the policy that decided this intent (set by policy).
     pub policy_version: u32,
+    /// The deposit entries' signatures and roots were verified (set only by the
+    /// deposit verifier when it puts the intent back into intake; never by a desk).
+    pub deposit_verified: bool,
     /// Hop timestamps; the first is when the desk frame was read.
     pub hops: Hops,
 }
@@ -397,11 +415,18 @@ pub enum Reason {
     ApprovalExpired,
     /// The journal could not record the signed transaction, so it was not sent.
     JournalUnavailable,
+    /// A deposit entry failed a check (signature, roots, credentials, amount, top-up).
+    InvalidDeposit,
+    /// An exit or consolidation names a validator the engine knows no deposit for.
+    UnknownValidator,
+    /// An exit or consolidation sent by an account that is not the validator's
+    /// withdrawal address (or credentials that allow no such request).
+    NotWithdrawalAddress,
 }
 
 impl Reason {
     /// Number of reasons (for per-reason counters).
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 25;
     /// Every reason, in declaration order (`ALL[r as usize] == r`).
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::None,
@@ -426,6 +451,9 @@ impl Reason {
         Reason::ApprovalRejected,
         Reason::ApprovalExpired,
         Reason::JournalUnavailable,
+        Reason::InvalidDeposit,
+        Reason::UnknownValidator,
+        Reason::NotWithdrawalAddress,
     ];
 
     /// Protocol name.
@@ -453,6 +481,9 @@ impl Reason {
             Reason::ApprovalRejected => "approval_rejected",
             Reason::ApprovalExpired => "approval_expired",
             Reason::JournalUnavailable => "journal_unavailable",
+            Reason::InvalidDeposit => "invalid_deposit",
+            Reason::UnknownValidator => "unknown_validator",
+            Reason::NotWithdrawalAddress => "not_withdrawal_address",
         }
     }
 }
@@ -572,6 +603,12 @@ pub struct StatusMsg {
     pub account: AccountIdx,
     /// On an ack: what the intent asks for.
     pub intent_kind: IntentKind,
+    /// Included: the deposit contract's index of the transaction's first deposit
+    /// (its `DepositEvent` log); meaningful when `deposit_count > 0`.
+    pub deposit_index: u64,
+    /// Included: how many `DepositEvent` logs of the deposit contract the transaction
+    /// emitted (consecutive indices from `deposit_index`).
+    pub deposit_count: u16,
     /// Hop timestamps of the intent when the event was made.
     pub hops: Hops,
 }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::blob::MAX_CALLDATA;
 use crate::msg::{IntentId, IntentKind, MAX_INTENT_ID, Route, TravelInfo};
 use crate::risk::travel::TravelRuleData;
+use crate::staking;
 
 /// Error codes of the protocol's `error` reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -397,11 +398,12 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
         "call" => IntentKind::Call,
         "stake_deposit" => IntentKind::StakeDeposit,
         "stake_exit" => IntentKind::StakeExit,
+        "stake_consolidate" => IntentKind::StakeConsolidate,
         other => {
             return Err(RequestError::bad(
                 "intent.kind",
                 format!(
-                    "unknown kind `{}`; expected transfer, call, stake_deposit or stake_exit",
+                    "unknown kind `{}`; expected transfer, call, stake_deposit, stake_exit or stake_consolidate",
                     truncate(other, 32)
                 ),
             ));
@@ -428,6 +430,9 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
         Some(raw) => decode_travel(raw)?,
         None => TravelInfo::default(),
     };
+    if kind.is_staking() {
+        return decode_staking(f, id, account, kind, route, travel);
+    }
     let needs_to = matches!(kind, IntentKind::Transfer | IntentKind::Call);
     let to = match optional::<String>(f, "to", "intent.to")? {
         Some(s) => parse_address(&s, "intent.to")?,
@@ -492,13 +497,7 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
             format!("must be between {TRANSFER_GAS} and {MAX_GAS_LIMIT}"),
         ));
     }
-    let max_fee_cap =
-        match optional_decimal(f, "max_fee_per_gas_wei", "intent.max_fee_per_gas_wei")? {
-            None => 0,
-            Some(v) => u128::try_from(v).map_err(|_| {
-                RequestError::bad("intent.max_fee_per_gas_wei", "out of range (above 2^128-1)")
-            })?,
-        };
+    let max_fee_cap = fee_cap(f)?;
     Ok(DecodedIntent {
         id,
         account,
@@ -514,6 +513,138 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
             .unwrap_or(false),
         travel,
     })
+}
+
+/// The staking kinds: the engine chooses the contract, the value and the calldata, so the
+/// desk sends the validator data instead of `to`, `value_wei` and `data`. The calldata
+/// blob carries that data for the policy stage: deposit entries packed
+/// ([`staking::DEPOSIT_ENTRY_BYTES`] each), or the system contract's exact input for an
+/// exit (pubkey ++ amount in gwei, big-endian) or a consolidation (source ++ target).
+fn decode_staking(
+    f: &Fields<'_>,
+    id: IntentId,
+    account: String,
+    kind: IntentKind,
+    route: Route,
+    travel: TravelInfo,
+) -> Result<DecodedIntent, RequestError> {
+    for (key, field) in [
+        ("to", "intent.to"),
+        ("value_wei", "intent.value_wei"),
+        ("data", "intent.data"),
+    ] {
+        if f.get(key).is_some() {
+            return Err(RequestError::bad(
+                field,
+                format!(
+                    "not allowed for kind {}; the engine sets the contract, value and calldata",
+                    kind.as_str()
+                ),
+            ));
+        }
+    }
+    let data = match kind {
+        IntentKind::StakeDeposit => {
+            let raw = f.get("deposits").ok_or_else(|| {
+                RequestError::bad("intent.deposits", "required for kind stake_deposit")
+            })?;
+            let entries = staking::parse_entries(raw.get()).map_err(|e| {
+                RequestError::bad("intent.deposits", format!("{}: {}", e.field, e.message))
+            })?;
+            let mut data = vec![0u8; entries.len() * staking::DEPOSIT_ENTRY_BYTES];
+            for (e, chunk) in entries
+                .iter()
+                .zip(data.chunks_exact_mut(staking::DEPOSIT_ENTRY_BYTES))
+            {
+                let mut buf = [0u8; staking::DEPOSIT_ENTRY_BYTES];
+                e.encode(&mut buf);
+                chunk.copy_from_slice(&buf);
+            }
+            data
+        }
+        IntentKind::StakeExit => {
+            let pubkey: String = required(f, "validator_pubkey", "intent.validator_pubkey")?;
+            let pubkey = parse_fixed_hex::<48>(&pubkey, "intent.validator_pubkey")?;
+            let amount = match optional_decimal(f, "amount_gwei", "intent.amount_gwei")? {
+                Some(a) => u64::try_from(a).map_err(|_| {
+                    RequestError::bad("intent.amount_gwei", "out of range (above 2^64-1 gwei)")
+                })?,
+                None => {
+                    return Err(RequestError::bad(
+                        "intent.amount_gwei",
+                        "required for kind stake_exit (\"0\" is a full exit)",
+                    ));
+                }
+            };
+            let mut data = pubkey.to_vec();
+            data.extend_from_slice(&amount.to_be_bytes());
+            data
+        }
+        _ => {
+            let source: String = required(f, "source_pubkey", "intent.source_pubkey")?;
+            let target: String = required(f, "target_pubkey", "intent.target_pubkey")?;
+            let mut data = parse_fixed_hex::<48>(&source, "intent.source_pubkey")?.to_vec();
+            data.extend_from_slice(&parse_fixed_hex::<48>(&target, "intent.target_pubkey")?);
+            data
+        }
+    };
+    let gas_limit = match f.get("gas_limit") {
+        Some(raw) => {
+            let g = serde_json::from_str::<u64>(raw.get()).map_err(|_| {
+                RequestError::bad("intent.gas_limit", "must be a non-negative integer")
+            })?;
+            if !(TRANSFER_GAS..=MAX_GAS_LIMIT).contains(&g) {
+                return Err(RequestError::bad(
+                    "intent.gas_limit",
+                    format!("must be between {TRANSFER_GAS} and {MAX_GAS_LIMIT}"),
+                ));
+            }
+            g
+        }
+        // The engine's default for the kind (`[staking]`).
+        None => 0,
+    };
+    let max_fee_cap = fee_cap(f)?;
+    Ok(DecodedIntent {
+        id,
+        account,
+        kind,
+        to: Address::ZERO,
+        value: U256::ZERO,
+        data,
+        gas_limit,
+        max_fee_cap,
+        route,
+        urgent: optional::<bool>(f, "urgent", "intent.urgent")?.unwrap_or(false),
+        public_fallback: optional::<bool>(f, "public_fallback", "intent.public_fallback")?
+            .unwrap_or(false),
+        travel,
+    })
+}
+
+/// The desk's `max_fee_per_gas_wei` (0: none).
+fn fee_cap(f: &Fields<'_>) -> Result<u128, RequestError> {
+    match optional_decimal(f, "max_fee_per_gas_wei", "intent.max_fee_per_gas_wei")? {
+        None => Ok(0),
+        Some(v) => u128::try_from(v).map_err(|_| {
+            RequestError::bad("intent.max_fee_per_gas_wei", "out of range (above 2^128-1)")
+        }),
+    }
+}
+
+/// Exactly `N` bytes of hex, `0x` optional (the deposit CLI writes none).
+fn parse_fixed_hex<const N: usize>(s: &str, field: &'static str) -> Result<[u8; N], RequestError> {
+    let digits = s.strip_prefix("0x").unwrap_or(s);
+    let mut out = [0u8; N];
+    if digits.len() != 2 * N {
+        return Err(RequestError::bad(
+            field,
+            format!("must be {N} bytes of hex ({} digits)", 2 * N),
+        ));
+    }
+    hex::decode_to_slice(digits, &mut out)
+        .map_err(|_| RequestError::bad(field, "must be hex digits"))?;
+    Ok(out)
 }
 
 fn required<T: serde::de::DeserializeOwned>(
@@ -645,6 +776,58 @@ mod tests {
     }
 
     const TO: &str = "0x9965507d1a55bcc2695c58ba16fb37d819b0a4dc";
+
+    #[test]
+    fn staking_kinds_carry_the_system_contract_input() {
+        let pk = "ab".repeat(48);
+        let f = format!(
+            r#"{{"op":"submit","intent":{{"id":"x","account":"a","kind":"stake_exit","validator_pubkey":"0x{pk}","amount_gwei":"5"}}}}"#
+        );
+        let Request::Submit { intent, .. } = decode(&f).unwrap() else {
+            panic!()
+        };
+        assert_eq!(intent.kind, IntentKind::StakeExit);
+        assert_eq!(intent.data.len(), 56);
+        assert_eq!(intent.data[48..], 5u64.to_be_bytes());
+        assert_eq!(intent.gas_limit, 0, "the engine's default");
+        let f = format!(
+            r#"{{"op":"submit","intent":{{"id":"c","account":"a","kind":"stake_consolidate","source_pubkey":"{pk}","target_pubkey":"0x{}"}}}}"#,
+            "cd".repeat(48)
+        );
+        let Request::Submit { intent, .. } = decode(&f).unwrap() else {
+            panic!()
+        };
+        assert_eq!(intent.data.len(), 96);
+        assert_eq!(intent.data[95], 0xcd);
+        for (frame, field) in [
+            (
+                r#"{"op":"submit","intent":{"id":"x","account":"a","kind":"stake_exit","validator_pubkey":"0xab","amount_gwei":"0"}}"#.to_owned(),
+                "intent.validator_pubkey",
+            ),
+            (
+                format!(r#"{{"op":"submit","intent":{{"id":"x","account":"a","kind":"stake_exit","validator_pubkey":"{pk}"}}}}"#),
+                "intent.amount_gwei",
+            ),
+            (
+                format!(r#"{{"op":"submit","intent":{{"id":"x","account":"a","kind":"stake_exit","validator_pubkey":"{pk}","amount_gwei":"0","to":"{TO}"}}}}"#),
+                "intent.to",
+            ),
+            (
+                r#"{"op":"submit","intent":{"id":"x","account":"a","kind":"stake_deposit"}}"#.to_owned(),
+                "intent.deposits",
+            ),
+            (
+                r#"{"op":"submit","intent":{"id":"x","account":"a","kind":"stake_deposit","deposits":[]}}"#.to_owned(),
+                "intent.deposits",
+            ),
+            (
+                format!(r#"{{"op":"submit","intent":{{"id":"x","account":"a","kind":"stake_consolidate","source_pubkey":"{pk}"}}}}"#),
+                "intent.target_pubkey",
+            ),
+        ] {
+            assert_eq!(err(&frame).field, Some(field), "{frame}");
+        }
+    }
 
     #[test]
     fn decodes_a_transfer_with_defaults() {

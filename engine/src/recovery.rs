@@ -231,11 +231,20 @@ fn route_of(b: u8) -> Route {
     }
 }
 
+/// The destination, value, gas limit and calldata of a signed EIP-1559 transaction.
+fn as_signed_call(raw: &[u8]) -> Option<(Address, U256, u64, Vec<u8>)> {
+    use alloy_consensus::Transaction;
+    use alloy_eips::eip2718::Decodable2718;
+    let tx = alloy_consensus::TxEnvelope::decode_2718(&mut &raw[..]).ok()?;
+    Some((tx.to()?, tx.value(), tx.gas_limit(), tx.input().to_vec()))
+}
+
 fn kind_of(b: u8) -> IntentKind {
     match b {
         1 => IntentKind::Call,
         2 => IntentKind::StakeDeposit,
         3 => IntentKind::StakeExit,
+        4 => IntentKind::StakeConsolidate,
         _ => IntentKind::Transfer,
     }
 }
@@ -601,7 +610,28 @@ impl Recovered {
                     });
                 }
                 None if newest_here && latest.purpose != TxPurpose::Filler => {
-                    plan.live.push((msg, data.clone(), latest.clone()));
+                    // What the intent's transaction is, as signed: the policy may have
+                    // chosen it (a staking intent's contract, value, gas and calldata), and
+                    // the signing stage replaces it from these.
+                    let (msg, data) = match e
+                        .signed
+                        .iter()
+                        .rev()
+                        .filter(|s| matches!(s.purpose, TxPurpose::Intent | TxPurpose::Replacement))
+                        .find_map(|s| as_signed_call(&s.raw))
+                    {
+                        Some((to, value, gas_limit, input)) => (
+                            IntentMsg {
+                                to,
+                                value,
+                                gas_limit,
+                                ..msg
+                            },
+                            input,
+                        ),
+                        None => (msg, data.clone()),
+                    };
+                    plan.live.push((msg, data, latest.clone()));
                     plan.resend.push((msg, latest));
                 }
                 None => plan.fail.push((
@@ -708,4 +738,38 @@ pub struct Plan {
     pub fail: Vec<(u64, Origin, String)>,
     /// Sent again at start and taken by the node: watched for their receipt.
     pub watch: Vec<(IntentMsg, SignedTx)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy_consensus::{SignableTransaction, TxEip1559};
+    use alloy_eips::eip2718::Encodable2718;
+    use alloy_primitives::{Bytes, TxKind};
+    use alloy_signer::SignerSync;
+    use alloy_signer_local::PrivateKeySigner;
+
+    #[test]
+    fn a_signed_transaction_gives_back_what_policy_chose() {
+        let key = PrivateKeySigner::random();
+        let to = Address::repeat_byte(0x42);
+        let tx = TxEip1559 {
+            chain_id: 1,
+            nonce: 3,
+            gas_limit: 150_000,
+            max_fee_per_gas: 10,
+            max_priority_fee_per_gas: 1,
+            to: TxKind::Call(to),
+            value: U256::from(32_000_000_000_000_000_000u128),
+            input: Bytes::from(vec![0x22, 0x89, 0x51, 0x18, 7]),
+            access_list: Default::default(),
+        };
+        let sig = key.sign_hash_sync(&tx.signature_hash()).unwrap();
+        let raw = alloy_consensus::TxEnvelope::from(tx.into_signed(sig)).encoded_2718();
+        let (t, v, g, input) = as_signed_call(&raw).unwrap();
+        assert_eq!((t, g), (to, 150_000));
+        assert_eq!(v, U256::from(32_000_000_000_000_000_000u128));
+        assert_eq!(input, [0x22, 0x89, 0x51, 0x18, 7]);
+        assert_eq!(as_signed_call(&raw[..raw.len() - 1]), None);
+    }
 }

@@ -147,7 +147,8 @@ fn rejected_intents_never_reach_the_chain() {
             "route_unavailable",
         ),
         (
-            json!({"id": "r-stake", "account": "dev2", "kind": "stake_exit"}),
+            json!({"id": "r-stake", "account": "dev2", "kind": "stake_exit",
+                "validator_pubkey": format!("0x{}", "ab".repeat(48)), "amount_gwei": "0"}),
             "unsupported_kind",
         ),
     ];

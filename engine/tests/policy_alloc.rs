@@ -48,7 +48,7 @@ fn a_decision_allocates_nothing() {
             tally[match v.outcome {
                 Outcome::Allow => 0,
                 Outcome::Deny(..) => 1,
-                Outcome::Approval(_) => 2,
+                Outcome::Approval(_) | Outcome::Verify => 2,
             }] += 1;
             if v.outcome == Outcome::Allow {
                 routes[v.route as usize] += 1;

@@ -76,6 +76,9 @@ pub enum AuditKind {
     Failed,
     /// At start: an account, its address and the key that signs for it.
     AccountKey,
+    /// The deposit verifier checked a deposit's signatures and roots (`outcome` allow or
+    /// deny with `invalid_deposit` and the check that failed).
+    DepositCheck,
 }
 
 impl AuditKind {
@@ -100,6 +103,7 @@ impl AuditKind {
             AuditKind::Cancelled => "cancelled",
             AuditKind::Failed => "failed",
             AuditKind::AccountKey => "account_key",
+            AuditKind::DepositCheck => "deposit_check",
         }
     }
 
@@ -115,6 +119,7 @@ impl AuditKind {
                 | AuditKind::Unkill
                 | AuditKind::Reload
                 | AuditKind::ReloadFailed
+                | AuditKind::DepositCheck
         )
     }
 }
@@ -197,6 +202,10 @@ impl AuditRecord {
             Outcome::Allow => (Reason::None, ""),
             Outcome::Deny(r, m) => (r, m),
             Outcome::Approval(m) => (Reason::None, m),
+            Outcome::Verify => (
+                Reason::None,
+                "deposit signatures and roots sent to the verifier",
+            ),
         };
         Self {
             kind: AuditKind::Decision,
@@ -470,6 +479,7 @@ fn render_risk(v: &mut Map<String, Value>, r: &AuditRecord, name: &dyn Fn(u32) -
                 Outcome::Allow => "allow",
                 Outcome::Deny(..) => "deny",
                 Outcome::Approval(_) => "approval_required",
+                Outcome::Verify => "verify_deposit",
             }),
         );
     }

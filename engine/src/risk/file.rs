@@ -125,6 +125,12 @@ pub(crate) struct AccountDef {
     pub business_hours: Option<Spanned<HoursDef>>,
     #[serde(default)]
     pub kyt: Option<bool>,
+    /// Withdrawal addresses (or `group:` names) validator deposits may point to.
+    #[serde(default)]
+    pub staking_withdrawal: Vec<Spanned<String>>,
+    /// A deposit for a pubkey that already has one (a top-up) is allowed.
+    #[serde(default)]
+    pub staking_top_up: Option<bool>,
 }
 
 #[derive(Deserialize)]

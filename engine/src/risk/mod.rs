@@ -24,6 +24,7 @@ pub mod fixture;
 pub mod kill;
 pub mod kyt;
 pub mod rules;
+pub mod staking;
 pub mod travel;
 pub mod velocity;
 
@@ -56,6 +57,8 @@ pub enum RiskUpdate {
     Policy(Box<Policy>),
     /// A new KYT snapshot.
     Kyt(Box<KytSnapshot>),
+    /// The validators the chain has deposits for, whole.
+    Validators(Box<staking::ValidatorSet>),
 }
 
 /// What the stage hands back to be dropped off its thread.
@@ -65,6 +68,8 @@ pub enum Retired {
     Policy(Box<Policy>),
     /// A replaced snapshot.
     Kyt(Box<KytSnapshot>),
+    /// A replaced validator set.
+    Validators(Box<staking::ValidatorSet>),
 }
 
 /// The channels between [`RiskControl`] and the policy stage.
@@ -154,6 +159,13 @@ impl RiskControl {
                 active_version: active,
             },
         ))
+    }
+
+    /// The stage link's send side and the retired-state receiver, for another thread that
+    /// hands the policy stage whole state (the staking refresher's validator sets); it
+    /// drains the receiver so replaced state is dropped off the stage's thread.
+    pub fn update_handles(&self) -> (Sender<RiskUpdate>, Receiver<Retired>) {
+        (self.updates.clone(), self.retired.clone())
     }
 
     fn compile(&self, cfg: &crate::config::Config) -> Result<Policy, PolicyError> {

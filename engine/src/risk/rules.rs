@@ -25,6 +25,7 @@ use crate::msg::{IntentKind, IntentMsg, Reason, Route};
 use crate::risk::file::{self, Action, Locator, PolicyError};
 use crate::risk::kill::{KillSwitch, NATIVE_ASSET};
 use crate::risk::kyt::{KytLookup, KytSnapshot, KytSource};
+use crate::risk::staking::{self, StakeTx, StakingNet, StakingRules, ValidatorSet, Validators};
 use crate::risk::travel::vasp_key;
 use crate::risk::velocity::{Exceeded, Window};
 
@@ -99,6 +100,8 @@ struct AccountRules {
     /// First-cut policy from the engine configuration: any call to an allowlisted
     /// destination is allowed (no selector rules there).
     any_call_to_allowed: bool,
+    /// Validator deposits: allowlisted withdrawal addresses, top-ups.
+    staking: StakingRules,
 }
 
 #[derive(Debug, Clone)]
@@ -196,13 +199,17 @@ impl Policy {
                 continue;
             };
             digest_src.push_str(&format!(
-                "{}:{:?}:{};",
-                a.name, a.allowlist, a.max_value_wei
+                "{}:{:?}:{}:{:?}:{};",
+                a.name, a.allowlist, a.max_value_wei, a.staking_withdrawal, a.staking_top_up
             ));
             accounts[i as usize] = Some(AccountRules {
                 allow: a.allowlist.iter().copied().collect(),
                 caps: vec![(0, u128::try_from(a.max_value_wei).unwrap_or(u128::MAX))],
                 any_call_to_allowed: true,
+                staking: StakingRules {
+                    withdrawal: a.staking_withdrawal.iter().copied().collect(),
+                    top_up: a.staking_top_up,
+                },
                 ..AccountRules::default()
             });
         }
@@ -430,6 +437,10 @@ impl Policy {
                 allow: resolve_list(&d.allow, &rule, "allow")?,
                 kyt: d.kyt.unwrap_or(kyt.is_some()),
                 max_gas: d.max_gas,
+                staking: StakingRules {
+                    withdrawal: resolve_list(&d.staking_withdrawal, &rule, "staking_withdrawal")?,
+                    top_up: d.staking_top_up.unwrap_or(false),
+                },
                 ..AccountRules::default()
             };
             if r.kyt && kyt.is_none() {
@@ -685,6 +696,9 @@ pub enum Outcome {
     Deny(Reason, &'static str),
     /// Needs a four-eyes approval; why.
     Approval(&'static str),
+    /// A deposit that passed every other check; its signatures and roots go to the
+    /// deposit verifier, which puts it back into intake marked verified.
+    Verify,
 }
 
 /// A decision with the inputs that made it (for the audit trail).
@@ -710,6 +724,8 @@ pub struct Verdict {
     /// resolved to. Only a refusal before the route is resolved (unknown account) leaves
     /// the requested route here.
     pub route: Route,
+    /// A staking intent's transaction (contract, value, gas), chosen by the engine.
+    pub stake: Option<StakeTx>,
 }
 
 /// The policy stage's decision state.
@@ -720,6 +736,9 @@ pub struct Risk {
     kyt: Box<KytSnapshot>,
     kill: Arc<KillSwitch>,
     private_relay: bool,
+    staking: Option<StakingNet>,
+    validators: Validators,
+    addresses: Vec<Address>,
 }
 
 impl Risk {
@@ -733,7 +752,32 @@ impl Risk {
             kyt: Box::default(),
             kill,
             private_relay: false,
+            staking: None,
+            validators: Validators::default(),
+            addresses: Vec::new(),
         }
+    }
+
+    /// Turns staking on: the network's contracts and fork, and each account's address
+    /// (index = account), which exits and consolidations must be sent from.
+    pub fn set_staking(&mut self, net: StakingNet, addresses: Vec<Address>) {
+        self.staking = Some(net);
+        self.addresses = addresses;
+    }
+
+    /// The network's staking settings, if staking is on.
+    pub fn staking(&self) -> Option<&StakingNet> {
+        self.staking.as_ref()
+    }
+
+    /// Puts the chain's newest validator set in force; returns the old one.
+    pub fn swap_validators(&mut self, new: Box<ValidatorSet>) -> Box<ValidatorSet> {
+        self.validators.swap_chain(new)
+    }
+
+    /// Remembers the deposits of an allowed intent (`data`: its packed entries).
+    pub fn record_deposits(&mut self, data: &[u8]) {
+        self.validators.record_sent(data);
     }
 
     /// Whether the engine's broadcast has a private relay, set once when the engine is
@@ -789,6 +833,7 @@ impl Risk {
             velocity: None,
             max_fee: 0,
             route: msg.route,
+            stake: None,
         };
         macro_rules! deny {
             ($r:expr, $m:expr) => {{
@@ -831,13 +876,26 @@ impl Risk {
         if let Some(k) = self.kill.check(msg.account.0, v.asset, venue) {
             deny!(Reason::KillSwitch, k.message())
         }
-        match msg.kind {
-            IntentKind::Transfer | IntentKind::Call => {}
-            IntentKind::StakeDeposit | IntentKind::StakeExit => {
+        let staking = msg.kind.is_staking();
+        if staking {
+            let Some(net) = &self.staking else {
                 deny!(
                     Reason::UnsupportedKind,
-                    "staking intents are not enabled on this engine"
+                    "staking is not configured on this engine (no [staking] section)"
                 )
+            };
+            let from = self
+                .addresses
+                .get(msg.account.0 as usize)
+                .copied()
+                .unwrap_or_default();
+            match staking::check(net, &self.validators, Some(&acct.staking), from, msg, data) {
+                Ok(t) => {
+                    v.beneficiary = t.to;
+                    v.amount = u128::try_from(t.value).unwrap_or(u128::MAX);
+                    v.stake = Some(t);
+                }
+                Err((r, m)) => deny!(r, m),
             }
         }
         if v.route == Route::Private && !self.private_relay {
@@ -860,7 +918,7 @@ impl Risk {
                 )
             }
         }
-        if !acct.allow.contains(&v.beneficiary) {
+        if !staking && !acct.allow.contains(&v.beneficiary) {
             deny!(
                 Reason::NotAllowlisted,
                 "destination is not on the account's allowlist"
@@ -883,7 +941,7 @@ impl Risk {
             None => {}
         }
         if let Some(g) = acct.max_gas
-            && msg.gas_limit > g
+            && v.stake.map_or(msg.gas_limit, |t| t.gas) > g
         {
             deny!(Reason::GasCap, "gas_limit exceeds the account's maximum")
         }
@@ -906,6 +964,7 @@ impl Risk {
         }
         let mut approval: Option<&'static str> = None;
         if acct.kyt
+            && !staking
             && let Some(k) = &p.kyt
         {
             let seen = self.kyt.lookup(&v.beneficiary, now_ns, k.ttl_ns);
@@ -935,7 +994,7 @@ impl Risk {
                 },
             }
         }
-        if let Some(t) = &p.travel {
+        if let Some(t) = p.travel.as_ref().filter(|_| !staking) {
             let threshold = if v.asset == 0 {
                 Some(t.threshold)
             } else {
@@ -967,6 +1026,12 @@ impl Risk {
                     }
                 }
             }
+        }
+        // A deposit's signatures and roots are checked off this thread; it comes back
+        // marked verified and is decided again.
+        if msg.kind == IntentKind::StakeDeposit && !msg.deposit_verified {
+            v.outcome = Outcome::Verify;
+            return v;
         }
         // Velocity: the account's windows and the desk's windows for this asset.
         let desk = p.desk_velocity.get(&msg.origin.principal);

@@ -41,6 +41,11 @@ pub struct PolicyStage {
     blobs: Arc<BlobPool>,
     /// Approvals each account's custody requires (index = account; 0 = as the policy says).
     quorum: Box<[u8]>,
+    /// Where deposits go to have their signatures and roots checked (none: staking off).
+    verifier: Option<Sender<IntentMsg>>,
+    /// Where allowed full exits (and consolidation sources) are announced, so the
+    /// validator watch expects them.
+    exits: Option<Sender<[u8; 48]>>,
 }
 
 impl PolicyStage {
@@ -64,7 +69,21 @@ impl PolicyStage {
             status,
             blobs,
             quorum: quorum.into_boxed_slice(),
+            verifier: None,
+            exits: None,
         }
+    }
+
+    /// Announces allowed full exits and consolidation sources on `exits` (never waits:
+    /// a full channel loses the notice, and the watch then reports the exit as
+    /// unexpected, the safe side).
+    pub fn set_exit_notices(&mut self, exits: Sender<[u8; 48]>) {
+        self.exits = Some(exits);
+    }
+
+    /// Sends deposits that passed every other check to the deposit verifier.
+    pub fn set_verifier(&mut self, verifier: Sender<IntentMsg>) {
+        self.verifier = Some(verifier);
     }
 
     /// Applies queued policy and KYT updates; returns how many.
@@ -81,6 +100,7 @@ impl PolicyStage {
                     Retired::Policy(old)
                 }
                 RiskUpdate::Kyt(k) => Retired::Kyt(self.risk.swap_kyt(k)),
+                RiskUpdate::Validators(set) => Retired::Validators(self.risk.swap_validators(set)),
             };
             // Dropped by the control side; if it is not draining, drop here (rare).
             let _ = self.link.retired.try_send(old);
@@ -123,6 +143,12 @@ impl Stage for PolicyStage {
         }
         msg.policy_version = v.policy_version;
         msg.asset = v.asset;
+        // A staking intent becomes the transaction the engine chose for it.
+        if let Some(t) = v.stake {
+            msg.to = t.to;
+            msg.value = t.value;
+            msg.gas_limit = t.gas;
+        }
         self.audit.record(AuditRecord::decision(&msg, &v, now_ns));
         let at = now_raw();
         match v.outcome {
@@ -131,6 +157,47 @@ impl Stage for PolicyStage {
                     msg.max_fee_cap = v.max_fee;
                 }
                 msg.route = v.route;
+                if let Some(tx) = &self.exits {
+                    let leaving = match msg.kind {
+                        crate::msg::IntentKind::StakeExit if data.len() == 56 => {
+                            data[48..56] == [0; 8]
+                        }
+                        crate::msg::IntentKind::StakeConsolidate if data.len() == 96 => {
+                            data[..48] != data[48..]
+                        }
+                        _ => false,
+                    };
+                    if leaving {
+                        let mut pk = [0u8; 48];
+                        pk.copy_from_slice(&data[..48]);
+                        let _ = tx.try_send(pk);
+                    }
+                }
+                if msg.kind == crate::msg::IntentKind::StakeDeposit {
+                    self.risk.record_deposits(data);
+                    // The packed entries become the deposit (or batch) call itself.
+                    let mut packed = [0u8; crate::staking::MAX_PACKED_BYTES];
+                    let n = data.len().min(packed.len());
+                    packed[..n].copy_from_slice(&data[..n]);
+                    // SAFETY: this stage holds the message, hence owns its calldata slot;
+                    // the borrow of its bytes above ended with the copy.
+                    let slot = unsafe { self.blobs.slot_mut(msg.data) };
+                    match crate::staking::entries_to_calldata(&packed[..n], &mut slot[..]) {
+                        Some(len) => msg.data.len = len as u32,
+                        None => {
+                            self.blobs.release(msg.data);
+                            self.status.send(StatusMsg::refusal(
+                                msg.seq,
+                                msg.origin,
+                                State::Rejected,
+                                crate::msg::Reason::InvalidDeposit,
+                                "entries: the deposit call does not fit a transaction buffer",
+                                at,
+                            ));
+                            return;
+                        }
+                    }
+                }
                 let state = if msg.approved_by != 0 {
                     State::Approved
                 } else {
@@ -163,6 +230,27 @@ impl Stage for PolicyStage {
                 // The pending set drains this channel continuously; waiting here is
                 // back-pressure, never a drop.
                 let _ = self.pending.send(p);
+            }
+            Outcome::Verify => {
+                // The verifier drains this channel continuously; waiting is back-pressure.
+                let sent = match &self.verifier {
+                    Some(tx) => tx.send(msg).is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    self.blobs.release(msg.data);
+                    self.status.send(StatusMsg {
+                        policy_version: v.policy_version,
+                        ..StatusMsg::refusal(
+                            msg.seq,
+                            msg.origin,
+                            State::Rejected,
+                            crate::msg::Reason::InvalidDeposit,
+                            "the deposit verifier is not running",
+                            at,
+                        )
+                    });
+                }
             }
             Outcome::Deny(reason, message) => {
                 self.blobs.release(msg.data);

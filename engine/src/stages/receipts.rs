@@ -127,6 +127,8 @@ pub struct ReceiptsStage {
     depth: u32,
     status: StatusSink,
     ws_to_included: Recorder,
+    /// The deposit contract whose `DepositEvent` indices `included` reports.
+    deposit_contract: Option<alloy_primitives::Address>,
     pending_events: Vec<HeadEvent>,
     blobs: Arc<BlobPool>,
     resend: Option<Resend>,
@@ -187,6 +189,7 @@ impl ReceiptsStage {
             depth,
             status,
             ws_to_included,
+            deposit_contract: None,
             pending_events: Vec::with_capacity(16),
             blobs,
             resend: None,
@@ -212,6 +215,11 @@ impl ReceiptsStage {
         if let Some(s) = &self.notices {
             s.send(n);
         }
+    }
+
+    /// Reports the deposit index of transactions that deposit through `contract`.
+    pub fn set_deposit_contract(&mut self, contract: alloy_primitives::Address) {
+        self.deposit_contract = Some(contract);
     }
 
     /// Takes over a transaction found in block `block_number` when the engine restarted
@@ -364,6 +372,13 @@ impl ReceiptsStage {
             success: r.success,
             gas_used: r.gas_used,
             detail: crate::msg::Detail::new(revert_reason),
+            // A validator deposit: the deposit contract's index (from its DepositEvent).
+            deposit_index: r.deposits.first_index,
+            deposit_count: if Some(r.deposits.emitter) == self.deposit_contract {
+                r.deposits.count
+            } else {
+                0
+            },
             ..StatusMsg::event(w.seq, w.origin, State::Included, now)
         });
         self.included.push_back(Included {

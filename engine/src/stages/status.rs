@@ -80,6 +80,11 @@ pub enum ConnControl {
         /// Connection id.
         conn: u32,
     },
+    /// A rendered frame for every connected desk (validator status changes and alerts).
+    Notice {
+        /// The frame.
+        frame: String,
+    },
 }
 
 /// Counters for `/metrics`, written by the status thread only.
@@ -256,6 +261,12 @@ impl StatusStage {
                 ConnControl::Close { conn } => {
                     self.conns.remove(&conn);
                 }
+                ConnControl::Notice { frame } => {
+                    let conns: Vec<u32> = self.conns.keys().copied().collect();
+                    for conn in conns {
+                        self.send(conn, Outbound::Event(frame.clone()));
+                    }
+                }
             }
         }
         n
@@ -345,6 +356,13 @@ impl StatusStage {
                 v["gas_used"] = json!(m.gas_used);
                 if !m.success && !m.detail.as_str().is_empty() {
                     v["revert_reason"] = json!(m.detail.as_str());
+                }
+                if m.deposit_count > 0 {
+                    v["deposit_index"] = json!(m.deposit_index);
+                    if m.deposit_count > 1 {
+                        let last = m.deposit_index + u64::from(m.deposit_count);
+                        v["deposit_indices"] = json!((m.deposit_index..last).collect::<Vec<_>>());
+                    }
                 }
             }
             State::Confirmed => {

@@ -41,6 +41,16 @@ impl Harness {
         layout: Layout,
         tweak: impl FnOnce(&mut Config),
     ) -> Harness {
+        Self::start_prepared(anvil_cfg, layout, |_, c| tweak(c))
+    }
+
+    /// As [`Harness::start_on`]; `prepare` gets the running chain (to deploy contracts)
+    /// before the engine starts.
+    pub fn start_prepared(
+        anvil_cfg: &AnvilConfig,
+        layout: Layout,
+        prepare: impl FnOnce(&Anvil, &mut Config),
+    ) -> Harness {
         let anvil = Anvil::spawn(anvil_cfg).expect("anvil starts (run scripts/setup.sh)");
         let mut cfg = dev::dev_config(
             &anvil.ws_url(),
@@ -49,7 +59,7 @@ impl Harness {
         );
         cfg.layout = layout;
         cfg.confirmations = 2;
-        tweak(&mut cfg);
+        prepare(&anvil, &mut cfg);
         let engine = Engine::start(cfg).expect("engine starts");
         let url = format!("ws://{}/v1/ws", engine.local_addr());
         let token = JwtAuth::new(SECRET.as_bytes()).issue("desk-a", Roles::all(), 3600);
@@ -181,6 +191,8 @@ pub fn custody_account(
         approvals: 0,
         allowlist: venues::DEV_ADDRESSES[5..10].to_vec(),
         max_value_wei: dev::dev_cap(),
+        staking_withdrawal: Vec::new(),
+        staking_top_up: false,
     }
 }
 
