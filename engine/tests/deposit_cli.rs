@@ -7,6 +7,8 @@
 //! being the parent of this crate's directory). A missing CLI fails the tests with a message
 //! saying how to install it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -191,4 +193,68 @@ fn mainnet_0x02_deposit_with_amount_from_the_cli_verifies() {
         verify_entry(&unstated, fork_versions::HOODI),
         Err(CryptoCheck::Signature)
     );
+}
+
+/// One entry the CLI made goes through the desk WebSocket to the deposit contract on anvil:
+/// the engine's policy and verifier accept it for the network's fork version, and the
+/// contract (which recomputes the deposit_data_root) takes it.
+#[test]
+fn a_cli_entry_is_deposited_through_the_websocket() {
+    let json = run_existing_mnemonic(
+        "e2e",
+        &[
+            "--validator_start_index",
+            "5",
+            "--num_validators",
+            "1",
+            "--chain",
+            "hoodi",
+            "--withdrawal_address",
+            ADDRESS_CHECKSUMMED,
+            "--regular_withdrawal",
+        ],
+    );
+    assert_eq!(fork_versions::HOODI, common::STAKING_FORK);
+    let entry = parse(&json)[0];
+    let (h, c) = common::start_staking(false, None, |_, _, cfg| {
+        cfg.accounts[0].staking_withdrawal = vec![ADDRESS.into()];
+    });
+    let entries: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let intent = serde_json::json!({"id": "cli-1", "account": "dev0",
+        "kind": "stake_deposit", "deposits": entries});
+    let mut desk = h.desk();
+    let ids = vec!["cli-1".to_owned()];
+    let frames = h.rt.block_on(async {
+        desk.send(&common::submit(intent)).await.unwrap();
+        common::collect_until_final(&mut desk, &ids, std::time::Duration::from_secs(60)).await
+    });
+    let f = &frames["cli-1"];
+    assert_eq!(
+        common::states(f),
+        [
+            "ack",
+            "accepted",
+            "signed",
+            "broadcast",
+            "included",
+            "confirmed"
+        ],
+        "{f:#?}"
+    );
+    let inc = f.iter().find(|x| x["state"] == "included").unwrap();
+    assert_eq!(inc["success"], true, "{inc}");
+    assert_eq!(inc["deposit_index"], 0, "{inc}");
+    let mut rpc = h.anvil.rpc().unwrap();
+    let logs: Vec<serde_json::Value> = rpc
+        .call(
+            "eth_getLogs",
+            serde_json::json!([{"fromBlock": "0x0", "toBlock": "latest", "address": c.deposit}]),
+        )
+        .unwrap();
+    assert_eq!(logs.len(), 1);
+    let data = hex::decode(logs[0]["data"].as_str().unwrap().trim_start_matches("0x")).unwrap();
+    let seen = venues::contracts::decode_deposit_event(&data).unwrap();
+    assert_eq!(seen.pubkey, entry.pubkey);
+    assert_eq!(seen.withdrawal_credentials, entry.withdrawal_credentials);
+    assert_eq!(seen.signature, entry.signature);
 }

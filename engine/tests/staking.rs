@@ -14,15 +14,13 @@ use std::time::Duration;
 
 use alloy_primitives::{Address, B256};
 use common::{Harness, collect_until_final, states, submit};
-use engine::config::{Layout, StakingConfig};
+
 use engine::staking::{DepositEntry, testkeys};
 use serde_json::{Value, json};
 use venues::contracts::{self, StakingContracts};
-use venues::{AnvilConfig, DEV_ADDRESSES, RpcClient};
+use venues::{DEV_ADDRESSES, RpcClient};
 
-/// The test network's genesis fork version (hoodi's, so the deposit CLI can make data for
-/// it too).
-const FORK: [u8; 4] = [0x10, 0x00, 0x09, 0x10];
+const FORK: [u8; 4] = common::STAKING_FORK;
 const ETH_GWEI: u64 = 1_000_000_000;
 
 fn wc(kind: u8, addr: Address) -> [u8; 32] {
@@ -78,36 +76,7 @@ fn start_with(
     beacon_url: Option<String>,
     before: impl FnOnce(&mut RpcClient, &StakingContracts),
 ) -> (Harness, StakingContracts) {
-    let mut deployed = None;
-    let h = Harness::start_prepared(
-        &AnvilConfig::with_block_time(Duration::from_millis(250)),
-        Layout::Fused,
-        |anvil, cfg| {
-            let mut rpc = anvil.rpc().unwrap();
-            let c = contracts::deploy_staking(&mut rpc, DEV_ADDRESSES[9]).expect("deploy");
-            contracts::install_system_contracts(&mut rpc).expect("system contracts");
-            before(&mut rpc, &c);
-            cfg.staking = Some(StakingConfig {
-                genesis_fork_version: format!("0x{}", hex::encode(FORK)),
-                deposit_contract: c.deposit,
-                batch_contract: batch.then_some(c.batch),
-                withdrawal_request_contract: contracts::WITHDRAWAL_REQUEST_CONTRACT,
-                consolidation_request_contract: contracts::CONSOLIDATION_REQUEST_CONTRACT,
-                deposit_gas: 150_000,
-                request_gas: 250_000,
-                refresh_ms: 200,
-                deposit_contract_block: 0,
-                beacon_url,
-                beacon_poll_ms: 100,
-                balance_falling_epochs: 3,
-            });
-            cfg.accounts[0].staking_withdrawal = vec![DEV_ADDRESSES[0]];
-            cfg.accounts[1].staking_withdrawal = vec![DEV_ADDRESSES[1]];
-            cfg.accounts[1].staking_top_up = true;
-            deployed = Some(c);
-        },
-    );
-    (h, deployed.unwrap())
+    common::start_staking(batch, beacon_url, |rpc, c, _| before(rpc, c))
 }
 
 fn run(h: &Harness, intents: &[Value]) -> HashMap<String, Vec<Value>> {

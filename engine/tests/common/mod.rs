@@ -289,3 +289,50 @@ pub async fn reply(desk: &mut Desk, req: &str) -> Value {
         }
     }
 }
+
+/// Genesis fork version of the staking tests' network (hoodi's, so deposit data the staking
+/// deposit CLI makes with `--chain hoodi` is valid on it).
+pub const STAKING_FORK: [u8; 4] = [0x10, 0x00, 0x09, 0x10];
+
+/// Chain, staking contracts (deposit, batch, the EIP-7002/7251 request contracts) and an
+/// engine with `[staking]`: dev0 and dev1 stake to their own addresses (dev1 may top up);
+/// `batch`: whether the batch contract is configured; `beacon_url`: the validator watch.
+/// `before` runs on the chain, and may change the configuration, before the engine starts.
+pub fn start_staking(
+    batch: bool,
+    beacon_url: Option<String>,
+    before: impl FnOnce(&mut venues::RpcClient, &venues::contracts::StakingContracts, &mut Config),
+) -> (Harness, venues::contracts::StakingContracts) {
+    use venues::contracts;
+    let mut deployed = None;
+    let h = Harness::start_prepared(
+        &AnvilConfig::with_block_time(Duration::from_millis(250)),
+        Layout::Fused,
+        |anvil, cfg| {
+            let mut rpc = anvil.rpc().unwrap();
+            let dev = venues::DEV_ADDRESSES;
+            let c = contracts::deploy_staking(&mut rpc, dev[9]).expect("deploy");
+            contracts::install_system_contracts(&mut rpc).expect("system contracts");
+            cfg.staking = Some(engine::config::StakingConfig {
+                genesis_fork_version: format!("0x{}", hex::encode(STAKING_FORK)),
+                deposit_contract: c.deposit,
+                batch_contract: batch.then_some(c.batch),
+                withdrawal_request_contract: contracts::WITHDRAWAL_REQUEST_CONTRACT,
+                consolidation_request_contract: contracts::CONSOLIDATION_REQUEST_CONTRACT,
+                deposit_gas: 150_000,
+                request_gas: 250_000,
+                refresh_ms: 200,
+                deposit_contract_block: 0,
+                beacon_url,
+                beacon_poll_ms: 100,
+                balance_falling_epochs: 3,
+            });
+            cfg.accounts[0].staking_withdrawal = vec![dev[0]];
+            cfg.accounts[1].staking_withdrawal = vec![dev[1]];
+            cfg.accounts[1].staking_top_up = true;
+            before(&mut rpc, &c, cfg);
+            deployed = Some(c);
+        },
+    );
+    (h, deployed.unwrap())
+}
