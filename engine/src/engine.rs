@@ -248,7 +248,14 @@ impl Engine {
         );
         // Deposits' signatures and roots are checked on their own thread.
         let mut exit_notices = None;
-        if let Some((_, net, _, _)) = &staking {
+        let mut staking_stats = None;
+        if let Some((_, net, _, refresh)) = &staking {
+            let verifier_stats = Arc::new(crate::staking::verifier::VerifierStats::default());
+            staking_stats = Some(crate::staking::StakingStats {
+                refresh: Arc::clone(refresh),
+                verifier: Arc::clone(&verifier_stats),
+                fees: Arc::clone(&net.fees),
+            });
             let (vtx, vrx) = crossbeam_channel::bounded(1024);
             policy.set_verifier(vtx);
             let (etx, erx) = crossbeam_channel::bounded(1024);
@@ -261,7 +268,7 @@ impl Engine {
                 blobs: Arc::clone(&blobs),
                 audit: risk_admin.audit.clone(),
                 fork_version: net.fork_version,
-                stats: Arc::default(),
+                stats: verifier_stats,
             }
             .spawn(Arc::clone(&risk_stop))?;
         }
@@ -510,6 +517,7 @@ impl Engine {
             broadcast: Some(Arc::clone(&broadcast_stats)),
             receipts: Some(Arc::clone(&receipts_stats)),
             journal: journal.clone(),
+            staking: staking_stats,
             ..Health::default()
         });
         let std_listener =

@@ -225,6 +225,84 @@ pub fn broadcast_json(b: &crate::stages::broadcast::BroadcastStats) -> Value {
     )
 }
 
+/// Prometheus text of staking: deposit verification, the refresher's reads, the validator
+/// watch's alerts, the request fees in force.
+pub fn staking_prometheus(st: &crate::staking::StakingStats) -> String {
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut s = String::with_capacity(1024);
+    for (metric, kind, help, v) in [
+        (
+            "engine_deposits_verified_total",
+            "counter",
+            "Deposit intents whose entries all verified (BLS signature, SSZ roots).",
+            ld(&st.verifier.verified),
+        ),
+        (
+            "engine_deposits_invalid_total",
+            "counter",
+            "Deposit intents refused by the deposit verifier.",
+            ld(&st.verifier.invalid),
+        ),
+        (
+            "engine_deposit_entries_checked_total",
+            "counter",
+            "Deposit entries the verifier checked.",
+            ld(&st.verifier.entries),
+        ),
+        (
+            "engine_deposit_logs_total",
+            "counter",
+            "DepositEvent logs read from the deposit contract.",
+            ld(&st.refresh.deposit_logs),
+        ),
+        (
+            "engine_validators_known",
+            "gauge",
+            "Validators with a deposit on chain.",
+            ld(&st.refresh.validators),
+        ),
+        (
+            "engine_staking_refresh_errors_total",
+            "counter",
+            "Failed reads of request fees or deposit logs.",
+            ld(&st.refresh.errors),
+        ),
+        (
+            "engine_beacon_errors_total",
+            "counter",
+            "Failed beacon node polls.",
+            ld(&st.refresh.beacon_errors),
+        ),
+        (
+            "engine_validator_alerts_total",
+            "counter",
+            "Validator alerts (slashed, unexpected exit, balance falling).",
+            ld(&st.refresh.alerts),
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {v}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP engine_request_fee_wei Current fee of the EIP-7002/7251 request contracts (-1: not read).\n# TYPE engine_request_fee_wei gauge"
+    );
+    for (kind, f) in [
+        ("withdrawal", &st.fees.withdrawal),
+        ("consolidation", &st.fees.consolidation),
+    ] {
+        let v = f.load(Ordering::Relaxed);
+        if v == u64::MAX {
+            let _ = writeln!(s, "engine_request_fee_wei{{kind=\"{kind}\"}} -1");
+        } else {
+            let _ = writeln!(s, "engine_request_fee_wei{{kind=\"{kind}\"}} {v}");
+        }
+    }
+    s
+}
+
 /// Prometheus text of the receipts stage: head subscription, reorgs, resends.
 pub fn receipts_prometheus(r: &crate::stages::receipts::ReceiptsStats) -> String {
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

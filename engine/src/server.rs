@@ -53,6 +53,8 @@ pub struct Health {
     pub receipts: Option<Arc<crate::stages::receipts::ReceiptsStats>>,
     /// The write-ahead journal, when configured.
     pub journal: Option<crate::journal::Journal>,
+    /// The staking threads' counters, when `[staking]` is configured.
+    pub staking: Option<crate::staking::StakingStats>,
 }
 
 /// Everything a connection task needs; shared read-only (plus lock-free handles).
@@ -202,6 +204,12 @@ fn route(
                     .journal
                     .as_ref()
                     .map(|j| crate::metrics::journal_prometheus(&j.stats()))
+                    .unwrap_or_default()
+                + &ctx
+                    .health
+                    .staking
+                    .as_ref()
+                    .map(crate::metrics::staking_prometheus)
                     .unwrap_or_default(),
         ),
         (&Method::GET, "/v1/latency") => {

@@ -314,6 +314,13 @@ fn each_deposit_rule_broken_once_is_rejected_and_nothing_reaches_the_chain() {
         let m = f[1]["message"].as_str().unwrap();
         assert!(m.contains(check), "{id}: message {m:?} should name {check}");
     }
+    // The six refused by the verifier (signature, fork, roots, pubkey) are counted for SREs.
+    assert_eq!(common::metric(&h, "engine_deposits_invalid_total"), 6.0);
+    assert_eq!(
+        common::metric(&h, "engine_request_fee_wei{kind=\"withdrawal\"}"),
+        1.0
+    );
+    assert_eq!(common::metric(&h, "engine_validators_known"), 1.0);
     // A fractional gwei amount is not deposit data at all: refused at decode, naming it.
     let mut desk = h.desk();
     let mut frac = entry_json(&good(23));

@@ -34,6 +34,17 @@ pub mod watch;
 
 pub use calls::{MAX_PACKED_BYTES, entries_to_calldata};
 
+/// The staking threads' counters and the request fees, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct StakingStats {
+    /// The `staking-refresh` thread (logs, validators, errors, alerts).
+    pub refresh: std::sync::Arc<chain::RefreshStats>,
+    /// The `deposit-verify` thread.
+    pub verifier: std::sync::Arc<verifier::VerifierStats>,
+    /// The request fees in force.
+    pub fees: std::sync::Arc<crate::risk::staking::RequestFees>,
+}
+
 pub use abi::{
     BATCH_DEPOSIT_SELECTOR, DEPOSIT_CALL_BYTES, DEPOSIT_SELECTOR, batch_call_len, batch_value_wei,
     deposit_value_wei, encode_batch_call, encode_deposit_call,
