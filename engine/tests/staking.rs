@@ -505,3 +505,104 @@ fn the_validator_watch_reports_status_changes_and_alerts_to_desks() {
     });
     assert!(!f["message"].as_str().unwrap().is_empty(), "{f}");
 }
+
+/// A deposit signed and sent before a restart, still in the mempool: after the restart the
+/// journal gives it back (the transaction the policy chose, not the desk's entries), it is
+/// included once and confirmed, and its id answers with that state.
+#[test]
+fn a_deposit_sent_before_a_restart_lands_once() {
+    use engine::config::{JournalSettings, JournalSync};
+    use engine::{Engine, dev};
+    let anvil = venues::Anvil::spawn(&venues::AnvilConfig::default()).unwrap();
+    let mut rpc = anvil.rpc().unwrap();
+    let c = contracts::deploy_staking(&mut rpc, DEV_ADDRESSES[9]).unwrap();
+    contracts::install_system_contracts(&mut rpc).unwrap();
+    let _: Value = rpc.call("evm_setAutomine", json!([false])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut cfg = dev::dev_config(
+            &anvil.ws_url(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            common::SECRET.into(),
+        );
+        cfg.confirmations = 2;
+        cfg.journal = Some(JournalSettings {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            sync: JournalSync::None,
+            group_commit_us: 200,
+            interval_ms: 10,
+            compact_every_ms: 0,
+        });
+        common::set_staking(&mut cfg, &c, false, None);
+        cfg
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let desk = |e: &Engine| {
+        let url = format!("ws://{}/v1/ws", e.local_addr());
+        let token = engine::auth::JwtAuth::new(common::SECRET.as_bytes()).issue(
+            "desk-a",
+            engine::auth::Roles::all(),
+            3600,
+        );
+        rt.block_on(engine::desk::Desk::connect(&url, Some(&token)))
+            .unwrap()
+    };
+    let a = testkeys::make_entry(&ikm(80), wc(0x01, DEV_ADDRESSES[0]), 32 * ETH_GWEI, FORK);
+    let intent = deposit("restart-dep", "dev0", &[a]);
+
+    let e = Engine::start(config()).unwrap();
+    let mut d = desk(&e);
+    rt.block_on(async {
+        d.send(&submit(intent.clone())).await.unwrap();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(30), d.recv())
+                .await
+                .expect("broadcast in time")
+                .unwrap();
+            assert_ne!(f["state"], "rejected", "{f}");
+            if f["state"] == "broadcast" {
+                break;
+            }
+        }
+    });
+    drop(d);
+    e.shutdown().unwrap();
+
+    let e = Engine::start(config()).unwrap();
+    for _ in 0..4 {
+        let _: Value = rpc.call("evm_mine", json!([])).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut d = desk(&e);
+    let latest = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            d.send(&json!({"op": "status", "req": "s", "id": "restart-dep"}))
+                .await
+                .unwrap();
+            let r = common::reply(&mut d, "s").await;
+            if r["state"] == "confirmed" || tokio::time::Instant::now() > deadline {
+                return r;
+            }
+            let _: Value = rpc.call("evm_mine", json!([])).unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert_eq!(latest["state"], "confirmed", "{latest}");
+    e.shutdown().unwrap();
+    let deposits: Vec<_> = logs(&mut rpc, c.deposit)
+        .into_iter()
+        .filter(|(t, _)| *t == contracts::DEPOSIT_EVENT_TOPIC)
+        .map(|(_, d)| contracts::decode_deposit_event(&d).unwrap())
+        .collect();
+    assert_eq!(deposits.len(), 1, "exactly once");
+    assert_eq!(deposits[0].pubkey, a.pubkey);
+    assert_eq!(
+        rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap(),
+        1
+    );
+}

@@ -310,29 +310,42 @@ pub fn start_staking(
         Layout::Fused,
         |anvil, cfg| {
             let mut rpc = anvil.rpc().unwrap();
-            let dev = venues::DEV_ADDRESSES;
-            let c = contracts::deploy_staking(&mut rpc, dev[9]).expect("deploy");
+            let c = contracts::deploy_staking(&mut rpc, venues::DEV_ADDRESSES[9]).expect("deploy");
             contracts::install_system_contracts(&mut rpc).expect("system contracts");
-            cfg.staking = Some(engine::config::StakingConfig {
-                genesis_fork_version: format!("0x{}", hex::encode(STAKING_FORK)),
-                deposit_contract: c.deposit,
-                batch_contract: batch.then_some(c.batch),
-                withdrawal_request_contract: contracts::WITHDRAWAL_REQUEST_CONTRACT,
-                consolidation_request_contract: contracts::CONSOLIDATION_REQUEST_CONTRACT,
-                deposit_gas: 150_000,
-                request_gas: 250_000,
-                refresh_ms: 200,
-                deposit_contract_block: 0,
-                beacon_url,
-                beacon_poll_ms: 100,
-                balance_falling_epochs: 3,
-            });
-            cfg.accounts[0].staking_withdrawal = vec![dev[0]];
-            cfg.accounts[1].staking_withdrawal = vec![dev[1]];
-            cfg.accounts[1].staking_top_up = true;
+            set_staking(cfg, &c, batch, beacon_url);
             before(&mut rpc, &c, cfg);
             deployed = Some(c);
         },
     );
     (h, deployed.unwrap())
+}
+
+/// Configures `[staking]` for contracts `c`: dev0 and dev1 stake to their own addresses
+/// (dev1 may top up); `batch`: whether the batch contract is used; `beacon_url`: the
+/// validator watch.
+pub fn set_staking(
+    cfg: &mut Config,
+    c: &venues::contracts::StakingContracts,
+    batch: bool,
+    beacon_url: Option<String>,
+) {
+    use venues::contracts;
+    let dev = venues::DEV_ADDRESSES;
+    cfg.staking = Some(engine::config::StakingConfig {
+        genesis_fork_version: format!("0x{}", hex::encode(STAKING_FORK)),
+        deposit_contract: c.deposit,
+        batch_contract: batch.then_some(c.batch),
+        withdrawal_request_contract: contracts::WITHDRAWAL_REQUEST_CONTRACT,
+        consolidation_request_contract: contracts::CONSOLIDATION_REQUEST_CONTRACT,
+        deposit_gas: 150_000,
+        request_gas: 250_000,
+        refresh_ms: 200,
+        deposit_contract_block: 0,
+        beacon_url,
+        beacon_poll_ms: 100,
+        balance_falling_epochs: 3,
+    });
+    cfg.accounts[0].staking_withdrawal = vec![dev[0]];
+    cfg.accounts[1].staking_withdrawal = vec![dev[1]];
+    cfg.accounts[1].staking_top_up = true;
 }
