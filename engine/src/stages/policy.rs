@@ -232,12 +232,27 @@ impl Stage for PolicyStage {
                 let _ = self.pending.send(p);
             }
             Outcome::Verify => {
-                // The verifier drains this channel continuously; waiting is back-pressure.
-                let sent = match &self.verifier {
-                    Some(tx) => tx.send(msg).is_ok(),
-                    None => false,
+                // Never wait here: a verifier that is behind (each entry costs about a
+                // millisecond) must not stall every other intent. A full queue refuses the
+                // deposit with `overloaded`; the desk may send it again under a new id.
+                let refused = match &self.verifier {
+                    Some(tx) => match tx.try_send(msg) {
+                        Ok(()) => None,
+                        Err(crossbeam_channel::TrySendError::Full(_)) => Some((
+                            crate::msg::Reason::Overloaded,
+                            "the deposit verifier's queue is full; send the deposit again later",
+                        )),
+                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Some((
+                            crate::msg::Reason::Overloaded,
+                            "the deposit verifier is not running",
+                        )),
+                    },
+                    None => Some((
+                        crate::msg::Reason::UnsupportedKind,
+                        "the deposit verifier is not running",
+                    )),
                 };
-                if !sent {
+                if let Some((reason, message)) = refused {
                     self.blobs.release(msg.data);
                     self.status.send(StatusMsg {
                         policy_version: v.policy_version,
@@ -245,8 +260,8 @@ impl Stage for PolicyStage {
                             msg.seq,
                             msg.origin,
                             State::Rejected,
-                            crate::msg::Reason::InvalidDeposit,
-                            "the deposit verifier is not running",
+                            reason,
+                            message,
                             at,
                         )
                     });

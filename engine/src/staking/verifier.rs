@@ -3,7 +3,8 @@
 //! a stage thread.
 //!
 //! The policy stage sends a deposit here once every other rule has passed (bounded
-//! channel; the stage waits when it is full, never drops). Each entry is checked with
+//! channel; the stage never waits on it: when it is full the deposit is `rejected` with
+//! `overloaded`, so a burst of deposits cannot stall the other intents). Each entry is checked with
 //! [`super::verify_entry`] for the configured fork version. All good: the intent goes back
 //! into the intake ring marked `deposit_verified` (intake lets sequenced intents through)
 //! and the policy stage decides it again under the policy then in force. One bad: the
