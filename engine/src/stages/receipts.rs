@@ -129,6 +129,8 @@ pub struct ReceiptsStage {
     ws_to_included: Recorder,
     /// The deposit contract whose `DepositEvent` indices `included` reports.
     deposit_contract: Option<alloy_primitives::Address>,
+    /// `included` events of transactions found on chain at a restart, sent on start.
+    announce: Vec<StatusMsg>,
     pending_events: Vec<HeadEvent>,
     blobs: Arc<BlobPool>,
     resend: Option<Resend>,
@@ -190,6 +192,7 @@ impl ReceiptsStage {
             status,
             ws_to_included,
             deposit_contract: None,
+            announce: Vec::new(),
             pending_events: Vec::with_capacity(16),
             blobs,
             resend: None,
@@ -224,8 +227,11 @@ impl ReceiptsStage {
 
     /// Takes over a transaction found in block `block_number` when the engine restarted
     /// (from the journal and the chain): it is confirmed at depth like one seen in this
-    /// run, and sent again if its block is reorged away. Call in block order, before the
-    /// stage starts.
+    /// run, and sent again if its block is reorged away. `announce`: its `included` event,
+    /// when the journal does not have it yet; the stage sends it first thing on its own
+    /// thread, so it always comes before the `confirmed` (a separate sender could be
+    /// overtaken, leaving `included` as the intent's latest state). Call in block order,
+    /// before the stage starts.
     #[allow(clippy::too_many_arguments)]
     pub fn recover_included(
         &mut self,
@@ -237,7 +243,9 @@ impl ReceiptsStage {
         block_number: u64,
         block_hash: B256,
         raw: Vec<u8>,
+        announce: Option<StatusMsg>,
     ) {
+        self.announce.extend(announce);
         self.kept.insert(
             seq,
             Kept {
@@ -825,6 +833,10 @@ impl Stage for ReceiptsStage {
     }
 
     fn on_start(&mut self, input: &Arc<Signal>) {
+        // Before any head can confirm them: what a restart found included.
+        for m in std::mem::take(&mut self.announce) {
+            self.status.send(m);
+        }
         let w = Arc::clone(&self.waker);
         input.set_waker(Waker::Custom(Arc::new(move || {
             let _ = w.wake();
