@@ -420,27 +420,7 @@ impl Engine {
                     inc.receipt.block_number,
                     inc.receipt.block_hash,
                     inc.tx.raw.clone(),
-                    inc.announce.then(|| StatusMsg {
-                        tx_hash: inc.receipt.tx_hash,
-                        block_number: inc.receipt.block_number,
-                        block_hash: inc.receipt.block_hash,
-                        success: inc.receipt.success,
-                        gas_used: inc.receipt.gas_used,
-                        // A deposit's index, as in a live run (its transaction called the
-                        // deposit or batch contract the policy chose).
-                        deposit_index: inc.receipt.deposits.first_index,
-                        deposit_count: if inc.msg.kind == crate::msg::IntentKind::StakeDeposit {
-                            inc.receipt.deposits.count
-                        } else {
-                            0
-                        },
-                        ..StatusMsg::event(
-                            inc.msg.seq,
-                            inc.msg.origin,
-                            crate::msg::State::Included,
-                            pipeline::now_raw(),
-                        )
-                    }),
+                    inc.announce.then_some(inc.receipt),
                 );
             }
         }

@@ -430,9 +430,34 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
         Some(raw) => decode_travel(raw)?,
         None => TravelInfo::default(),
     };
-    if kind.is_staking() {
-        return decode_staking(f, id, account, kind, route, travel);
-    }
+    let (to, value, data, gas_limit) = if kind.is_staking() {
+        let (data, gas_limit) = decode_staking(f, kind)?;
+        (Address::ZERO, U256::ZERO, data, gas_limit)
+    } else {
+        decode_payment(f, kind)?
+    };
+    Ok(DecodedIntent {
+        id,
+        account,
+        kind,
+        to,
+        value,
+        data,
+        gas_limit,
+        max_fee_cap: fee_cap(f)?,
+        route,
+        urgent: optional::<bool>(f, "urgent", "intent.urgent")?.unwrap_or(false),
+        public_fallback: optional::<bool>(f, "public_fallback", "intent.public_fallback")?
+            .unwrap_or(false),
+        travel,
+    })
+}
+
+/// `to`, `value_wei`, `data` and `gas_limit` of a transfer or a call.
+fn decode_payment(
+    f: &Fields<'_>,
+    kind: IntentKind,
+) -> Result<(Address, U256, Vec<u8>, u64), RequestError> {
     let needs_to = matches!(kind, IntentKind::Transfer | IntentKind::Call);
     let to = match optional::<String>(f, "to", "intent.to")? {
         Some(s) => parse_address(&s, "intent.to")?,
@@ -497,22 +522,7 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
             format!("must be between {TRANSFER_GAS} and {MAX_GAS_LIMIT}"),
         ));
     }
-    let max_fee_cap = fee_cap(f)?;
-    Ok(DecodedIntent {
-        id,
-        account,
-        kind,
-        to,
-        value,
-        data,
-        gas_limit,
-        max_fee_cap,
-        route,
-        urgent: optional::<bool>(f, "urgent", "intent.urgent")?.unwrap_or(false),
-        public_fallback: optional::<bool>(f, "public_fallback", "intent.public_fallback")?
-            .unwrap_or(false),
-        travel,
-    })
+    Ok((to, value, data, gas_limit))
 }
 
 /// The staking kinds: the engine chooses the contract, the value and the calldata, so the
@@ -520,14 +530,8 @@ fn decode_intent(f: &Fields<'_>) -> Result<DecodedIntent, RequestError> {
 /// blob carries that data for the policy stage: deposit entries packed
 /// ([`staking::DEPOSIT_ENTRY_BYTES`] each), or the system contract's exact input for an
 /// exit (pubkey ++ amount in gwei, big-endian) or a consolidation (source ++ target).
-fn decode_staking(
-    f: &Fields<'_>,
-    id: IntentId,
-    account: String,
-    kind: IntentKind,
-    route: Route,
-    travel: TravelInfo,
-) -> Result<DecodedIntent, RequestError> {
+/// Returns the calldata blob and the desk's gas limit (0: the engine's default).
+fn decode_staking(f: &Fields<'_>, kind: IntentKind) -> Result<(Vec<u8>, u64), RequestError> {
     for (key, field) in [
         ("to", "intent.to"),
         ("value_wei", "intent.value_wei"),
@@ -604,22 +608,7 @@ fn decode_staking(
         // The engine's default for the kind (`[staking]`).
         None => 0,
     };
-    let max_fee_cap = fee_cap(f)?;
-    Ok(DecodedIntent {
-        id,
-        account,
-        kind,
-        to: Address::ZERO,
-        value: U256::ZERO,
-        data,
-        gas_limit,
-        max_fee_cap,
-        route,
-        urgent: optional::<bool>(f, "urgent", "intent.urgent")?.unwrap_or(false),
-        public_fallback: optional::<bool>(f, "public_fallback", "intent.public_fallback")?
-            .unwrap_or(false),
-        travel,
-    })
+    Ok((data, gas_limit))
 }
 
 /// The desk's `max_fee_per_gas_wei` (0: none).

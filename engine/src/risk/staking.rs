@@ -27,9 +27,6 @@ use alloy_primitives::{Address, U256};
 use crate::msg::{IntentKind, IntentMsg, Reason};
 use crate::staking::{self, DEPOSIT_ENTRY_BYTES, DepositEntry, MAX_DEPOSITS_PER_INTENT};
 
-/// One gwei in wei.
-const GWEI: u64 = 1_000_000_000;
-
 /// An account's staking rules.
 #[derive(Debug, Clone, Default)]
 pub struct StakingRules {
@@ -148,11 +145,6 @@ impl Validators {
             .get(pubkey)
             .or_else(|| self.local.get(pubkey))
             .copied()
-    }
-
-    /// Whether the chain has a deposit for `pubkey`.
-    pub fn on_chain(&self, pubkey: &[u8; 48]) -> bool {
-        self.chain.map.contains_key(pubkey)
     }
 
     /// Remembers deposits this engine allowed (first credentials win, as on chain).
@@ -297,7 +289,7 @@ fn check_deposit(
     let gas = or_default(msg.gas_limit, net.deposit_gas.saturating_mul(n as u64));
     Ok(StakeTx {
         to,
-        value: U256::from(total_gwei) * U256::from(GWEI),
+        value: U256::from(staking::deposit_value_wei(total_gwei)),
         gas,
     })
 }

@@ -129,8 +129,8 @@ pub struct ReceiptsStage {
     ws_to_included: Recorder,
     /// The deposit contract whose `DepositEvent` indices `included` reports.
     deposit_contract: Option<alloy_primitives::Address>,
-    /// `included` events of transactions found on chain at a restart, sent on start.
-    announce: Vec<StatusMsg>,
+    /// Transactions found on chain at a restart whose `included` is sent on start.
+    announce: Vec<(u64, Origin, ReceiptSummary)>,
     pending_events: Vec<HeadEvent>,
     blobs: Arc<BlobPool>,
     resend: Option<Resend>,
@@ -227,8 +227,8 @@ impl ReceiptsStage {
 
     /// Takes over a transaction found in block `block_number` when the engine restarted
     /// (from the journal and the chain): it is confirmed at depth like one seen in this
-    /// run, and sent again if its block is reorged away. `announce`: its `included` event,
-    /// when the journal does not have it yet; the stage sends it first thing on its own
+    /// run, and sent again if its block is reorged away. `announce`: its receipt, when the
+    /// journal does not have its `included` yet; the stage sends that first thing on its own
     /// thread, so it always comes before the `confirmed` (a separate sender could be
     /// overtaken, leaving `included` as the intent's latest state). Call in block order,
     /// before the stage starts.
@@ -243,9 +243,9 @@ impl ReceiptsStage {
         block_number: u64,
         block_hash: B256,
         raw: Vec<u8>,
-        announce: Option<StatusMsg>,
+        announce: Option<ReceiptSummary>,
     ) {
-        self.announce.extend(announce);
+        self.announce.extend(announce.map(|r| (seq, origin, r)));
         self.kept.insert(
             seq,
             Kept {
@@ -366,14 +366,16 @@ impl ReceiptsStage {
         self.announce_included(w, r, "");
     }
 
-    /// Sends `included` for `w` (with the revert reason, if it reverted and the node gave
-    /// one) and queues it for `confirmed`.
-    fn announce_included(&mut self, w: Watch, r: &ReceiptSummary, revert_reason: &str) {
-        let now = now_raw();
-        if w.first_raw != 0 {
-            self.ws_to_included.record(ticks_to_ns(w.first_raw, now));
-        }
-        self.status.send(StatusMsg {
+    /// The `included` event of intent `seq` for receipt `r`.
+    fn included_event(
+        &self,
+        seq: u64,
+        origin: Origin,
+        r: &ReceiptSummary,
+        revert_reason: &str,
+        at: u64,
+    ) -> StatusMsg {
+        StatusMsg {
             tx_hash: r.tx_hash,
             block_number: r.block_number,
             block_hash: r.block_hash,
@@ -387,8 +389,19 @@ impl ReceiptsStage {
             } else {
                 0
             },
-            ..StatusMsg::event(w.seq, w.origin, State::Included, now)
-        });
+            ..StatusMsg::event(seq, origin, State::Included, at)
+        }
+    }
+
+    /// Sends `included` for `w` (with the revert reason, if it reverted and the node gave
+    /// one) and queues it for `confirmed`.
+    fn announce_included(&mut self, w: Watch, r: &ReceiptSummary, revert_reason: &str) {
+        let now = now_raw();
+        if w.first_raw != 0 {
+            self.ws_to_included.record(ticks_to_ns(w.first_raw, now));
+        }
+        let event = self.included_event(w.seq, w.origin, r, revert_reason, now);
+        self.status.send(event);
         self.included.push_back(Included {
             seq: w.seq,
             origin: w.origin,
@@ -834,8 +847,10 @@ impl Stage for ReceiptsStage {
 
     fn on_start(&mut self, input: &Arc<Signal>) {
         // Before any head can confirm them: what a restart found included.
-        for m in std::mem::take(&mut self.announce) {
-            self.status.send(m);
+        let now = now_raw();
+        for (seq, origin, r) in std::mem::take(&mut self.announce) {
+            let event = self.included_event(seq, origin, &r, "", now);
+            self.status.send(event);
         }
         let w = Arc::clone(&self.waker);
         input.set_waker(Waker::Custom(Arc::new(move || {

@@ -11,17 +11,14 @@ use super::{
 /// Largest packed form of one intent's entries.
 pub const MAX_PACKED_BYTES: usize = MAX_DEPOSITS_PER_INTENT * DEPOSIT_ENTRY_BYTES;
 
-/// Encodes the call for `packed` entries into `out`; the bytes written, or `None` if the
-/// entries are malformed, too many, or the call does not fit.
-pub fn entries_to_calldata(packed: &[u8], out: &mut [u8]) -> Option<usize> {
+/// The entries of an intent's packed form, decoded (`entries[..n]`), without allocating;
+/// `None` if it is empty, malformed or holds too many.
+pub fn unpack(packed: &[u8]) -> Option<([DepositEntry; MAX_DEPOSITS_PER_INTENT], usize)> {
     let n = packed.len() / DEPOSIT_ENTRY_BYTES;
     if n == 0 || n > MAX_DEPOSITS_PER_INTENT || !packed.len().is_multiple_of(DEPOSIT_ENTRY_BYTES) {
         return None;
     }
     let first = DepositEntry::decode(&packed[..DEPOSIT_ENTRY_BYTES])?;
-    if n == 1 {
-        return encode_deposit_call(&first, out);
-    }
     let mut entries = [first; MAX_DEPOSITS_PER_INTENT];
     for (slot, chunk) in entries
         .iter_mut()
@@ -30,7 +27,16 @@ pub fn entries_to_calldata(packed: &[u8], out: &mut [u8]) -> Option<usize> {
     {
         *slot = DepositEntry::decode(chunk)?;
     }
-    encode_batch_call(&entries[..n], out)
+    Some((entries, n))
+}
+
+/// Encodes the call for `packed` entries into `out`; the bytes written, or `None` if the
+/// entries are malformed, too many, or the call does not fit.
+pub fn entries_to_calldata(packed: &[u8], out: &mut [u8]) -> Option<usize> {
+    match unpack(packed)? {
+        (entries, 1) => encode_deposit_call(&entries[0], out),
+        (entries, n) => encode_batch_call(&entries[..n], out),
+    }
 }
 
 #[cfg(test)]

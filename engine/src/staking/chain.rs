@@ -155,11 +155,6 @@ impl Refresher {
         Ok(Box::new(self.set.clone()))
     }
 
-    /// Validators whose credentials point to one of the engine's withdrawal addresses.
-    pub fn watched(&self) -> &[[u8; 48]] {
-        &self.watched
-    }
-
     /// Starts the `staking-refresh` thread: refreshes every `every`, hands grown sets to
     /// the policy stage over `updates` (dropping what comes back on `retired`), and runs
     /// `on_tick` (the validator watch) after each refresh. Runs until `stop`.

@@ -32,7 +32,7 @@ pub mod testkeys;
 pub mod verifier;
 pub mod watch;
 
-pub use calls::{MAX_PACKED_BYTES, entries_to_calldata};
+pub use calls::{MAX_PACKED_BYTES, entries_to_calldata, unpack};
 
 /// The staking threads' counters and the request fees, for `/metrics`.
 #[derive(Debug, Clone)]

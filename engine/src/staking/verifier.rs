@@ -22,7 +22,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use pipeline::{Full, ManyToOneProducer, now_raw};
 
-use super::{DEPOSIT_ENTRY_BYTES, DepositEntry, verify_entry};
+use super::{unpack, verify_entries};
 use crate::blob::BlobPool;
 use crate::msg::{Detail, IntentMsg, Reason, State, StatusMsg};
 use crate::risk::audit::{AuditKind, AuditRecord, AuditSink};
@@ -94,25 +94,15 @@ impl DepositVerifier {
             } else {
                 &[]
             };
-            let mut failed = None;
-            if data.is_empty() || !data.len().is_multiple_of(DEPOSIT_ENTRY_BYTES) {
-                failed = Some(Detail::new("entries: malformed deposit entries"));
-            }
-            for (i, chunk) in data.chunks_exact(DEPOSIT_ENTRY_BYTES).enumerate() {
-                if failed.is_some() {
-                    break;
-                }
-                self.stats.entries.fetch_add(1, Ordering::Relaxed);
-                match DepositEntry::decode(chunk) {
-                    None => failed = Some(Detail::new("entries: malformed deposit entry")),
-                    Some(e) => {
-                        if let Err(check) = verify_entry(&e, self.fork_version) {
-                            failed = Some(refusal_text(i, check));
-                        }
-                    }
+            match unpack(data) {
+                None => Some(Detail::new("entries: malformed deposit entries")),
+                Some((entries, n)) => {
+                    self.stats.entries.fetch_add(n as u64, Ordering::Relaxed);
+                    verify_entries(&entries[..n], self.fork_version)
+                        .err()
+                        .map(|(i, check)| refusal_text(i, check))
                 }
             }
-            failed
         };
         match failed {
             Some(detail) => {
