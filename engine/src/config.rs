@@ -30,6 +30,54 @@ impl Layout {
     pub const PER_STAGE_MIN_CORES: usize = 8;
 }
 
+/// `hot_core`: the fused CPU chain (intake → policy → signing → broadcast write) gets a core
+/// of its own and busy-spins there; every other thread of the process (and, in dev mode,
+/// the dev chain) is confined to the other cores (`pipeline::coremap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotCore {
+    /// The highest core of the affinity mask.
+    Auto,
+    /// This core.
+    Core(usize),
+}
+
+impl HotCore {
+    /// `auto` or a core number.
+    pub fn parse(s: &str) -> Option<HotCore> {
+        match s {
+            "auto" => Some(HotCore::Auto),
+            n => n.parse().ok().map(HotCore::Core),
+        }
+    }
+
+    /// The core asked for (`None`: chosen from the mask).
+    pub fn core(self) -> Option<usize> {
+        match self {
+            HotCore::Auto => None,
+            HotCore::Core(c) => Some(c),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HotCore {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Core(usize),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Core(c) => Ok(HotCore::Core(c)),
+            Raw::Name(n) => HotCore::parse(&n).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "hot_core: expected \"auto\" or a core number, got `{n}`"
+                ))
+            }),
+        }
+    }
+}
+
 /// How stage threads wait when idle (configuration names of `pipeline::WaitKind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -414,6 +462,12 @@ pub struct Config {
     /// Pin pipeline threads to these cores, in thread order (empty = no pinning).
     #[serde(default)]
     pub pin_cores: Vec<usize>,
+    /// Give the fused CPU chain a core of its own (`"auto"` or a core number; absent: no
+    /// core map). It busy-spins there, and every other thread of the process is confined
+    /// to the remaining cores. Needs the fused layout, at least 2 usable cores, and no
+    /// `pin_cores`.
+    #[serde(default)]
+    pub hot_core: Option<HotCore>,
     /// Policy file (TOML; see docs/policy.md). Without one, each account's `allowlist`
     /// and `max_value_wei` are the whole policy. Reloaded on SIGHUP and `reload_policy`.
     #[serde(default)]
@@ -688,6 +742,16 @@ impl Config {
         }
         if self.accounts.is_empty() {
             return bad("accounts: at least one account is required".into());
+        }
+        if self.hot_core.is_some() {
+            if self.layout == Layout::PerStage {
+                return bad(
+                    "hot_core: needs the fused layout (layout = \"fused\" or \"auto\")".into(),
+                );
+            }
+            if !self.pin_cores.is_empty() {
+                return bad("hot_core: cannot be combined with pin_cores".into());
+            }
         }
         let max = crate::stages::broadcast::MAX_VENUES;
         if self.providers.len() > max {

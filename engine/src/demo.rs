@@ -294,10 +294,8 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
     );
     let _ = writeln!(
         text,
-        "layout: {} usable cores, {} CPU stages, wait {:?}, threads {:?}",
-        layout.usable_cores,
-        if layout.fused { "fused" } else { "per-stage" },
-        layout.wait,
+        "layout: {}, threads {:?}",
+        layout.describe(),
         layout.threads
     );
     if let Some(b) = &opts.broadcast {
@@ -354,14 +352,16 @@ pub fn run(engine: &Engine, token: &str, opts: &DemoOptions) -> Result<DemoOutco
         Some(None) => kind.push_str("-no-journal"),
         _ => {}
     }
+    if layout.core_map.is_some() {
+        kind.push_str("-hotcore");
+    }
     if let Some(root) = &opts.report_root
         && let Ok(dir) = report::run_dir(root, &kind)
     {
         let mut machine = format!(
-            "{}- layout: CPU stages {}, wait {}, threads {:?}\n- demo: {} intents, {} desks, {}/s\n",
+            "{}- layout: {}, threads {:?}\n- demo: {} intents, {} desks, {}/s\n",
             report::machine_description(),
-            if layout.fused { "fused" } else { "per-stage" },
-            layout.wait,
+            layout.describe(),
             layout.threads,
             opts.intents,
             opts.desks,

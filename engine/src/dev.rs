@@ -54,6 +54,7 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         blob_slots: 4 * 4096 + 1024,
         io_threads: 1,
         pin_cores: Vec::new(),
+        hot_core: None,
         policy_file: None,
         audit_dir: None,
         audit_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pipeline::{
-    CoreBudget, Input, LatencyRegistry, ManyToOneProducer, Output, Pipeline, PipelineBuilder,
-    ThreadConfig, WaitKind, fuse, many_to_one, one_to_one,
+    CoreBudget, CoreMap, Input, LatencyRegistry, ManyToOneProducer, Output, Pipeline,
+    PipelineBuilder, ThreadConfig, WaitKind, fuse, many_to_one, one_to_one,
 };
 use venues::{FeeView, RpcClient};
 
@@ -51,6 +51,30 @@ pub struct LayoutReport {
     pub wait: WaitKind,
     /// Thread names, in pipeline order.
     pub threads: Vec<String>,
+    /// With `hot_core`: the CPU chain's core (busy-spinning there) and the cores every
+    /// other thread is confined to.
+    pub core_map: Option<CoreMap>,
+}
+
+impl LayoutReport {
+    /// One line for reports: cores, layout, wait strategies, core map.
+    pub fn describe(&self) -> String {
+        let stages = if self.fused { "fused" } else { "per-stage" };
+        match &self.core_map {
+            None => format!(
+                "{} usable cores, CPU stages {stages}, wait {}, no core map",
+                self.usable_cores,
+                self.wait.as_str()
+            ),
+            Some(m) => format!(
+                "{} usable cores, CPU stages {stages} on hot core {} (busy-spin), every other thread on cores {:?} (wait {})",
+                self.usable_cores,
+                m.hot,
+                m.rest,
+                self.wait.as_str()
+            ),
+        }
+    }
 }
 
 /// A running engine.
@@ -84,6 +108,19 @@ impl Engine {
     /// threads, binds the desk listener.
     pub fn start(cfg: Config) -> Result<Engine, EngineError> {
         cfg.validate()?;
+        // The core map first, before this start spawns any thread: detected on the whole
+        // mask, then every thread of the process is moved off the hot core, and threads
+        // made from here on inherit that.
+        let budget = CoreBudget::detect();
+        let core_map = match cfg.hot_core {
+            None => None,
+            Some(h) => {
+                let map = CoreMap::isolate(&budget, h.core())?;
+                let moved = pipeline::confine_threads(None, &map.rest)?;
+                tracing::info!(hot = map.hot, rest = ?map.rest, threads = moved, "core map: the hot core is kept for the CPU chain");
+                Some(map)
+            }
+        };
         // The relay-auth key (refused if its file is readable by others).
         let relay_auth = cfg.relay_auth()?;
 
@@ -178,9 +215,8 @@ impl Engine {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let status = StatusSink::new(status_tx, Arc::clone(&dead));
 
-        let mut builder = PipelineBuilder::new();
+        let mut builder = PipelineBuilder::with_core_budget(budget.clone());
         let latency = builder.latency().clone();
-        let budget: CoreBudget = builder.core_budget().clone();
         let fused = match cfg.layout {
             Layout::Auto => budget.usable_cores() < Layout::PER_STAGE_MIN_CORES,
             Layout::Fused => true,
@@ -437,10 +473,15 @@ impl Engine {
         if fused {
             // Few cores: the CPU stages and the socket write run as one chain of direct
             // calls; the thread parks on the node socket's poller, which the intake ring
-            // also wakes.
+            // also wakes. With a core map it owns the hot core and spins instead.
             let cpu = fuse(fuse(fuse(intake, policy), signing), broadcast);
+            let mut cpu_thread = next("cpu");
+            if let Some(map) = &core_map {
+                cpu_thread.core = Some(map.hot);
+                cpu_thread.wait = WaitKind::BusySpin;
+            }
             builder.spawn(
-                next("cpu"),
+                cpu_thread,
                 Input::ManyToOne(intake_rx),
                 cpu,
                 Output::OneToOneLazy(rc_tx),
@@ -650,6 +691,7 @@ impl Engine {
                 fused,
                 wait,
                 threads,
+                core_map,
             },
             counters,
         })

@@ -27,6 +27,9 @@ pub enum EngineError {
     /// The pipeline failed (a stage panicked, a thread could not start).
     #[error("pipeline: {0}")]
     Pipeline(#[from] pipeline::PipelineError),
+    /// The core map (`hot_core`) cannot be made on this machine.
+    #[error("hot_core: {0}")]
+    CoreMap(#[from] pipeline::CoreMapError),
     /// The desk listener could not be set up.
     #[error("listener on {addr}: {source}")]
     Listen {

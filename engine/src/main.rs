@@ -160,6 +160,11 @@ struct DevArgs {
     /// send also goes to the next provider (default: the configuration default).
     #[arg(long)]
     hedge_delay_us: Option<u64>,
+    /// Core map: `auto` (or a core number) gives the fused CPU chain a core of its own,
+    /// busy-spinning, and confines every other engine thread and the dev chain to the
+    /// other cores. Absent: no core map.
+    #[arg(long, value_parser = parse_hot_core)]
+    hot_core: Option<engine::config::HotCore>,
     /// Journal sync policy: `none` (page cache: survives a crash of the process), `group`
     /// (acks and broadcasts wait for fsync, group commit) or `interval`. The dev journal is
     /// `<dev dir>/journal`, started empty each time (the dev chain is new each time).
@@ -183,6 +188,11 @@ fn parse_sync(s: &str) -> Result<JournalMode, String> {
             "unknown journal sync `{s}`: none, group, interval or off"
         )),
     }
+}
+
+fn parse_hot_core(s: &str) -> Result<engine::config::HotCore, String> {
+    engine::config::HotCore::parse(s)
+        .ok_or_else(|| format!("unknown hot core `{s}`: auto or a core number"))
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -216,6 +226,7 @@ fn main() -> ExitCode {
         providers: 1,
         hedge_delay_us: None,
         journal_sync: JournalMode(Some(engine::config::JournalSync::None)),
+        hot_core: None,
     })) {
         Cmd::Dev(args) => {
             let demo = args.demo.then(DemoOptions::default);
@@ -363,6 +374,7 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
                 interval_ms: 10,
                 compact_every_ms: 10_000,
             });
+        c.hot_core = args.hot_core;
         c.providers = dev::dev_providers(&chain.ws_url(), args.providers);
         if let Some(us) = args.hedge_delay_us {
             c.broadcast.hedge_delay_us = us;
@@ -382,6 +394,10 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
     };
     let token = JwtAuth::new(secret.as_bytes()).issue("dev", Roles::all(), 7 * 86_400);
     let layout = engine.layout();
+    // The dev chain shares this machine: off the hot core too.
+    if let Some(map) = &layout.core_map {
+        pipeline::confine_threads(Some(chain.pid()), &map.rest)?;
+    }
     println!("engine dev mode");
     println!("  desk URL:   ws://{}/v1/ws", engine.local_addr());
     println!("  health:     http://{}/health", engine.local_addr());
@@ -409,12 +425,7 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
         "  audit log:  {0} (check it: engine audit verify {0})",
         dir.join("audit").display()
     );
-    println!(
-        "  layout:     {} usable cores, CPU stages {}, wait {:?}",
-        layout.usable_cores,
-        if layout.fused { "fused" } else { "per-stage" },
-        layout.wait
-    );
+    println!("  layout:     {}", layout.describe());
     println!("  broadcast:  {}", setup.describe());
     match args.journal_sync.0 {
         Some(sync) => println!(

@@ -111,6 +111,7 @@ mod sync;
 pub mod barrier;
 
 pub mod clock;
+pub mod coremap;
 pub mod latency;
 pub mod message;
 pub mod report;
@@ -121,6 +122,7 @@ pub mod stage;
 pub mod wait;
 
 pub use clock::{clock, now_raw, ticks_to_ns};
+pub use coremap::{CoreMap, CoreMapError, confine_threads};
 pub use latency::{HistogramSnapshot, LatencyRegistry, Percentiles, Recorder};
 pub use message::{Hops, MAX_HOPS, Message, NoMessage};
 pub use ring::{

@@ -733,6 +733,15 @@ impl PipelineBuilder {
         }
     }
 
+    /// An empty pipeline on a budget detected earlier: for a process that confined its
+    /// threads to part of its mask ([`crate::coremap`]) after detecting it, so that a
+    /// thread may still be pinned to the core kept apart.
+    pub fn with_core_budget(budget: CoreBudget) -> Self {
+        let mut b = Self::new();
+        b.budget = budget;
+        b
+    }
+
     /// The latency registry (to create extra named recorders before start).
     pub fn latency(&self) -> &LatencyRegistry {
         &self.registry
