@@ -111,8 +111,9 @@ pub const BROADCAST_SERVICE_P99_TARGET_NS: u64 = 20_000;
 pub const WS_TO_NODE_P99_TARGET_NS: u64 = 1_000_000;
 
 /// The rows of the broadcast-path table, in order.
-const BROADCAST_PATH: [&str; 4] = [
+const BROADCAST_PATH: [&str; 5] = [
     "broadcast.service",
+    "broadcast.socket_write",
     "e2e.ws_to_wire",
     "e2e.ws_to_node",
     "broadcast.node_rtt",
@@ -421,7 +422,9 @@ fn broadcast_section(
         text,
         "\n`broadcast.service`: the broadcast stage's own time per transaction, from taking it \
          ({}) to returning after the write to the first provider's socket; hedged sends \
-         happen later, on the stage's timer, and are not in it.",
+         happen later, on the stage's timer, and are not in it. `broadcast.socket_write`: the \
+         kernel's part of it, the socket write call alone (the request already encoded and \
+         framed).",
         if fused {
             "fused layout: the signing stage's hand-over stamp; the chain records each inner \
              stage's service time separately, so this is broadcast's alone"

@@ -349,6 +349,7 @@ impl Engine {
                 ws_to_wire: latency.recorder("e2e.ws_to_wire"),
                 ws_to_node: latency.recorder("e2e.ws_to_node"),
                 node_rtt: latency.recorder("broadcast.node_rtt"),
+                socket_write: latency.recorder("broadcast.socket_write"),
             },
             cap,
             Arc::clone(&kill),

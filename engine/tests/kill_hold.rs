@@ -52,6 +52,7 @@ fn signed_transactions_are_held_while_killed_and_sent_in_order_after() {
             ws_to_wire: reg.recorder("a"),
             ws_to_node: reg.recorder("b"),
             node_rtt: reg.recorder("c"),
+            socket_write: reg.recorder("d"),
         },
         64,
         Arc::clone(&kill),

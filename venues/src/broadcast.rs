@@ -176,6 +176,19 @@ impl BroadcastConnection {
     /// back with the reply. Never blocks: if the socket is full, the rest of
     /// the frame stays queued and goes out on the next send or poll.
     pub fn send_raw_transaction(&mut self, raw_tx: &[u8], tag: u64) -> Result<(), VenueError> {
+        self.send_raw_transaction_stamped(raw_tx, tag, || 0)
+            .map(|_| ())
+    }
+
+    /// [`BroadcastConnection::send_raw_transaction`], reporting `stamp()` taken right
+    /// before the socket write (the request encoded and framed, nothing handed to the
+    /// kernel yet) and right after it, so a caller can tell its own work from the kernel's.
+    pub fn send_raw_transaction_stamped(
+        &mut self,
+        raw_tx: &[u8],
+        tag: u64,
+        mut stamp: impl FnMut() -> u64,
+    ) -> Result<WriteStamps, VenueError> {
         if self.closed {
             return Err(VenueError::Closed);
         }
@@ -208,7 +221,13 @@ impl BroadcastConnection {
                 return Err(self.fail(e.into()));
             }
         }
-        self.flush()
+        // tungstenite's `write` only frames into its buffer; the flush is the syscall.
+        let before_write = stamp();
+        self.flush()?;
+        Ok(WriteStamps {
+            before_write,
+            after_write: stamp(),
+        })
     }
 
     /// Reads every complete frame available without blocking and reports
@@ -326,6 +345,16 @@ impl BroadcastConnection {
         self.closed = true;
         e
     }
+}
+
+/// When a request's bytes went to the kernel, in the caller's clock (see
+/// [`BroadcastConnection::send_raw_transaction_stamped`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStamps {
+    /// Taken with the request encoded and framed, before the socket write.
+    pub before_write: u64,
+    /// Taken when the socket write returned.
+    pub after_write: u64,
 }
 
 /// A `0x`-prefixed 32-byte hex string, without allocating.

@@ -104,7 +104,7 @@ pub use beacon::{
     AlertKind, BeaconClient, BeaconHead, BlsPubkey, StateId, ValidatorId, ValidatorInfo,
     ValidatorStatus, ValidatorWatch, WatchConfig, WatchEvent,
 };
-pub use broadcast::{BroadcastConnection, RpcErrorInfo};
+pub use broadcast::{BroadcastConnection, RpcErrorInfo, WriteStamps};
 pub use error::VenueError;
 pub use fees::{FeeSnapshot, FeeView};
 pub use heads::{HeadEvent, HeadFollower};

@@ -344,6 +344,10 @@ pub struct BroadcastRecorders {
     pub ws_to_node: Recorder,
     /// Request written → node's answer read (the node's round trip).
     pub node_rtt: Recorder,
+    /// The kernel's part of a transaction's first write: the socket write call alone
+    /// (the request already encoded and framed). The stage's own work is its service
+    /// time less this.
+    pub socket_write: Recorder,
 }
 
 /// The way back into the broadcast stage for a transaction that was signed and sent
@@ -867,15 +871,18 @@ impl BroadcastStage {
             let Health::Up(conn) = &mut self.providers[i].health else {
                 continue;
             };
-            match conn.send_raw_transaction(bytes, seq) {
-                Ok(()) => {
-                    let at = now_raw();
+            match conn.send_raw_transaction_stamped(bytes, seq, now_raw) {
+                Ok(w) => {
+                    let at = w.after_write;
                     if f.sent_raw == 0 {
                         f.sent_raw = at;
                     }
                     if !f.wired {
                         f.wired = true;
                         self.rec.ws_to_wire.record(ticks_to_ns(f.first_raw, at));
+                        self.rec
+                            .socket_write
+                            .record(ticks_to_ns(w.before_write, w.after_write));
                     }
                     f.sent |= bit;
                     f.pending |= bit;
