@@ -466,3 +466,79 @@ fn a_relay_down_at_start_is_redialled_and_intents_wait_for_it_within_the_venue_w
     });
     assert!(metric(&h, r#"engine_relay_reconnects_total{relay="relay-late"}"#) >= 1.0);
 }
+
+#[test]
+fn a_relay_that_never_answers_is_dropped_and_its_transactions_move_on() {
+    // The relay's path black-holes: connections are accepted, requests read, nothing is
+    // ever answered. The engine learns it only from the missing answers.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = relay_key(dir.path());
+    let mut sim = None;
+    let mut proxy = None;
+    let h = Harness::start_with(Layout::Auto, |cfg| {
+        let s = RelaySim::start(&node_http(cfg), RelaySimConfig::default()).unwrap();
+        let p = venues::fault::FaultProxy::start(s.addr()).unwrap();
+        cfg.relays = vec![RelayConfig {
+            name: "relay-bh".into(),
+            url: p.http_url(),
+        }];
+        cfg.relay_auth_key_file = Some(key);
+        cfg.broadcast.heartbeat_timeout_ms = 300;
+        cfg.broadcast.reconnect_min_ms = 20;
+        cfg.broadcast.reconnect_max_ms = 100;
+        cfg.broadcast.venue_wait_ms = 10_000;
+        sim = Some(s);
+        proxy = Some(p);
+    });
+    let (sim, proxy) = (sim.unwrap(), proxy.unwrap());
+    proxy.set(venues::fault::Fault::Blackhole);
+
+    let started = Instant::now();
+    let frames = run(
+        &h,
+        &[
+            intent("bh", "dev1", 5, 10, json!({"route": "private"})),
+            intent(
+                "bh-fb",
+                "dev2",
+                5,
+                10,
+                json!({"route": "private", "public_fallback": true}),
+            ),
+        ],
+    );
+    // Without the fallback: failed, clearly, long before the venue wait (10 s) ran out.
+    let bh = frames["bh"].last().unwrap();
+    assert_eq!(bh["state"], "failed", "{:#?}", frames["bh"]);
+    assert_eq!(bh["reason"], "venue_unavailable", "{bh}");
+    assert!(
+        bh["message"]
+            .as_str()
+            .is_some_and(|d| d.contains("broke repeatedly")),
+        "{bh}"
+    );
+    assert!(!frames["bh"].iter().any(|f| f["state"] == "broadcast"));
+    assert!(!mined(&h, tx_hash(&frames["bh"])));
+    // With it: public, and mined.
+    let fb = &frames["bh-fb"];
+    assert!(confirmed(fb), "{fb:#?}");
+    assert_eq!(event(fb, "broadcast")["route"], "public", "{fb:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "decided by the missing answers, not by the venue wait: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sim.forwarded(), 0, "nothing got through the black hole");
+    assert!(metric(&h, r#"engine_relay_disconnects_total{relay="relay-bh"}"#) >= 5.0);
+
+    // The path heals: the redialled relay takes the next private intent.
+    proxy.set(venues::fault::Fault::Pass);
+    let frames = run(
+        &h,
+        &[intent("healed", "dev3", 5, 12, json!({"route": "private"}))],
+    );
+    let healed = &frames["healed"];
+    assert!(confirmed(healed), "{healed:#?}");
+    assert_eq!(event(healed, "broadcast")["route"], "private");
+    assert_eq!(event(healed, "broadcast")["venues"], json!(["relay-bh"]));
+}

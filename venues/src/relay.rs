@@ -50,6 +50,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use alloy_primitives::{Address, B256, Keccak256, Signature, keccak256};
 use alloy_signer::SignerSync;
@@ -558,6 +559,8 @@ struct Pending {
     id: u64,
     tag: u64,
     kind: RequestKind,
+    /// When it was queued.
+    sent: Instant,
 }
 
 /// A JSON-RPC reply body, decoded from borrowed JSON.
@@ -779,6 +782,14 @@ impl RelayConnection {
         self.in_flight.len()
     }
 
+    /// How long the oldest unanswered request has waited (HTTP/1.1 answers in order, so
+    /// no answer at all has come for that long); `None` with nothing outstanding. A relay
+    /// that accepts requests and never answers (a stalled process, a black-holed path) is
+    /// found by this, since the connection itself stays open.
+    pub fn oldest_unanswered(&self) -> Option<Duration> {
+        self.in_flight.front().map(|p| p.sent.elapsed())
+    }
+
     /// Whether bytes are queued that the kernel has not accepted yet.
     pub fn write_pending(&self) -> bool {
         self.write_pending
@@ -809,7 +820,12 @@ impl RelayConnection {
         }
         self.out.extend_from_slice(b"\r\n\r\n");
         self.out.extend_from_slice(&self.body);
-        self.in_flight.push_back(Pending { id, tag, kind });
+        self.in_flight.push_back(Pending {
+            id,
+            tag,
+            kind,
+            sent: Instant::now(),
+        });
         self.flush()
     }
 
@@ -1097,6 +1113,7 @@ mod tests {
             id: 7,
             tag: 1,
             kind: RequestKind::Send,
+            sent: Instant::now(),
         };
         let cancel = Pending {
             kind: RequestKind::Cancel,

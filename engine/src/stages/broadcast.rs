@@ -46,11 +46,16 @@
 //!   route from then on).
 //! - Relays are dialled at start; one that cannot be reached, or whose connection breaks
 //!   (an error, the relay closing it), is redialled by the reconnect thread like a
-//!   provider. Relays get no heartbeat: HTTP keep-alive connections are closed by the
-//!   relay when idle, and that close (seen on the next readiness event or write) is what
-//!   triggers the redial. What was unanswered on a lost relay goes to the relays it has
-//!   not reached; with no relay connected it waits (up to `venue_wait`), then fails with
-//!   `venue_unavailable`, or goes public with `public_fallback`.
+//!   provider. A relay's liveness is its answers: a request it has left unanswered past
+//!   the heartbeat timeout (a stalled relay, a black-holed path: the connection itself
+//!   stays open) drops the connection and redials it. An idle relay gets no request of
+//!   its own: HTTP keep-alive connections are closed by the relay when idle, and that
+//!   close (seen on the next readiness event or write) triggers the redial. What was
+//!   unanswered on a lost relay goes to the relays it has not reached; with no relay
+//!   connected it waits (up to `venue_wait`), then fails with `venue_unavailable`, or
+//!   goes public with `public_fallback`. A private transaction whose relay connections
+//!   broke five times goes public with `public_fallback`, else fails
+//!   (`venue_unavailable`).
 //! - Venue bits: provider `i` is bit `i` of the venue masks, relay `j` is bit
 //!   `providers + j`; the status stage names them from the provider names followed by the
 //!   relay names. Providers and relays together are at most [`MAX_VENUES`].
@@ -1183,6 +1188,11 @@ impl BroadcastStage {
             return false;
         }
         let f = *f;
+        if f.private && f.public_fallback {
+            // The relays keep losing it; the intent allows the public route.
+            self.go_public(seq);
+            return true;
+        }
         self.finish_failed(
             seq,
             f,
@@ -1628,6 +1638,21 @@ impl BroadcastStage {
                     && let Err(e) = conn.send_heartbeat()
                 {
                     self.lose(i, &e.to_string());
+                }
+            }
+            // A relay has no heartbeat request of its own; what it has not answered is
+            // the test: a request unanswered past the heartbeat timeout drops the
+            // connection, and what waited on it moves on as after any lost relay.
+            for j in 0..self.relays.len() {
+                let RelayHealth::Up(conn) = &self.relays[j].health else {
+                    continue;
+                };
+                if conn
+                    .oldest_unanswered()
+                    .is_some_and(|w| w >= self.tuning.heartbeat_timeout)
+                {
+                    self.lose_relay(j, "relay request unanswered");
+                    n += 1;
                 }
             }
         }
