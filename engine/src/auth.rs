@@ -1,4 +1,10 @@
 //! Desk authentication: HS256 JWT bearer tokens on the WebSocket upgrade.
+//!
+//! Invariants: the algorithm is pinned to HS256 (a token naming any other, `none`
+//! included, is refused before its signature is looked at); `exp` is required and `nbf`,
+//! when present, enforced (5 s leeway); tokens are issued with the current secret and
+//! verified against it and any previous secrets still configured (rotation with two valid
+//! keys at once). No error message carries a token or a secret.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -80,6 +86,8 @@ struct Claims {
     exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
 
 /// Why a token was refused. The message never includes the token or the secret.
@@ -94,6 +102,9 @@ pub enum AuthError {
     /// `exp` is in the past.
     #[error("token expired")]
     Expired,
+    /// `nbf` is in the future.
+    #[error("token not valid yet (nbf is in the future)")]
+    NotYetValid,
     /// Signature, algorithm or structure is wrong.
     #[error("token rejected: {0}")]
     Invalid(String),
@@ -105,10 +116,12 @@ pub enum AuthError {
     EmptySubject,
 }
 
-/// Issues and verifies HS256 tokens with one shared secret.
+/// Issues HS256 tokens with the current secret and verifies them against it and any
+/// previous secrets.
 pub struct JwtAuth {
     enc: EncodingKey,
-    dec: DecodingKey,
+    /// The current secret first, then the previous ones.
+    dec: Vec<DecodingKey>,
     validation: Validation,
 }
 
@@ -121,12 +134,20 @@ impl std::fmt::Debug for JwtAuth {
 impl JwtAuth {
     /// A verifier/issuer for `secret`. The algorithm is pinned to HS256.
     pub fn new(secret: &[u8]) -> Self {
+        Self::with_previous(secret, &[])
+    }
+
+    /// Issues with `secret`; verifies with it and with each of `previous` (rotation).
+    pub fn with_previous(secret: &[u8], previous: &[&[u8]]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut dec = vec![DecodingKey::from_secret(secret)];
+        dec.extend(previous.iter().map(|p| DecodingKey::from_secret(p)));
         Self {
             enc: EncodingKey::from_secret(secret),
-            dec: DecodingKey::from_secret(secret),
+            dec,
             validation,
         }
     }
@@ -139,6 +160,7 @@ impl JwtAuth {
             roles: roles.names().into_iter().map(str::to_owned).collect(),
             exp: now + ttl_secs,
             iat: Some(now),
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc).unwrap_or_default()
     }
@@ -155,12 +177,29 @@ impl JwtAuth {
 
     /// Verifies a bare token.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation).map_err(
-            |e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                k => AuthError::Invalid(format!("{k:?}")),
-            },
-        )?;
+        use jsonwebtoken::errors::ErrorKind;
+        let mut last = AuthError::Invalid("no verification key".into());
+        let mut decoded = None;
+        for key in &self.dec {
+            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+                Ok(d) => {
+                    decoded = Some(d);
+                    break;
+                }
+                // Only a wrong signature is worth trying the next key for.
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+                    last = AuthError::Invalid("InvalidSignature".into());
+                }
+                Err(e) => {
+                    return Err(match e.kind() {
+                        ErrorKind::ExpiredSignature => AuthError::Expired,
+                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                        k => AuthError::Invalid(format!("{k:?}")),
+                    });
+                }
+            }
+        }
+        let data = decoded.ok_or(last)?;
         if data.claims.sub.is_empty() {
             return Err(AuthError::EmptySubject);
         }
@@ -220,6 +259,7 @@ mod tests {
             roles: vec!["trader".into()],
             exp: unix_secs() - 120,
             iat: None,
+            nbf: None,
         };
         let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.enc).unwrap();
         assert_eq!(a.verify(&old), Err(AuthError::Expired));
@@ -230,6 +270,7 @@ mod tests {
             roles: vec![],
             exp: unix_secs() + 60,
             iat: None,
+            nbf: None,
         };
         let other = jsonwebtoken::encode(&Header::new(Algorithm::HS384), &claims, &a.enc).unwrap();
         assert!(matches!(a.verify(&other), Err(AuthError::Invalid(_))));
@@ -239,9 +280,68 @@ mod tests {
             roles: vec!["root".into()],
             exp: unix_secs() + 60,
             iat: None,
+            nbf: None,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &bad_role, &a.enc).unwrap();
         assert_eq!(a.verify(&t), Err(AuthError::UnknownRole("root".into())));
+    }
+
+    #[test]
+    fn not_before_rotation_and_no_algorithm_but_hs256() {
+        let a = JwtAuth::new(b"secret-a-0123456789");
+        let claims = |nbf: Option<u64>| Claims {
+            sub: "carol".into(),
+            roles: vec!["trader".into()],
+            exp: unix_secs() + 600,
+            iat: None,
+            nbf,
+        };
+        let sign = |c: &Claims, key: &[u8]| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                c,
+                &EncodingKey::from_secret(key),
+            )
+            .unwrap()
+        };
+        // nbf in the future (beyond the leeway) refused; in the past accepted.
+        let early = sign(&claims(Some(unix_secs() + 300)), b"secret-a-0123456789");
+        assert_eq!(a.verify(&early), Err(AuthError::NotYetValid));
+        let ok = sign(&claims(Some(unix_secs() - 10)), b"secret-a-0123456789");
+        assert_eq!(a.verify(&ok).unwrap().sub, "carol");
+
+        // Rotation: the new secret issues, both verify; a third secret does not.
+        let old_token = sign(&claims(None), b"secret-a-0123456789");
+        let rotated = JwtAuth::with_previous(b"secret-b-0123456789", &[b"secret-a-0123456789"]);
+        assert_eq!(rotated.verify(&old_token).unwrap().sub, "carol");
+        let new_token = rotated.issue("dave", Roles::default().with(Role::Trader), 60);
+        assert_eq!(rotated.verify(&new_token).unwrap().sub, "dave");
+        assert!(matches!(a.verify(&new_token), Err(AuthError::Invalid(_))));
+        let stranger = sign(&claims(None), b"secret-c-0123456789");
+        assert!(matches!(
+            rotated.verify(&stranger),
+            Err(AuthError::Invalid(_))
+        ));
+        // An expired token is expired under any key, not "invalid".
+        let mut c = claims(None);
+        c.exp = unix_secs() - 120;
+        assert_eq!(
+            rotated.verify(&sign(&c, b"secret-a-0123456789")),
+            Err(AuthError::Expired)
+        );
+
+        // `alg: none` (an unsigned token) is refused, whatever its claims.
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let head = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64.encode(serde_json::to_vec(&claims(None)).unwrap());
+        for t in [format!("{head}.{body}."), format!("{head}.{body}")] {
+            assert!(matches!(a.verify(&t), Err(AuthError::Invalid(_))), "{t}");
+        }
+        // Nor does an RS256 header with the HMAC secret pass (algorithm confusion).
+        let head = b64.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let forged = format!("{head}.{body}.{}", b64.encode([0u8; 32]));
+        assert!(matches!(a.verify(&forged), Err(AuthError::Invalid(_))));
     }
 
     #[test]

@@ -396,6 +396,17 @@ fn default_balance_falling_epochs() -> u32 {
     3
 }
 
+/// A secret from the configuration: redacted in `Debug`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretString(pub String);
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -403,8 +414,16 @@ pub struct Config {
     /// Desk listener (WebSocket and HTTP on one port).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// HS256 secret for desk JWTs.
+    /// HS256 secret for desk JWTs (tokens are issued with it).
     pub jwt_secret: String,
+    /// Earlier JWT secrets still accepted for verification while tokens signed with them
+    /// are in use (key rotation: put the old secret here, the new one in `jwt_secret`,
+    /// and remove the old one once its tokens have expired).
+    #[serde(default)]
+    pub jwt_previous_secrets: Vec<SecretString>,
+    /// `[limits]`: frame rates per connection and per principal, connections per principal.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
     /// Node WebSocket URL (`ws://…`).
     pub node_ws_url: String,
     /// Name of the node provider in `broadcast` events.
@@ -740,6 +759,18 @@ impl Config {
         if self.jwt_secret.len() < 16 {
             return bad("jwt_secret: must be at least 16 bytes".into());
         }
+        if let Some(i) = self
+            .jwt_previous_secrets
+            .iter()
+            .position(|s| s.0.len() < 16)
+        {
+            return bad(format!(
+                "jwt_previous_secrets[{i}]: must be at least 16 bytes"
+            ));
+        }
+        if let Err(what) = self.limits.validate() {
+            return bad(what);
+        }
         if self.accounts.is_empty() {
             return bad("accounts: at least one account is required".into());
         }
@@ -948,6 +979,38 @@ mod tests {
             !format!("{cfg:?}").contains("ac0974"),
             "secret leaked into Debug"
         );
+
+        // Key rotation and limits from the file; earlier secrets never shown.
+        std::fs::write(
+            &p,
+            text.replace(
+                "confirmations = 3",
+                "confirmations = 3\njwt_previous_secrets = [\"previous-secret-0123456789\"]\n\
+                 [limits]\nframes_per_sec_per_connection = 7\nmax_connections_per_principal = 3",
+            )
+            .replace("[[accounts]]", "\n[[accounts]]"),
+        )
+        .unwrap();
+        let rot = Config::load(&p).unwrap();
+        assert_eq!(rot.jwt_previous_secrets.len(), 1);
+        assert_eq!(rot.limits.frames_per_sec_per_connection, 7);
+        assert_eq!(rot.limits.max_connections_per_principal, 3);
+        assert_eq!(
+            rot.limits.burst_per_connection,
+            crate::limits::LimitsConfig::default().burst_per_connection
+        );
+        assert!(!format!("{rot:?}").contains("previous-secret"));
+        std::fs::write(
+            &p,
+            text.replace(
+                "confirmations = 3",
+                "confirmations = 3\n[limits]\nburst_per_principal = 0",
+            )
+            .replace("[[accounts]]", "\n[[accounts]]"),
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("limits.burst_per_principal"), "{e}");
 
         std::fs::write(
             &p,

@@ -55,6 +55,8 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         io_threads: 1,
         pin_cores: Vec::new(),
         hot_core: None,
+        jwt_previous_secrets: Vec::new(),
+        limits: crate::limits::LimitsConfig::default(),
         policy_file: None,
         audit_dir: None,
         audit_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,

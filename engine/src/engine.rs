@@ -605,7 +605,14 @@ impl Engine {
             )?;
         }
         let ctx = Arc::new(ServerCtx::new(
-            JwtAuth::new(cfg.jwt_secret.as_bytes()),
+            JwtAuth::with_previous(
+                cfg.jwt_secret.as_bytes(),
+                &cfg.jwt_previous_secrets
+                    .iter()
+                    .map(|s| s.0.as_bytes())
+                    .collect::<Vec<_>>(),
+            ),
+            Arc::new(crate::limits::Limits::new(cfg.limits.clone())),
             intake_tx,
             status.clone(),
             control_tx,

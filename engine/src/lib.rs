@@ -57,6 +57,7 @@ pub mod dev;
 pub mod engine;
 pub mod error;
 pub mod journal;
+pub mod limits;
 pub mod metrics;
 pub mod msg;
 pub mod protocol;

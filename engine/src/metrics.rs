@@ -81,6 +81,31 @@ pub fn prometheus(latency: &LatencyRegistry, counters: &Counters) -> String {
     s
 }
 
+/// The desk edge's limits: frames refused for a rate, upgrades refused for the
+/// connection cap.
+pub fn limits_prometheus(l: &crate::limits::Limits) -> String {
+    let mut s = String::new();
+    for (name, help, v) in [
+        (
+            "engine_rate_limited_total",
+            "Desk frames refused (not processed) for a per-connection or per-principal rate.",
+            &l.rate_limited,
+        ),
+        (
+            "engine_connections_refused_total",
+            "Desk upgrades refused for max_connections_per_principal.",
+            &l.connections_refused,
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    s
+}
+
 /// `/v1/latency`: percentiles in microseconds per recorder.
 pub fn latency_json(latency: &LatencyRegistry) -> Value {
     let mut recorders = serde_json::Map::new();

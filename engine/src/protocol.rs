@@ -34,6 +34,9 @@ pub enum ErrorCode {
     /// The engine could not make the intent durable (its journal write failed): nothing
     /// was done and the id is still free; retry.
     Unavailable,
+    /// The connection or its principal sent faster than its limit: the frame was not
+    /// processed; send it again after the time the message names.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -240,6 +244,23 @@ pub const TRANSFER_GAS: u64 = 21_000;
 pub const MAX_GAS_LIMIT: u64 = 30_000_000;
 
 type Fields<'a> = BTreeMap<&'a str, &'a RawValue>;
+
+/// The `req` and the intent id of a frame (`intent.id` of a submit, `id` of the other
+/// ops), as far as they can be read, without decoding the rest: for an error about a
+/// frame that is not processed (over a rate limit).
+pub fn peek_context(frame: &str) -> (Option<String>, Option<String>) {
+    let Ok(fields) = serde_json::from_str::<Fields<'_>>(frame) else {
+        return (None, None);
+    };
+    let string =
+        |raw: Option<&&RawValue>| raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok());
+    let req = string(fields.get("req"));
+    let id = string(fields.get("id")).or_else(|| {
+        let intent: Fields<'_> = serde_json::from_str(fields.get("intent")?.get()).ok()?;
+        string(intent.get("id"))
+    });
+    (req, id)
+}
 
 /// Decodes one text frame.
 pub fn decode(frame: &str) -> Result<Request, RequestError> {

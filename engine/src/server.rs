@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSo
 
 use crate::auth::{JwtAuth, Principal, Principals, Role};
 use crate::blob::{BlobPool, BlobRef};
+use crate::limits::{ConnectionSlot, Limits};
 use crate::msg::{AccountIdx, IntentId, IntentMsg, Origin, StatusKind, StatusMsg};
 use crate::protocol::{self, ErrorCode, Request, RequestError};
 use crate::risk::RiskAdmin;
@@ -61,6 +62,8 @@ pub struct Health {
 pub struct ServerCtx {
     /// Token verifier.
     pub auth: JwtAuth,
+    /// Frame rates and connection caps per connection and principal.
+    pub limits: Arc<Limits>,
     /// Producer side of the intake ring.
     pub intake: ManyToOneProducer<IntentMsg>,
     /// Producer side of the status ring (for `status` queries).
@@ -97,6 +100,7 @@ impl ServerCtx {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         auth: JwtAuth,
+        limits: Arc<Limits>,
         intake: ManyToOneProducer<IntentMsg>,
         status: StatusSink,
         control: crossbeam_channel::Sender<ConnControl>,
@@ -111,6 +115,7 @@ impl ServerCtx {
     ) -> Self {
         Self {
             auth,
+            limits,
             intake,
             status,
             control,
@@ -185,6 +190,7 @@ fn route(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             crate::metrics::prometheus(&ctx.latency, &ctx.counters)
+                + &crate::metrics::limits_prometheus(&ctx.limits)
                 + &crate::metrics::risk_prometheus(&ctx.risk)
                 + &ctx.custody.prometheus()
                 + &ctx
@@ -303,6 +309,15 @@ fn upgrade(
             json!({"error": "bad_request", "message": "expected a WebSocket (version 13) upgrade"}),
         );
     }
+    let slot = match ctx.limits.open(&principal.sub) {
+        Ok(s) => s,
+        Err(e) => {
+            return json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "too_many_connections", "message": e.to_string()}),
+            );
+        }
+    };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -315,7 +330,7 @@ fn upgrade(
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(cfg))
                 .await;
-        session(ws, principal, ctx, stop).await;
+        session(ws, principal, slot, ctx, stop).await;
     });
     let mut r = Response::new(Body::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -365,6 +380,7 @@ impl PendingReqs {
 async fn session<S>(
     ws: WebSocketStream<S>,
     principal: Principal,
+    slot: ConnectionSlot,
     ctx: Arc<ServerCtx>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -400,7 +416,20 @@ async fn session<S>(
             }
             frame = stream.next() => {
                 let t_raw = now_raw();
-                let reply = match frame {
+                // Over a rate: the frame is not processed; the desk is told which one.
+                let limited = match &frame {
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) => slot.check_frame().err(),
+                    _ => None,
+                };
+                let reply = if let Some(e) = limited {
+                    let (req, id) = match &frame {
+                        Some(Ok(Message::Text(t))) => protocol::peek_context(t.as_str()),
+                        _ => (None, None),
+                    };
+                    Some(RequestError::new(ErrorCode::RateLimited, e.to_string())
+                        .with_context(req.as_deref(), id.as_deref())
+                        .to_json())
+                } else { match frame {
                     Some(Ok(Message::Text(t))) => handle_text(t.as_str(), t_raw, origin, &principal, &ctx, &mut reqs),
                     Some(Ok(Message::Binary(_))) => Some(RequestError::new(
                         ErrorCode::BadRequest,
@@ -408,7 +437,7 @@ async fn session<S>(
                     ).to_json()),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => None, // ping/pong are answered by the WebSocket layer
-                };
+                } };
                 if let Some(text) = reply
                     && sink.send(Message::text(text)).await.is_err() { break; }
             }
@@ -793,6 +822,7 @@ mod tests {
         .unwrap();
         let ctx = ServerCtx::new(
             JwtAuth::new(b"0123456789abcdef0123"),
+            Arc::new(Limits::new(crate::limits::LimitsConfig::default())),
             intake,
             status,
             control,
