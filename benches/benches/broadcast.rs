@@ -66,11 +66,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if args.iter().any(|f| !"broadcast".contains(f.as_str())) {
+    if benches::filtered_out("broadcast") {
         return;
     }
     let rate = env_or("BROADCAST_RATE", 1000).max(1);
@@ -166,12 +162,7 @@ fn run_once(
         BroadcastTuning::default(),
         Arc::clone(&blobs),
         status,
-        BroadcastRecorders {
-            ws_to_wire: latency.recorder("e2e.ws_to_wire"),
-            ws_to_node: latency.recorder("e2e.ws_to_node"),
-            node_rtt: latency.recorder("broadcast.node_rtt"),
-            socket_write: latency.recorder("broadcast.socket_write"),
-        },
+        BroadcastRecorders::standard(&latency),
         cap,
         kill,
         Arc::new(BroadcastStats::new(&names)),

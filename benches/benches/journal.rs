@@ -297,11 +297,7 @@ fn latency_run(n: usize) {
 }
 
 fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if filters.iter().any(|f| !"journal".contains(f.as_str())) {
+    if benches::filtered_out("journal") {
         return;
     }
     let n = std::env::var("JOURNAL_BENCH_N")

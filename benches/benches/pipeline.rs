@@ -6,11 +6,7 @@
 fn main() {
     // `cargo bench` passes `--bench` and maybe a filter; a filter that names neither this run
     // nor "pipeline" skips it.
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if args.iter().any(|f| !"pipeline".contains(f.as_str())) {
+    if benches::filtered_out("pipeline") {
         return;
     }
     benches::pipeline_latency::run_all(10_000, 3.0);

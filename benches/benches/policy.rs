@@ -96,11 +96,7 @@ fn criterion_bench(c: &mut Criterion) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if args.iter().any(|f| !"policy".contains(f.as_str())) {
+    if benches::filtered_out("policy") {
         return;
     }
     timed_runs();

@@ -199,11 +199,7 @@ fn latency_run(setup: &Setup) {
 }
 
 fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if filters.iter().any(|f| !"sign_kms".contains(f.as_str())) {
+    if benches::filtered_out("sign_kms") {
         return;
     }
     let moto = moto::Moto::spawn();

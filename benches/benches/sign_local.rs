@@ -147,11 +147,7 @@ fn latency_run(s: &Setup, n: usize) {
 }
 
 fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if filters.iter().any(|f| !"sign_local".contains(f.as_str())) {
+    if benches::filtered_out("sign_local") {
         return;
     }
     let n = std::env::var("LOCAL_BENCH_N")

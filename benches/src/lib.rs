@@ -9,6 +9,15 @@ pub mod pipeline_latency;
 // latency runs.
 pub use pipeline::report::{hgrm, machine_description, ns_histogram, process_cpu_time, today};
 
+/// Whether `cargo bench`'s filter arguments (those not starting with `--`) leave out the
+/// run called `name`: a filter that is not part of the name skips it.
+pub fn filtered_out(name: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .any(|f| !name.contains(f.as_str()))
+}
+
 /// `latency-reports/` at the workspace root.
 pub fn reports_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -345,12 +345,7 @@ impl Engine {
             cfg.broadcast.tuning(),
             Arc::clone(&blobs),
             status.clone(),
-            BroadcastRecorders {
-                ws_to_wire: latency.recorder("e2e.ws_to_wire"),
-                ws_to_node: latency.recorder("e2e.ws_to_node"),
-                node_rtt: latency.recorder("broadcast.node_rtt"),
-                socket_write: latency.recorder("broadcast.socket_write"),
-            },
+            BroadcastRecorders::standard(&latency),
             cap,
             Arc::clone(&kill),
             Arc::clone(&broadcast_stats),

@@ -2,7 +2,7 @@
 //! status thread's counters. Rendered on request, off the hot path.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pipeline::LatencyRegistry;
 use serde_json::{Value, json};
@@ -59,50 +59,55 @@ pub fn prometheus(latency: &LatencyRegistry, counters: &Counters) -> String {
             counters.reasons[*r as usize].load(Ordering::Relaxed)
         );
     }
-    for (name, help, v) in [
-        ("engine_acks_total", "Intents acknowledged.", &counters.acks),
-        (
-            "engine_duplicates_total",
-            "Resubmissions answered from state.",
-            &counters.duplicates,
-        ),
-        (
-            "engine_slow_desk_disconnects_total",
-            "Desk connections closed for not reading.",
-            &counters.slow_desks,
-        ),
-    ] {
+    counters_text(
+        &mut s,
+        &[
+            ("engine_acks_total", "Intents acknowledged.", &counters.acks),
+            (
+                "engine_duplicates_total",
+                "Resubmissions answered from state.",
+                &counters.duplicates,
+            ),
+            (
+                "engine_slow_desk_disconnects_total",
+                "Desk connections closed for not reading.",
+                &counters.slow_desks,
+            ),
+        ],
+    );
+    s
+}
+
+/// Appends one Prometheus counter (HELP, TYPE, sample) per `(name, help, value)`.
+fn counters_text(s: &mut String, counters: &[(&str, &str, &AtomicU64)]) {
+    for (name, help, v) in counters {
         let _ = writeln!(
             s,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
             v.load(Ordering::Relaxed)
         );
     }
-    s
 }
 
 /// The desk edge's limits: frames refused for a rate, upgrades refused for the
 /// connection cap.
 pub fn limits_prometheus(l: &crate::limits::Limits) -> String {
     let mut s = String::new();
-    for (name, help, v) in [
-        (
-            "engine_rate_limited_total",
-            "Desk frames refused (not processed) for a per-connection or per-principal rate.",
-            &l.rate_limited,
-        ),
-        (
-            "engine_connections_refused_total",
-            "Desk upgrades refused for max_connections_per_principal.",
-            &l.connections_refused,
-        ),
-    ] {
-        let _ = writeln!(
-            s,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
+    counters_text(
+        &mut s,
+        &[
+            (
+                "engine_rate_limited_total",
+                "Desk frames refused (not processed) for a per-connection or per-principal rate.",
+                &l.rate_limited,
+            ),
+            (
+                "engine_connections_refused_total",
+                "Desk upgrades refused for max_connections_per_principal.",
+                &l.connections_refused,
+            ),
+        ],
+    );
     s
 }
 

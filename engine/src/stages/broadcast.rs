@@ -355,6 +355,19 @@ pub struct BroadcastRecorders {
     pub socket_write: Recorder,
 }
 
+impl BroadcastRecorders {
+    /// The recorders under their standard names (`e2e.ws_to_wire`, `e2e.ws_to_node`,
+    /// `broadcast.node_rtt`, `broadcast.socket_write`) in `registry`.
+    pub fn standard(registry: &pipeline::LatencyRegistry) -> Self {
+        Self {
+            ws_to_wire: registry.recorder("e2e.ws_to_wire"),
+            ws_to_node: registry.recorder("e2e.ws_to_node"),
+            node_rtt: registry.recorder("broadcast.node_rtt"),
+            socket_write: registry.recorder("broadcast.socket_write"),
+        }
+    }
+}
+
 /// The way back into the broadcast stage for a transaction that was signed and sent
 /// before: the receipt watcher sends again, byte for byte, what a reorg dropped. The
 /// message owns a blob slot holding the raw transaction; the stage treats it like a new
