@@ -424,6 +424,10 @@ pub struct Config {
     /// `[limits]`: frame rates per connection and per principal, connections per principal.
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// `[tls]`: TLS 1.3 on the desk listener (`wss://`, `https://`), optionally with client
+    /// certificates. Without it the listener must be a loopback address.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsSettings>,
     /// Node WebSocket URL (`ws://…`).
     pub node_ws_url: String,
     /// Name of the node provider in `broadcast` events.
@@ -770,6 +774,13 @@ impl Config {
         }
         if let Err(what) = self.limits.validate() {
             return bad(what);
+        }
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
+            return bad(format!(
+                "listen: {} is not a loopback address; plain ws:// is served on loopback only, \
+                 configure [tls] (cert_file, key_file) to listen there",
+                self.listen
+            ));
         }
         if self.accounts.is_empty() {
             return bad("accounts: at least one account is required".into());

@@ -2,11 +2,23 @@
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use std::sync::Arc;
+
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The byte stream under a desk's WebSocket: plain TCP or TLS.
+pub trait DeskIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + std::fmt::Debug
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + std::fmt::Debug> DeskIo
+    for T
+{
+}
 
 /// Why a desk connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,31 +35,69 @@ pub enum DeskError {
     /// The engine sent something that is not JSON.
     #[error("not JSON: {0}")]
     NotJson(String),
+    /// The URL could not be used (no host, or a scheme that does not fit the call).
+    #[error("url: {0}")]
+    Url(String),
+    /// The TCP connection or the TLS handshake failed.
+    #[error("connect: {0}")]
+    Connect(#[from] std::io::Error),
 }
 
 /// One desk connection.
 #[derive(Debug)]
 pub struct Desk {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: Ws,
 }
 
 impl Desk {
     /// Connects to `url` (`ws://HOST:PORT/v1/ws`) with a bearer token (or none).
     pub async fn connect(url: &str, token: Option<&str>) -> Result<Desk, DeskError> {
+        if !url.starts_with("ws://") {
+            return Err(DeskError::Url(format!(
+                "{url}: Desk::connect speaks ws://; use Desk::connect_tls for wss://"
+            )));
+        }
+        let tcp = TcpStream::connect(host_port(url, 80)?).await?;
+        let _ = tcp.set_nodelay(true);
+        Self::handshake(url, token, Box::new(tcp)).await
+    }
+
+    /// Connects to `url` (`wss://HOST:PORT/v1/ws`) over TLS with `tls` (its roots decide
+    /// which server certificates are trusted; a client certificate in it is presented
+    /// for mTLS).
+    pub async fn connect_tls(
+        url: &str,
+        token: Option<&str>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Desk, DeskError> {
+        if !url.starts_with("wss://") {
+            return Err(DeskError::Url(format!("{url}: expected wss://")));
+        }
+        let addr = host_port(url, 443)?;
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| DeskError::Url(format!("{host}: {e}")))?;
+        let tcp = TcpStream::connect(&addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        Self::handshake(url, token, Box::new(stream)).await
+    }
+
+    async fn handshake(
+        url: &str,
+        token: Option<&str>,
+        io: Box<dyn DeskIo>,
+    ) -> Result<Desk, DeskError> {
         let mut req = url.into_client_request()?;
         if let Some(t) = token {
             let v = HeaderValue::from_str(&format!("Bearer {t}"))
                 .map_err(|e| DeskError::Ws(WsError::HttpFormat(e.into())))?;
             req.headers_mut().insert("Authorization", v);
         }
-        match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => {
-                let _ = match ws.get_ref() {
-                    MaybeTlsStream::Plain(s) => s.set_nodelay(true),
-                    _ => Ok(()),
-                };
-                Ok(Desk { ws })
-            }
+        match tokio_tungstenite::client_async(req, io).await {
+            Ok((ws, _)) => Ok(Desk { ws }),
             Err(WsError::Http(resp)) => Err(DeskError::Refused(resp.status().as_u16())),
             Err(e) => Err(e.into()),
         }
@@ -98,7 +148,29 @@ impl Desk {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<Box<dyn DeskIo>>;
+
+/// `HOST:PORT` of a `ws://` or `wss://` URL (`default_port` when it names none).
+fn host_port(url: &str, default_port: u16) -> Result<String, DeskError> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, r)| r)
+        .ok_or_else(|| DeskError::Url(format!("{url}: no scheme")))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(DeskError::Url(format!("{url}: no host")));
+    }
+    Ok(
+        if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{default_port}")
+        },
+    )
+}
 
 /// Sending half of a [`Desk`].
 #[derive(Debug)]

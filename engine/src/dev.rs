@@ -57,6 +57,7 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         hot_core: None,
         jwt_previous_secrets: Vec::new(),
         limits: crate::limits::LimitsConfig::default(),
+        tls: None,
         policy_file: None,
         audit_dir: None,
         audit_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,

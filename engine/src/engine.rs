@@ -92,6 +92,7 @@ pub struct Engine {
     risk_stop: Arc<AtomicBool>,
     audit_stats: Arc<AuditStats>,
     journal: Option<Journal>,
+    tls: Option<Arc<crate::tls::TlsReloader>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -108,6 +109,11 @@ impl Engine {
     /// threads, binds the desk listener.
     pub fn start(cfg: Config) -> Result<Engine, EngineError> {
         cfg.validate()?;
+        // Certificates first: a bad file fails the start before anything runs.
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(crate::tls::TlsReloader::load(t.clone())?)),
+            None => None,
+        };
         // The core map first, before this start spawns any thread: detected on the whole
         // mask, then every thread of the process is moved off the hot core, and threads
         // made from here on inherit that.
@@ -621,10 +627,11 @@ impl Engine {
             custody_view,
         ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        runtime.spawn(server::serve(listener, ctx, stop_rx.clone()));
-        // SIGHUP reloads the policy, like the admin op.
+        runtime.spawn(server::serve(listener, ctx, tls.clone(), stop_rx.clone()));
+        // SIGHUP reloads the policy, like the admin op, and the TLS certificate.
         {
             let admin = Arc::clone(&risk_admin);
+            let tls = tls.clone();
             let mut stop = stop_rx.clone();
             let _g = runtime.enter();
             if let Ok(mut hup) =
@@ -639,6 +646,12 @@ impl Engine {
                                 match admin.reload(0) {
                                     Ok(l) => tracing::info!(version = l.version, label = %l.label, "policy reloaded on SIGHUP"),
                                     Err(e) => tracing::error!(error = %e, "policy reload on SIGHUP refused; the previous policy stays"),
+                                }
+                                if let Some(t) = &tls {
+                                    match t.reload() {
+                                        Ok(()) => tracing::info!("TLS certificate reloaded on SIGHUP"),
+                                        Err(e) => tracing::error!(error = %e, "TLS reload on SIGHUP refused; the previous certificate stays"),
+                                    }
                                 }
                             }
                         }
@@ -689,6 +702,7 @@ impl Engine {
             risk_stop,
             audit_stats,
             journal,
+            tls,
             layout: LayoutReport {
                 usable_cores: budget.usable_cores(),
                 fused,
@@ -700,9 +714,18 @@ impl Engine {
         })
     }
 
-    /// Where desks connect (`ws://ADDR/v1/ws`).
+    /// Where desks connect (`ws://ADDR/v1/ws`, or `wss://` with `[tls]`).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Reads the `[tls]` files again (as SIGHUP does): connections accepted from now on
+    /// get the new certificate, live sessions keep theirs. Without `[tls]`, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), EngineError> {
+        match &self.tls {
+            Some(t) => Ok(t.reload()?),
+            None => Ok(()),
+        }
     }
 
     /// The latency histograms.

@@ -3,6 +3,9 @@
 /// Everything that stops the engine from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The `[tls]` files could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The policy file is invalid (file, line and rule named).
     #[error("policy: {0}")]
     Policy(#[from] crate::risk::file::PolicyError),

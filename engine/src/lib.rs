@@ -66,6 +66,7 @@ pub mod risk;
 pub mod server;
 pub mod stages;
 pub mod staking;
+pub mod tls;
 pub mod txbuild;
 
 pub use config::Config;

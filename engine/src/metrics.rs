@@ -90,8 +90,8 @@ fn counters_text(s: &mut String, counters: &[(&str, &str, &AtomicU64)]) {
 }
 
 /// The desk edge's limits: frames refused for a rate, upgrades refused for the
-/// connection cap.
-pub fn limits_prometheus(l: &crate::limits::Limits) -> String {
+/// connection cap, failed TLS handshakes.
+pub fn limits_prometheus(l: &crate::limits::Limits, tls_failures: &AtomicU64) -> String {
     let mut s = String::new();
     counters_text(
         &mut s,
@@ -105,6 +105,11 @@ pub fn limits_prometheus(l: &crate::limits::Limits) -> String {
                 "engine_connections_refused_total",
                 "Desk upgrades refused for max_connections_per_principal.",
                 &l.connections_refused,
+            ),
+            (
+                "engine_tls_handshake_failures_total",
+                "Desk connections closed in the TLS handshake (not TLS 1.3, no or a wrong client certificate).",
+                tls_failures,
             ),
         ],
     );

@@ -64,6 +64,8 @@ pub struct ServerCtx {
     pub auth: JwtAuth,
     /// Frame rates and connection caps per connection and principal.
     pub limits: Arc<Limits>,
+    /// TLS handshakes that failed (wrong version, no or a wrong client certificate).
+    pub tls_handshake_failures: std::sync::atomic::AtomicU64,
     /// Producer side of the intake ring.
     pub intake: ManyToOneProducer<IntentMsg>,
     /// Producer side of the status ring (for `status` queries).
@@ -116,6 +118,7 @@ impl ServerCtx {
         Self {
             auth,
             limits,
+            tls_handshake_failures: std::sync::atomic::AtomicU64::new(0),
             intake,
             status,
             control,
@@ -137,34 +140,58 @@ impl ServerCtx {
     }
 }
 
-/// Accepts connections until `stop` flips.
+/// Accepts connections until `stop` flips; with `tls`, each one does its TLS handshake
+/// first (on its own task), and one that fails it is closed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<ServerCtx>,
+    tls: Option<Arc<crate::tls::TlsReloader>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let ctx = Arc::clone(&ctx);
                 let stop = stop.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let ctx = Arc::clone(&ctx);
-                        let stop = stop.clone();
-                        async move { Ok::<_, Infallible>(route(req, ctx, stop)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
-                });
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_connection(stream, ctx, stop));
+                    }
+                    Some(tls) => {
+                        let acceptor = tls.acceptor();
+                        tokio::spawn(async move {
+                            match acceptor.accept(stream).await {
+                                Ok(s) => serve_connection(s, ctx, stop).await,
+                                Err(e) => {
+                                    ctx.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                                }
+                            }
+                        });
+                    }
+                }
             }
         }
     }
+}
+
+/// HTTP/1.1 (with the WebSocket upgrade) on one accepted connection, plain or TLS.
+async fn serve_connection<IO>(io: IO, ctx: Arc<ServerCtx>, stop: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        let stop = stop.clone();
+        async move { Ok::<_, Infallible>(route(req, ctx, stop)) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body<Bytes>> {
@@ -190,7 +217,7 @@ fn route(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             crate::metrics::prometheus(&ctx.latency, &ctx.counters)
-                + &crate::metrics::limits_prometheus(&ctx.limits)
+                + &crate::metrics::limits_prometheus(&ctx.limits, &ctx.tls_handshake_failures)
                 + &crate::metrics::risk_prometheus(&ctx.risk)
                 + &ctx.custody.prometheus()
                 + &ctx
