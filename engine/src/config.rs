@@ -401,6 +401,18 @@ fn default_balance_falling_epochs() -> u32 {
 #[serde(transparent)]
 pub struct SecretString(pub String);
 
+impl From<String> for SecretString {
+    fn from(s: String) -> Self {
+        SecretString(s)
+    }
+}
+
+impl From<&str> for SecretString {
+    fn from(s: &str) -> Self {
+        SecretString(s.to_owned())
+    }
+}
+
 impl std::fmt::Debug for SecretString {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
@@ -415,7 +427,7 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// HS256 secret for desk JWTs (tokens are issued with it).
-    pub jwt_secret: String,
+    pub jwt_secret: SecretString,
     /// Earlier JWT secrets still accepted for verification while tokens signed with them
     /// are in use (key rotation: put the old secret here, the new one in `jwt_secret`,
     /// and remove the old one once its tokens have expired).
@@ -726,11 +738,25 @@ impl Config {
 
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, EngineError> {
+        // The file holds the JWT secret (and maybe keys): only its owner may read it.
+        crate::audit::key::check_private_file(path).map_err(|why| EngineError::Config {
+            what: format!("{}: {why}", path.display()),
+        })?;
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::Config {
             what: format!("cannot read {}: {e}", path.display()),
         })?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| EngineError::Config {
-            what: format!("{}: {e}", path.display()),
+        // The parser's own message quotes the offending line, which may hold a secret:
+        // only its position and the reason are reported.
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| {
+            let at = e.span().map_or(String::new(), |sp| {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {col}: ")
+            });
+            EngineError::Config {
+                what: format!("{}: {at}{}", path.display(), e.message()),
+            }
         })?;
         // Relative paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -742,7 +768,11 @@ impl Config {
         ]
         .into_iter()
         .flatten()
-        {
+        .chain(cfg.tls.iter_mut().flat_map(|t| {
+            [&mut t.cert_file, &mut t.key_file]
+                .into_iter()
+                .chain(t.client_ca_file.as_mut())
+        })) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -760,7 +790,7 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |what: String| Err(EngineError::Config { what });
-        if self.jwt_secret.len() < 16 {
+        if self.jwt_secret.0.len() < 16 {
             return bad("jwt_secret: must be at least 16 bytes".into());
         }
         if let Some(i) = self
@@ -967,6 +997,37 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Writes a configuration file only its owner may read, as `Config::load` requires.
+    fn write_private(p: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(p, text)?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+    }
+
+    #[test]
+    fn a_readable_config_is_refused_and_parse_errors_quote_no_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("engine.toml");
+        let text = "jwt_secret = \"sekrit-0123456789abcdef\"\nnode_ws_url = \"ws://127.0.0.1:1\"\naccounts = []\n";
+        write_private(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("engine.toml") && e.contains("group or others"),
+            "{e}"
+        );
+        // A syntax error on the secret's own line: position and reason, not the line.
+        write_private(
+            &p,
+            "node_ws_url = \"ws://x\"\njwt_secret = \"sekrit-0123456789abcdef\" junk\n",
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains("sekrit"), "secret in the error: {e}");
+    }
+
     #[test]
     fn loads_toml_and_validates() {
         let text = r#"
@@ -981,7 +1042,7 @@ mod tests {
         "#;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("engine.toml");
-        std::fs::write(&p, text).unwrap();
+        write_private(&p, text).unwrap();
         let cfg = Config::load(&p).unwrap();
         assert_eq!(cfg.confirmations, 3);
         assert_eq!(cfg.account_index("treasury-1"), Some(0));
@@ -992,7 +1053,7 @@ mod tests {
         );
 
         // Key rotation and limits from the file; earlier secrets never shown.
-        std::fs::write(
+        write_private(
             &p,
             text.replace(
                 "confirmations = 3",
@@ -1011,7 +1072,7 @@ mod tests {
             crate::limits::LimitsConfig::default().burst_per_connection
         );
         assert!(!format!("{rot:?}").contains("previous-secret"));
-        std::fs::write(
+        write_private(
             &p,
             text.replace(
                 "confirmations = 3",
@@ -1023,7 +1084,7 @@ mod tests {
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("limits.burst_per_principal"), "{e}");
 
-        std::fs::write(
+        write_private(
             &p,
             text.replace("confirmations = 3", "confirmations = 3\nbogus = 1"),
         )
@@ -1031,7 +1092,7 @@ mod tests {
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
 
-        std::fs::write(&p, text.replace("0123456789abcdef0123", "short")).unwrap();
+        write_private(&p, text.replace("0123456789abcdef0123", "short")).unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("jwt_secret"), "{e}");
     }
@@ -1054,7 +1115,7 @@ mod tests {
         "#;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("engine.toml");
-        std::fs::write(&p, text).unwrap();
+        write_private(&p, text).unwrap();
         let cfg = Config::load(&p).unwrap();
         let hot = &cfg.accounts[0];
         assert_eq!(hot.approvals, 2);
@@ -1087,11 +1148,11 @@ mod tests {
         }
 
         // A quorum above the most approvals an intent can collect is refused, naming it.
-        std::fs::write(&p, text.replace("approvals = 2", "approvals = 9")).unwrap();
+        write_private(&p, text.replace("approvals = 2", "approvals = 9")).unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("accounts.hot.approvals"), "{e}");
         // So is a misspelt key field.
-        std::fs::write(&p, text.replace("token_label", "token_lable")).unwrap();
+        write_private(&p, text.replace("token_label", "token_lable")).unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("token_lable"), "{e}");
     }
@@ -1115,7 +1176,7 @@ mod tests {
         "#;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("engine.toml");
-        std::fs::write(&p, text).unwrap();
+        write_private(&p, text).unwrap();
         let cfg = Config::load(&p).unwrap();
         assert_eq!(cfg.relays.len(), 1);
         assert_eq!(cfg.broadcast.private_max_blocks, 10);
@@ -1163,7 +1224,7 @@ mod tests {
                 "broadcast.private_max_blocks",
             ),
         ] {
-            std::fs::write(&p, text.replace(from, to)).unwrap();
+            write_private(&p, text.replace(from, to)).unwrap();
             let e = Config::load(&p).unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");
         }

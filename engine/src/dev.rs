@@ -37,7 +37,7 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         .collect();
     Config {
         listen,
-        jwt_secret,
+        jwt_secret: jwt_secret.into(),
         node_ws_url: node_ws_url.to_owned(),
         provider_name: "anvil".into(),
         providers: Vec::new(),

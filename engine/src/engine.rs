@@ -607,7 +607,7 @@ impl Engine {
         }
         let ctx = Arc::new(ServerCtx::new(
             JwtAuth::with_previous(
-                cfg.jwt_secret.as_bytes(),
+                cfg.jwt_secret.0.as_bytes(),
                 &cfg.jwt_previous_secrets
                     .iter()
                     .map(|s| s.0.as_bytes())

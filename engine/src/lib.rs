@@ -70,5 +70,19 @@ pub mod tls;
 pub mod txbuild;
 
 pub use config::Config;
+
+/// The engine's log filter: `spec` (`RUST_LOG` syntax; `info` when unset or invalid),
+/// with the libraries' request dumps always off, whatever `spec` asks: tungstenite's
+/// handshake logs each request whole at TRACE, `Authorization` header (the desk's token)
+/// included.
+pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let base = spec
+        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    match "tungstenite::handshake=debug".parse() {
+        Ok(d) => base.add_directive(d),
+        Err(_) => base,
+    }
+}
 pub use engine::Engine;
 pub use error::EngineError;

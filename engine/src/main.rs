@@ -207,9 +207,9 @@ fn parse_wait(s: &str) -> Result<WaitChoice, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(engine::log_filter(
+            std::env::var("RUST_LOG").ok().as_deref(),
+        ))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -271,7 +271,7 @@ fn token(sub: &str, roles: &str, ttl: u64, config: Option<PathBuf>) -> Result<()
         what: format!("--roles: {e}"),
     })?;
     let secret = match config {
-        Some(p) => Config::load(&p)?.jwt_secret,
+        Some(p) => Config::load(&p)?.jwt_secret.0,
         None => dev::dev_secret(&dev::dev_dir())?,
     };
     println!("{}", JwtAuth::new(secret.as_bytes()).issue(sub, roles, ttl));

@@ -112,6 +112,9 @@ fn write_config(dir: &Path, anvil: &Anvil) -> std::path::PathBuf {
     );
     let p = dir.join("engine.toml");
     std::fs::write(&p, text).unwrap();
+    // It holds the JWT secret: the engine reads it only if its owner alone may.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
