@@ -405,10 +405,13 @@ fn a_parked_stage_is_woken_by_its_custom_waker() {
     .unwrap();
     let p = b.start();
     for i in 0..5u64 {
-        // Let it go idle and park.
+        // Let it go idle and park in its own poller: the sleeping flag is raised just
+        // before `park` is called, so wait for the call itself too (a message pushed in
+        // between rightly keeps it from parking, which would make this count short).
         assert!(wait_until(Duration::from_secs(5), || src
             .signal()
-            .is_sleeping()));
+            .is_sleeping()
+            && parks.load(Ordering::Relaxed) > i));
         push_all(&mut src, i..i + 1);
         assert!(wait_until(Duration::from_secs(5), || count
             .load(Ordering::Acquire)
