@@ -361,6 +361,11 @@ mod tests {
         b.check_frame().unwrap();
         let e = b.check_frame().unwrap_err();
         assert!(matches!(e, LimitError::Principal { .. }), "{e}");
+        // b's own token for the refused frame was given back: two of its three are left.
+        let now = now_ns();
+        assert!(b.own.check_at(now).is_ok());
+        assert!(b.own.check_at(now).is_ok());
+        assert!(b.own.check_at(now).is_err());
         assert_eq!(l.rate_limited.load(Ordering::Relaxed), 2);
         let bad = LimitsConfig {
             burst_per_principal: 0,

@@ -84,11 +84,6 @@ impl CoreMap {
         debug_assert!(!rest.is_empty() && !rest.contains(&hot));
         Ok(CoreMap { hot, rest })
     }
-
-    /// `"hot core 1, others on [0]"`.
-    pub fn describe(&self) -> String {
-        format!("hot core {}, others on {:?}", self.hot, self.rest)
-    }
 }
 
 /// Confines every thread of process `pid` (`None`: this process) to `cores`. Returns how

@@ -719,6 +719,13 @@ impl Default for PipelineBuilder {
 impl PipelineBuilder {
     /// An empty pipeline (detects the [`CoreBudget`] and calibrates the clock).
     pub fn new() -> Self {
+        Self::with_core_budget(CoreBudget::detect())
+    }
+
+    /// An empty pipeline on a budget detected earlier: for a process that confined its
+    /// threads to part of its mask ([`crate::coremap`]) after detecting it, so that a
+    /// thread may still be pinned to the core kept apart. Calibrates the clock.
+    pub fn with_core_budget(budget: CoreBudget) -> Self {
         let _ = crate::clock::clock();
         Self {
             registry: LatencyRegistry::new(),
@@ -729,17 +736,8 @@ impl PipelineBuilder {
                 signals: Mutex::new(Vec::new()),
             }),
             threads: Vec::new(),
-            budget: CoreBudget::detect(),
+            budget,
         }
-    }
-
-    /// An empty pipeline on a budget detected earlier: for a process that confined its
-    /// threads to part of its mask ([`crate::coremap`]) after detecting it, so that a
-    /// thread may still be pinned to the core kept apart.
-    pub fn with_core_budget(budget: CoreBudget) -> Self {
-        let mut b = Self::new();
-        b.budget = budget;
-        b
     }
 
     /// The latency registry (to create extra named recorders before start).
