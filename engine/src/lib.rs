@@ -74,12 +74,13 @@ pub use config::Config;
 /// The engine's log filter: `spec` (`RUST_LOG` syntax; `info` when unset or invalid),
 /// with the libraries' request dumps always off, whatever `spec` asks: tungstenite's
 /// handshake logs each request whole at TRACE, `Authorization` header (the desk's token)
-/// included.
+/// included, so its handshake logs are capped at INFO (the default level, so nothing is
+/// added to a default log).
 pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
     let base = spec
         .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    match "tungstenite::handshake=debug".parse() {
+    match "tungstenite::handshake=info".parse() {
         Ok(d) => base.add_directive(d),
         Err(_) => base,
     }
