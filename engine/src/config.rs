@@ -471,6 +471,11 @@ pub struct Config {
     /// restart: an `ack` means only that the intent is in the pipeline.
     #[serde(default)]
     pub journal: Option<JournalSettings>,
+    /// `[at_rest]`: encrypt journal and audit segments (AES-256-GCM, a data key per
+    /// segment wrapped by a key-encryption key in an HSM or KMS). Without it both are
+    /// written in clear.
+    #[serde(default)]
+    pub at_rest: Option<AtRestConfig>,
     /// Signing accounts.
     pub accounts: Vec<AccountConfig>,
     /// `[staking]`: validator deposits, exits and consolidations.
@@ -601,6 +606,18 @@ impl Default for BroadcastConfig {
             private_max_blocks: 25,
         }
     }
+}
+
+/// `[at_rest]`: the key-encryption key (KEK) that wraps the per-segment data keys of the
+/// journal and the audit log.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtRestConfig {
+    /// Where the KEK lives: `backend = "hsm"` (an AES-256 secret key in a PKCS#11 token,
+    /// `key_label` naming it; `engine kek generate` makes one) or `backend = "kms"` (a
+    /// `SYMMETRIC_DEFAULT` KMS key). Same fields as an account's `key`; `local` and `mpc`
+    /// are refused: a KEK must sit in a boundary that never lets it out.
+    pub kek: KeyConfig,
 }
 
 /// `[journal]`: where and how durably intents and their transactions are recorded.
@@ -777,6 +794,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(r) = &mut cfg.at_rest {
+            r.kek.rebase(base);
+        }
         for a in &mut cfg.accounts {
             a.key.rebase(base);
             if let Some(k) = &mut a.standby {
@@ -790,6 +810,14 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |what: String| Err(EngineError::Config { what });
+        if let Some(r) = &self.at_rest
+            && matches!(r.kek, KeyConfig::Local { .. } | KeyConfig::Mpc { .. })
+        {
+            return bad(format!(
+                "at_rest.kek: backend `{}` cannot hold a key-encryption key (use hsm or kms)",
+                r.kek.backend()
+            ));
+        }
         if self.jwt_secret.0.len() < 16 {
             return bad("jwt_secret: must be at least 16 bytes".into());
         }

@@ -185,29 +185,10 @@ fn key(name: &str, k: &KeyConfig, slot: &mut WorkerSlot) -> Result<AnySigner, Si
         } => {
             #[cfg(feature = "hsm")]
             {
-                use signers::hsm::{AuthPin, HsmConfig, HsmSigner};
-                let pin = match (pin_file, pin_env) {
-                    (Some(f), _) => read_secret(f, "hsm pin_file")?,
-                    (None, Some(var)) => std::env::var(var).map_err(|_| {
-                        cfg_err(
-                            "hsm pin_env",
-                            format!("environment variable {var} is not set"),
-                        )
-                    })?,
-                    (None, None) => {
-                        return Err(cfg_err("hsm", "pin_file or pin_env is required"));
-                    }
-                };
-                let cfg = HsmConfig {
-                    sessions: (*sessions).max(1),
-                    ..HsmConfig::new(
-                        module.clone(),
-                        token_label.clone(),
-                        AuthPin::from(pin),
-                        key_label.clone(),
-                    )
-                };
-                Ok(AnySigner::Sync(Arc::new(HsmSigner::open(&cfg)?)))
+                let cfg = hsm_config(module, token_label, key_label, pin_file, pin_env, *sessions)?;
+                Ok(AnySigner::Sync(Arc::new(signers::hsm::HsmSigner::open(
+                    &cfg,
+                )?)))
             }
             #[cfg(not(feature = "hsm"))]
             Err(not_built("hsm"))
@@ -222,26 +203,15 @@ fn key(name: &str, k: &KeyConfig, slot: &mut WorkerSlot) -> Result<AnySigner, Si
         } => {
             #[cfg(feature = "kms")]
             {
-                use signers::kms::{KmsConfig, KmsCredentials, KmsSigner};
-                let credentials = match (access_key_id, secret_access_key_file) {
-                    (Some(id), Some(f)) => Some(KmsCredentials {
-                        access_key_id: id.clone(),
-                        secret_access_key: read_secret(f, "kms secret_access_key_file")?,
-                    }),
-                    (None, None) => None,
-                    _ => {
-                        return Err(cfg_err(
-                            "kms",
-                            "access_key_id and secret_access_key_file go together",
-                        ));
-                    }
-                };
-                let cfg = KmsConfig {
-                    endpoint_url: endpoint_url.clone(),
-                    credentials,
-                    operation_timeout: Duration::from_millis(*operation_timeout_ms),
-                    ..KmsConfig::new(region.clone(), key_id.clone())
-                };
+                use signers::kms::KmsSigner;
+                let cfg = kms_config(
+                    key_id,
+                    region,
+                    endpoint_url,
+                    access_key_id,
+                    secret_access_key_file,
+                    *operation_timeout_ms,
+                )?;
                 let worker = slot.get()?;
                 // Connected on the worker's runtime so its connections are driven there.
                 let signer = worker.block_on(KmsSigner::connect(&cfg))?;
@@ -277,6 +247,134 @@ fn key(name: &str, k: &KeyConfig, slot: &mut WorkerSlot) -> Result<AnySigner, Si
             Err(not_built("mpc"))
         }
     }
+}
+
+/// The PKCS#11 settings of an `hsm` key, with its PIN read.
+#[cfg(feature = "hsm")]
+fn hsm_config(
+    module: &Path,
+    token_label: &str,
+    key_label: &str,
+    pin_file: &Option<std::path::PathBuf>,
+    pin_env: &Option<String>,
+    sessions: usize,
+) -> Result<signers::hsm::HsmConfig, SignerError> {
+    use signers::hsm::{AuthPin, HsmConfig};
+    let pin = match (pin_file, pin_env) {
+        (Some(f), _) => read_secret(f, "hsm pin_file")?,
+        (None, Some(var)) => std::env::var(var).map_err(|_| {
+            cfg_err(
+                "hsm pin_env",
+                format!("environment variable {var} is not set"),
+            )
+        })?,
+        (None, None) => {
+            return Err(cfg_err("hsm", "pin_file or pin_env is required"));
+        }
+    };
+    Ok(HsmConfig {
+        sessions: sessions.max(1),
+        ..HsmConfig::new(module, token_label, AuthPin::from(pin), key_label)
+    })
+}
+
+/// The KMS settings of a `kms` key, with its secret read.
+#[cfg(feature = "kms")]
+fn kms_config(
+    key_id: &str,
+    region: &str,
+    endpoint_url: &Option<String>,
+    access_key_id: &Option<String>,
+    secret_access_key_file: &Option<std::path::PathBuf>,
+    operation_timeout_ms: u64,
+) -> Result<signers::kms::KmsConfig, SignerError> {
+    use signers::kms::{KmsConfig, KmsCredentials};
+    let credentials = match (access_key_id, secret_access_key_file) {
+        (Some(id), Some(f)) => Some(KmsCredentials {
+            access_key_id: id.clone(),
+            secret_access_key: read_secret(f, "kms secret_access_key_file")?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(cfg_err(
+                "kms",
+                "access_key_id and secret_access_key_file go together",
+            ));
+        }
+    };
+    Ok(KmsConfig {
+        endpoint_url: endpoint_url.clone(),
+        credentials,
+        operation_timeout: Duration::from_millis(operation_timeout_ms),
+        ..KmsConfig::new(region, key_id)
+    })
+}
+
+/// The key-encryption key of `[at_rest]` (see `crate::atrest`), opened and probed: an AES
+/// key in a PKCS#11 token, or a symmetric KMS key.
+#[allow(unused_variables)]
+pub fn kek(k: &KeyConfig) -> Result<Arc<dyn signers::kek::KeyWrap>, SignerError> {
+    match k {
+        KeyConfig::Hsm {
+            module,
+            token_label,
+            key_label,
+            pin_file,
+            pin_env,
+            sessions,
+        } => {
+            #[cfg(feature = "hsm")]
+            {
+                let cfg = hsm_config(module, token_label, key_label, pin_file, pin_env, 1)?;
+                Ok(Arc::new(signers::hsm::HsmKek::open(&cfg)?))
+            }
+            #[cfg(not(feature = "hsm"))]
+            Err(not_built("hsm"))
+        }
+        KeyConfig::Kms {
+            key_id,
+            region,
+            endpoint_url,
+            access_key_id,
+            secret_access_key_file,
+            operation_timeout_ms,
+        } => {
+            #[cfg(feature = "kms")]
+            {
+                let cfg = kms_config(
+                    key_id,
+                    region,
+                    endpoint_url,
+                    access_key_id,
+                    secret_access_key_file,
+                    *operation_timeout_ms,
+                )?;
+                Ok(Arc::new(signers::kms::KmsKek::connect(&cfg)?))
+            }
+            #[cfg(not(feature = "kms"))]
+            Err(not_built("kms"))
+        }
+        KeyConfig::Local { .. } | KeyConfig::Mpc { .. } => Err(cfg_err(
+            format!("at_rest.kek backend `{}`", k.backend()),
+            "cannot hold a key-encryption key (use hsm or kms)",
+        )),
+    }
+}
+
+/// The sealer of `[at_rest]`, if configured.
+pub fn sealer(cfg: &crate::config::Config) -> Result<Option<crate::atrest::Sealer>, EngineError> {
+    let Some(r) = &cfg.at_rest else {
+        return Ok(None);
+    };
+    let kek = kek(&r.kek).map_err(|source| EngineError::Signer {
+        account: "at_rest.kek".into(),
+        source,
+    })?;
+    tracing::info!(
+        kek = kek.id(),
+        "encryption at rest: journal and audit segments sealed"
+    );
+    Ok(Some(crate::atrest::Sealer::new(kek)))
 }
 
 #[allow(dead_code)]

@@ -46,6 +46,7 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         broadcast: crate::config::BroadcastConfig::default(),
         confirmations: 2,
         journal: None,
+        at_rest: None,
         accounts,
         layout: Layout::Auto,
         wait: WaitChoice::Auto,

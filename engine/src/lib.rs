@@ -46,6 +46,7 @@
 //!   bytes.
 #![deny(missing_docs)]
 
+pub mod atrest;
 pub mod audit;
 pub mod auth;
 pub mod blob;

@@ -1044,3 +1044,193 @@ mod tests {
         assert!(text.contains("tok") && text.contains("redacted"), "{text}");
     }
 }
+
+/// A key-encryption key inside a PKCS#11 token: an AES-256 secret key labelled
+/// [`HsmConfig::key_label`], sensitive and not extractable. Wrapping is `C_Encrypt` with
+/// `CKM_AES_GCM` (random 96-bit IV, 128-bit tag); a wrapped key is `IV || ciphertext ||
+/// tag` (60 bytes). One logged-in session serves every call: they are rare (one per
+/// segment created or opened).
+pub struct HsmKek {
+    // Field order is drop order: the session closes before the module handle goes.
+    session: Mutex<Session>,
+    key: ObjectHandle,
+    id: String,
+    _ctx: Pkcs11,
+}
+
+impl fmt::Debug for HsmKek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmKek")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// AES secret keys labelled `label`.
+fn find_secret_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, CkError> {
+    session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])
+}
+
+const KEK_IV: usize = 12;
+const KEK_TAG_BITS: u64 = 128;
+/// The additional data bound to every wrapped key, so a ciphertext made with this KEK
+/// for another purpose does not unwrap as a data key.
+const KEK_AAD: &[u8] = b"engine at-rest data key v1";
+
+impl HsmKek {
+    /// Generates the AES-256 KEK inside the token (a token object, sensitive, never
+    /// extractable, encrypt and decrypt only). Refuses if a secret key with that label
+    /// exists already.
+    pub fn generate(cfg: &HsmConfig) -> Result<(), SignerError> {
+        let ctx = load_module(cfg)?;
+        let slot = token_slot(&ctx, cfg)?;
+        let key_err = |reason: String| SignerError::Config {
+            what: format!(
+                "key-encryption key `{}` on token `{}`",
+                cfg.key_label, cfg.token_label
+            ),
+            reason,
+        };
+        let session = ctx.open_rw_session(slot).map_err(|e| SignerError::Config {
+            what: format!("token `{}`", cfg.token_label),
+            reason: format!("cannot open a read-write session: {e}"),
+        })?;
+        login(&session, &cfg.user_pin).map_err(|e| pin_error(cfg, &e))?;
+        if !find_secret_keys(&session, &cfg.key_label)
+            .map_err(|e| key_err(e.to_string()))?
+            .is_empty()
+        {
+            return Err(key_err(
+                "a secret key with this label exists already".into(),
+            ));
+        }
+        let label = cfg.key_label.as_bytes().to_vec();
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32u64.into()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Label(label.clone()),
+                    Attribute::Id(label),
+                ],
+            )
+            .map_err(|e| key_err(format!("key generation failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Opens the token, logs in and finds the KEK by label; a probe wraps and unwraps a
+    /// throwaway key to prove the key can do both.
+    pub fn open(cfg: &HsmConfig) -> Result<HsmKek, SignerError> {
+        let ctx = load_module(cfg)?;
+        let slot = token_slot(&ctx, cfg)?;
+        let key_err = |reason: String| SignerError::Config {
+            what: format!(
+                "key-encryption key `{}` on token `{}`",
+                cfg.key_label, cfg.token_label
+            ),
+            reason,
+        };
+        let session = ctx.open_ro_session(slot).map_err(|e| SignerError::Config {
+            what: format!("token `{}`", cfg.token_label),
+            reason: format!("cannot open a session: {e}"),
+        })?;
+        login(&session, &cfg.user_pin).map_err(|e| pin_error(cfg, &e))?;
+        let found =
+            find_secret_keys(&session, &cfg.key_label).map_err(|e| key_err(e.to_string()))?;
+        let key = match found.as_slice() {
+            [k] => *k,
+            [] => return Err(key_err("no AES secret key with this label".into())),
+            more => return Err(key_err(format!("{} AES keys carry this label", more.len()))),
+        };
+        let kek = HsmKek {
+            session: Mutex::new(session),
+            key,
+            id: format!("hsm:{}/{}", cfg.token_label, cfg.key_label),
+            _ctx: ctx,
+        };
+        let probe = crate::kek::DataKey::new([0x5a; crate::kek::DATA_KEY_LEN]);
+        let back = crate::kek::KeyWrap::wrap(&kek, &probe)
+            .and_then(|w| crate::kek::KeyWrap::unwrap(&kek, &w))
+            .map_err(|e| key_err(format!("probe wrap and unwrap failed: {e}")))?;
+        if back.bytes() != probe.bytes() {
+            return Err(key_err("probe unwrap returned other bytes".into()));
+        }
+        Ok(kek)
+    }
+
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, what: &str, e: CkError) -> SignerError {
+        SignerError::Signing {
+            key_id: self.id.clone(),
+            reason: format!("{what}: {e}"),
+        }
+    }
+}
+
+impl crate::kek::KeyWrap for HsmKek {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn wrap(&self, key: &crate::kek::DataKey) -> Result<Vec<u8>, SignerError> {
+        let session = self.session();
+        let mut iv = [0u8; KEK_IV];
+        session
+            .generate_random_slice(&mut iv)
+            .map_err(|e| self.fail("C_GenerateRandom", e))?;
+        let mut iv_param = iv;
+        let params =
+            cryptoki::mechanism::aead::GcmParams::new(&mut iv_param, KEK_AAD, KEK_TAG_BITS.into())
+                .map_err(|e| self.fail("GCM parameters", e))?;
+        let ct = session
+            .encrypt(&Mechanism::AesGcm(params), self.key, key.bytes())
+            .map_err(|e| self.fail("C_Encrypt (CKM_AES_GCM)", e))?;
+        let mut out = Vec::with_capacity(KEK_IV + ct.len());
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn unwrap(&self, wrapped: &[u8]) -> Result<crate::kek::DataKey, SignerError> {
+        if wrapped.len() != KEK_IV + crate::kek::DATA_KEY_LEN + 16 {
+            return Err(SignerError::Signing {
+                key_id: self.id.clone(),
+                reason: format!(
+                    "a wrapped key of {} bytes; this KEK wraps to {}",
+                    wrapped.len(),
+                    KEK_IV + crate::kek::DATA_KEY_LEN + 16
+                ),
+            });
+        }
+        let mut iv = [0u8; KEK_IV];
+        iv.copy_from_slice(&wrapped[..KEK_IV]);
+        let params =
+            cryptoki::mechanism::aead::GcmParams::new(&mut iv, KEK_AAD, KEK_TAG_BITS.into())
+                .map_err(|e| self.fail("GCM parameters", e))?;
+        let plain = self
+            .session()
+            .decrypt(&Mechanism::AesGcm(params), self.key, &wrapped[KEK_IV..])
+            .map_err(|e| {
+                self.fail(
+                    "C_Decrypt (CKM_AES_GCM): the wrapped key does not authenticate",
+                    e,
+                )
+            })?;
+        crate::kek::data_key_from(plain, &self.id)
+    }
+}

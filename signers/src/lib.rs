@@ -50,6 +50,7 @@ mod error;
 pub mod failover;
 #[cfg(feature = "hsm")]
 pub mod hsm;
+pub mod kek;
 #[cfg(feature = "kms")]
 pub mod kms;
 mod local;

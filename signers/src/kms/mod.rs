@@ -485,3 +485,160 @@ mod tests {
         assert!(dbg.contains("key-1"), "{dbg}");
     }
 }
+
+/// The encryption context every wrap and unwrap carries, so a ciphertext made with the
+/// same KMS key for another purpose does not unwrap as a data key.
+const KEK_CONTEXT: (&str, &str) = ("purpose", "engine at-rest data key v1");
+
+/// A key-encryption key held by KMS: a `SYMMETRIC_DEFAULT` / `ENCRYPT_DECRYPT` key.
+/// Wrapping is KMS `Encrypt` of the data key, unwrapping `Decrypt`, both with a fixed
+/// encryption context. The calls cross the network; they are made on a small runtime of
+/// this value's own, from a scoped thread, so they may be called from any thread
+/// (including one inside another tokio runtime) and never on a stage's hot path.
+pub struct KmsKek {
+    client: aws_sdk_kms::Client,
+    key_id: String,
+    id: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl fmt::Debug for KmsKek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KmsKek")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KmsKek {
+    /// Creates a new `SYMMETRIC_DEFAULT` key for wrapping data keys and returns its id (for
+    /// tests and development; production keys come from the key ceremony).
+    pub fn create_key(cfg: &KmsConfig, description: &str) -> Result<String, SignerError> {
+        let client = client(cfg)?;
+        let rt = kek_runtime()?;
+        let description = description.to_owned();
+        run(&rt, async move {
+            let out = client
+                .create_key()
+                .key_spec(KeySpec::SymmetricDefault)
+                .key_usage(KeyUsageType::EncryptDecrypt)
+                .description(description)
+                .send()
+                .await
+                .map_err(|e| SignerError::Config {
+                    what: format!("KMS endpoint `{}`", cfg.endpoint_name()),
+                    reason: format!("CreateKey failed: {}", describe(&e)),
+                })?;
+            out.key_metadata()
+                .map(|m| m.key_id().to_owned())
+                .ok_or_else(|| SignerError::Config {
+                    what: format!("KMS endpoint `{}`", cfg.endpoint_name()),
+                    reason: "CreateKey returned no key metadata".into(),
+                })
+        })
+    }
+
+    /// Connects and proves the key can wrap and unwrap (a probe key goes both ways).
+    pub fn connect(cfg: &KmsConfig) -> Result<KmsKek, SignerError> {
+        let kek = KmsKek {
+            client: client(cfg)?,
+            key_id: cfg.key_id.clone(),
+            id: format!("kms:{}", cfg.key_id),
+            rt: kek_runtime()?,
+        };
+        let probe = crate::kek::DataKey::new([0x5a; crate::kek::DATA_KEY_LEN]);
+        let back = crate::kek::KeyWrap::wrap(&kek, &probe)
+            .and_then(|w| crate::kek::KeyWrap::unwrap(&kek, &w))
+            .map_err(|e| SignerError::Config {
+                what: format!(
+                    "KMS key-encryption key `{}` at {}",
+                    cfg.key_id,
+                    cfg.endpoint_name()
+                ),
+                reason: format!("probe wrap and unwrap failed: {e}"),
+            })?;
+        if back.bytes() != probe.bytes() {
+            return Err(SignerError::Config {
+                what: format!("KMS key-encryption key `{}`", cfg.key_id),
+                reason: "probe unwrap returned other bytes".into(),
+            });
+        }
+        Ok(kek)
+    }
+
+    fn fail<E, R>(&self, call: &str, e: &SdkError<E, R>) -> SignerError
+    where
+        E: std::error::Error + ProvideErrorMetadata + 'static,
+        R: fmt::Debug,
+    {
+        if is_unreachable(e) {
+            SignerError::Unavailable {
+                key_id: self.id.clone(),
+                reason: format!("{call}: {}", describe(e)),
+            }
+        } else {
+            SignerError::Signing {
+                key_id: self.id.clone(),
+                reason: format!("{call}: {}", describe(e)),
+            }
+        }
+    }
+}
+
+fn kek_runtime() -> Result<tokio::runtime::Runtime, SignerError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SignerError::Config {
+            what: "KMS key-encryption key runtime".into(),
+            reason: e.to_string(),
+        })
+}
+
+/// Runs `fut` to completion on `rt` from a scoped thread (legal from inside a runtime).
+fn run<T: Send>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send,
+) -> T {
+    std::thread::scope(|s| match s.spawn(|| rt.block_on(fut)).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+impl crate::kek::KeyWrap for KmsKek {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn wrap(&self, key: &crate::kek::DataKey) -> Result<Vec<u8>, SignerError> {
+        let call = self
+            .client
+            .encrypt()
+            .key_id(&self.key_id)
+            .plaintext(Blob::new(key.bytes().to_vec()))
+            .encryption_context(KEK_CONTEXT.0, KEK_CONTEXT.1);
+        let out = run(&self.rt, call.send()).map_err(|e| self.fail("Encrypt", &e))?;
+        out.ciphertext_blob()
+            .map(|b| b.as_ref().to_vec())
+            .ok_or_else(|| SignerError::Signing {
+                key_id: self.id.clone(),
+                reason: "Encrypt returned no ciphertext".into(),
+            })
+    }
+
+    fn unwrap(&self, wrapped: &[u8]) -> Result<crate::kek::DataKey, SignerError> {
+        let call = self
+            .client
+            .decrypt()
+            .key_id(&self.key_id)
+            .ciphertext_blob(Blob::new(wrapped.to_vec()))
+            .encryption_context(KEK_CONTEXT.0, KEK_CONTEXT.1);
+        let out = run(&self.rt, call.send()).map_err(|e| self.fail("Decrypt", &e))?;
+        let plain = out.plaintext().ok_or_else(|| SignerError::Signing {
+            key_id: self.id.clone(),
+            reason: "Decrypt returned no plaintext".into(),
+        })?;
+        crate::kek::data_key_from(plain.as_ref().to_vec(), &self.id)
+    }
+}
