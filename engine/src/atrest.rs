@@ -44,7 +44,7 @@ pub enum SealError {
         kek: String,
         /// What the custody backend said.
         #[source]
-        source: signers::SignerError,
+        source: Box<signers::SignerError>,
     },
     /// A segment's key was wrapped by another KEK than the one configured.
     #[error("the segment's data key is wrapped by `{found}`, not by the configured `{configured}`")]
@@ -103,7 +103,7 @@ impl Sealer {
         bytes.iter_mut().for_each(|b| *b = 0);
         let wrapped = self.kek.wrap(&key).map_err(|source| SealError::Kek {
             kek: self.kek.id().to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(SegmentKey::from_parts(&key, self.kek.id(), wrapped))
     }
@@ -121,7 +121,7 @@ impl Sealer {
             .unwrap(header.wrapped)
             .map_err(|source| SealError::Kek {
                 kek: self.kek.id().to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(SegmentKey::from_parts(
             &key,

@@ -156,6 +156,8 @@ impl Engine {
         // this run's records.
         let principals = Arc::new(Principals::default());
         let addresses: Vec<alloy_primitives::Address> = accounts.iter().map(|a| a.from).collect();
+        // Encryption at rest: one KEK (HSM or KMS) seals journal and audit segments.
+        let sealer = crate::custody::sealer(&cfg)?;
         let recovery = match &cfg.journal {
             None => None,
             Some(js) => {
@@ -169,6 +171,7 @@ impl Engine {
                         },
                         JournalSync::Interval => SyncPolicy::Interval { ms: js.interval_ms },
                     },
+                    sealer: sealer.clone(),
                 })?;
                 let recovered = Recovered::from_replay(&replay, &addresses);
                 drop(replay);
@@ -246,6 +249,7 @@ impl Engine {
             status.clone(),
             Arc::clone(&blobs),
             Arc::clone(&principals),
+            sealer,
         )?;
         let kill = Arc::clone(&parts.admin.kill);
         let risk_admin = Arc::clone(&parts.admin);

@@ -85,6 +85,11 @@ enum AuditCmd {
         /// it, a head signature present is still checked against its `signer`.
         #[arg(long, value_parser = parse_address)]
         signer: Option<Address>,
+        /// The engine's configuration file: its `[at_rest]` key-encryption key (HSM or
+        /// KMS) opens the data keys of sealed (encrypted) segments. Needed only when the
+        /// log has sealed segments.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Write the log's records as JSON lines (each the record's body with its `hash`
     /// added) for a SIEM or an auditor, filtered by time, account, intent and principal
@@ -116,6 +121,9 @@ enum AuditCmd {
         /// As for `verify`.
         #[arg(long, value_parser = parse_address)]
         signer: Option<Address>,
+        /// As for `verify`: the configuration whose `[at_rest]` KEK opens sealed segments.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -280,17 +288,55 @@ fn token(sub: &str, roles: &str, ttl: u64, config: Option<PathBuf>) -> Result<()
 
 /// `engine audit …`: 0 when the log checks out, 1 (with the problem on stderr) when not.
 fn audit(cmd: AuditCmd) -> ExitCode {
+    /// The sealer of the `[at_rest]` section of the configuration at `config` (none without
+    /// a configuration, or without the section).
+    fn audit_sealer(
+        config: Option<&std::path::Path>,
+    ) -> Result<Option<engine::atrest::Sealer>, EngineError> {
+        match config {
+            None => Ok(None),
+            Some(path) => engine::custody::sealer(&Config::load(path)?),
+        }
+    }
+
+    /// What to add to a break that needs a key-encryption key none was given for.
+    fn no_kek_hint(problem: &engine::audit::Problem, config: Option<&std::path::Path>) -> String {
+        match (problem, config) {
+            (engine::audit::Problem::NoKek { .. }, None) => {
+                "\nthe log has sealed segments: pass --config <engine configuration file> so that its [at_rest] key-encryption key (HSM or KMS) opens them".into()
+            }
+            (engine::audit::Problem::NoKek { .. }, Some(c)) => {
+                format!("\n{} has no [at_rest] section", c.display())
+            }
+            _ => String::new(),
+        }
+    }
+
     match cmd {
-        AuditCmd::Verify { dir, signer } => match engine::audit::verify(&dir, signer) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
+        AuditCmd::Verify {
+            dir,
+            signer,
+            config,
+        } => {
+            let sealer = match audit_sealer(config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("engine audit verify: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match engine::audit::verify(&dir, signer, sealer.as_ref()) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(b) => {
+                    let hint = no_kek_hint(&b.problem, config.as_deref());
+                    eprintln!("engine audit verify: {b}{hint}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(b) => {
-                eprintln!("engine audit verify: {b}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         AuditCmd::Export {
             dir,
             since,
@@ -300,7 +346,15 @@ fn audit(cmd: AuditCmd) -> ExitCode {
             principal,
             out,
             signer,
+            config,
         } => {
+            let sealer = match audit_sealer(config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("engine audit export: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let filter = ExportFilter {
                 since_ns: since,
                 until_ns: until,
@@ -318,14 +372,20 @@ fn audit(cmd: AuditCmd) -> ExitCode {
                 },
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            match engine::audit::export(&dir, &filter, signer, &mut sink) {
+            match engine::audit::export(&dir, &filter, signer, sealer.as_ref(), &mut sink) {
                 Ok(s) => {
                     eprintln!("exported {} records; {}", s.exported, s.log);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
                     let _ = sink.flush();
-                    eprintln!("engine audit export: {e}");
+                    let hint = match &e {
+                        engine::audit::ExportError::Break(b) => {
+                            no_kek_hint(&b.problem, config.as_deref())
+                        }
+                        engine::audit::ExportError::Write(_) => String::new(),
+                    };
+                    eprintln!("engine audit export: {e}{hint}");
                     ExitCode::FAILURE
                 }
             }

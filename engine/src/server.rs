@@ -845,6 +845,7 @@ mod tests {
             status.clone(),
             Arc::clone(&blobs),
             Arc::clone(&principals),
+            None,
         )
         .unwrap();
         let ctx = ServerCtx::new(

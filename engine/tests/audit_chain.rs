@@ -2,7 +2,8 @@
 //! or moved record is found and named; a torn last line is cut on restart and the chain
 //! goes on; segments rotate and link; signed heads check against the right key only; a key
 //! file others may read is refused; export filters; the `engine audit` command's exit
-//! code and message; and the trail a real engine on anvil leaves.
+//! code and message; a sealed (encrypted) log verifies and exports with its KEK and the
+//! command asks for the KEK without one; and the trail a real engine on anvil leaves.
 
 mod common;
 
@@ -69,7 +70,7 @@ fn an_intact_chain_verifies() {
     let w = write_log(dir.path(), WriterOptions::default(), 40);
     let last = w.last_hash();
     drop(w);
-    let s = verify(dir.path(), None).unwrap();
+    let s = verify(dir.path(), None, None).unwrap();
     // The head, the log_open record, 40 records.
     assert_eq!((s.records, s.segments), (42, 1));
     assert_eq!(s.last_hash, last);
@@ -115,7 +116,7 @@ fn a_flipped_byte_in_a_middle_record_is_named() {
     bytes[at] = b'7';
     all[16] = String::from_utf8(bytes).unwrap();
     write_lines(&path, &all);
-    let b = verify(dir.path(), None).unwrap_err();
+    let b = verify(dir.path(), None, None).unwrap_err();
     assert_eq!(
         (b.file.as_str(), b.line, b.record),
         (SEGMENT_1, 17, Some(16))
@@ -134,7 +135,7 @@ fn a_flipped_byte_in_a_middle_record_is_named() {
     bytes[12] = if bytes[12] == b'0' { b'1' } else { b'0' };
     all[9] = String::from_utf8(bytes).unwrap();
     write_lines(&path, &all);
-    let b = verify(dir.path(), None).unwrap_err();
+    let b = verify(dir.path(), None, None).unwrap_err();
     assert_eq!(
         (b.line, b.record, &b.problem),
         (10, Some(9), &Problem::HashMismatch)
@@ -149,7 +150,7 @@ fn a_deleted_line_is_detected_and_named() {
     let mut all = lines(&path);
     all.remove(12); // record 12
     write_lines(&path, &all);
-    let b = verify(dir.path(), None).unwrap_err();
+    let b = verify(dir.path(), None, None).unwrap_err();
     assert_eq!((b.line, b.record), (13, Some(13)));
     assert_eq!(
         b.problem,
@@ -172,7 +173,7 @@ fn swapped_lines_are_detected() {
     let mut all = lines(&path);
     all.swap(20, 21);
     write_lines(&path, &all);
-    let b = verify(dir.path(), None).unwrap_err();
+    let b = verify(dir.path(), None, None).unwrap_err();
     assert_eq!((b.line, b.record), (21, Some(21)));
     assert_eq!(
         b.problem,
@@ -202,7 +203,7 @@ fn a_record_renumbered_and_rehashed_breaks_the_prev_link() {
         .trim_end()
         .to_owned();
     write_lines(&path, &all);
-    let b = verify(dir.path(), None).unwrap_err();
+    let b = verify(dir.path(), None, None).unwrap_err();
     assert_eq!(
         (b.line, b.record, &b.problem),
         (13, Some(12), &Problem::PrevMismatch)
@@ -232,7 +233,7 @@ fn a_torn_last_line_is_cut_on_restart_and_the_chain_continues() {
     let torn = (keep - last_start) as u64;
 
     // Before the restart the log checks out up to the torn line, which is left out.
-    let s = verify(dir.path(), None).unwrap();
+    let s = verify(dir.path(), None, None).unwrap();
     assert_eq!((s.records, s.incomplete_tail_bytes), (11, torn));
 
     let mut w = ChainWriter::open(dir.path(), WriterOptions::default()).unwrap();
@@ -243,7 +244,7 @@ fn a_torn_last_line_is_cut_on_restart_and_the_chain_continues() {
         w.append(0, "test", &fields(i)).unwrap();
     }
     drop(w);
-    let s = verify(dir.path(), None).unwrap();
+    let s = verify(dir.path(), None, None).unwrap();
     assert_eq!((s.records, s.incomplete_tail_bytes), (17, 0));
     let all = lines(&path);
     let open = body(&all[11]);
@@ -261,7 +262,7 @@ fn an_empty_newest_segment_gets_its_head_on_restart() {
     drop(w);
     let empty = segment(dir.path(), "audit-00000002.jsonl");
     std::fs::write(&empty, b"").unwrap();
-    assert_eq!(verify(dir.path(), None).unwrap().records, 7);
+    assert_eq!(verify(dir.path(), None, None).unwrap().records, 7);
 
     drop(write_log(dir.path(), WriterOptions::default(), 1));
     let all = lines(&empty);
@@ -270,7 +271,7 @@ fn an_empty_newest_segment_gets_its_head_on_restart() {
     assert_eq!(head["segment"], 2);
     assert_eq!(head["n"], 7);
     assert_eq!(head["prev_segment_last_hash"], last.as_str());
-    let s = verify(dir.path(), None).unwrap();
+    let s = verify(dir.path(), None, None).unwrap();
     assert_eq!((s.records, s.segments), (10, 2));
 }
 
@@ -280,6 +281,7 @@ fn rotation_across_small_segments_verifies_and_continues_after_a_restart() {
     let opts = WriterOptions {
         segment_bytes: 1024,
         key: None,
+        sealer: None,
     };
     drop(write_log(dir.path(), opts.clone(), 60));
     let segments = engine::audit::list_segments(dir.path()).unwrap();
@@ -304,12 +306,12 @@ fn rotation_across_small_segments_verifies_and_continues_after_a_restart() {
             assert!(size >= 1024 && without_last < 1024, "{size} {without_last}");
         }
     }
-    let s = verify(dir.path(), None).unwrap();
+    let s = verify(dir.path(), None, None).unwrap();
     assert_eq!((s.records, s.segments), (n, segments.len() as u64));
 
     // A restart continues in the newest segment, numbers and links intact.
     drop(write_log(dir.path(), opts, 20));
-    let s2 = verify(dir.path(), None).unwrap();
+    let s2 = verify(dir.path(), None, None).unwrap();
     let segments2 = engine::audit::list_segments(dir.path()).unwrap();
     let heads = (segments2.len() - segments.len()) as u64;
     assert!(heads > 0);
@@ -319,7 +321,7 @@ fn rotation_across_small_segments_verifies_and_continues_after_a_restart() {
 
     // A segment file removed from the middle is named.
     std::fs::remove_file(segment(dir.path(), "audit-00000003.jsonl")).unwrap();
-    let b = verify(dir.path(), None).unwrap_err();
+    let b = verify(dir.path(), None, None).unwrap_err();
     assert_eq!(b.file, "audit-00000004.jsonl");
     assert_eq!(b.problem, Problem::SegmentGap { prev: 2, found: 4 });
 }
@@ -332,14 +334,18 @@ fn signed_heads_verify_against_their_key_only() {
     let opts = WriterOptions {
         segment_bytes: 1024,
         key: Some(key.clone()),
+        sealer: None,
     };
     drop(write_log(dir.path(), opts, 30));
-    let s = verify(dir.path(), Some(key.address())).unwrap();
+    let s = verify(dir.path(), Some(key.address()), None).unwrap();
     assert!(s.segments >= 3);
     assert_eq!(s.signed_heads, s.segments);
     assert_eq!(s.signers, vec![key.address()]);
     // Without --signer, the signatures present are still checked.
-    assert_eq!(verify(dir.path(), None).unwrap().signed_heads, s.segments);
+    assert_eq!(
+        verify(dir.path(), None, None).unwrap().signed_heads,
+        s.segments
+    );
 
     let head = body(&lines(&segment(dir.path(), SEGMENT_1))[0]);
     assert_eq!(
@@ -348,7 +354,7 @@ fn signed_heads_verify_against_their_key_only() {
     );
     assert_eq!(head["sig"].as_str().unwrap().len(), 2 + 130);
 
-    let b = verify(dir.path(), Some(other.address())).unwrap_err();
+    let b = verify(dir.path(), Some(other.address()), None).unwrap_err();
     assert_eq!((b.file.as_str(), b.line, b.record), (SEGMENT_1, 1, Some(0)));
     assert_eq!(
         b.problem,
@@ -361,7 +367,7 @@ fn signed_heads_verify_against_their_key_only() {
     // An unsigned log does not pass when a signer is required.
     let plain = tempfile::tempdir().unwrap();
     drop(write_log(plain.path(), WriterOptions::default(), 3));
-    let b = verify(plain.path(), Some(key.address())).unwrap_err();
+    let b = verify(plain.path(), Some(key.address()), None).unwrap_err();
     assert_eq!(b.problem, Problem::Unsigned(key.address()));
 }
 
@@ -425,6 +431,7 @@ fn engine_like_log(dir: &Path) -> (Address, Address) {
             segment_bytes: 2048,
             fsync_every: Duration::from_millis(100),
             key: None,
+            sealer: None,
         },
         rx,
         ctx,
@@ -494,7 +501,7 @@ fn engine_like_log(dir: &Path) -> (Address, Address) {
 
 fn exported(dir: &Path, f: &ExportFilter) -> Vec<Value> {
     let mut out = Vec::new();
-    let s = export(dir, f, None, &mut out).unwrap();
+    let s = export(dir, f, None, None, &mut out).unwrap();
     let v: Vec<Value> = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -512,7 +519,7 @@ fn kinds(v: &[Value]) -> Vec<&str> {
 fn the_writer_thread_records_every_step_of_an_intent_and_export_filters_by_intent() {
     let dir = tempfile::tempdir().unwrap();
     let (a0, a1) = engine_like_log(dir.path());
-    verify(dir.path(), None).unwrap();
+    verify(dir.path(), None, None).unwrap();
 
     let a = exported(
         dir.path(),
@@ -636,7 +643,7 @@ fn export_of_a_broken_log_writes_nothing_and_names_the_break() {
     all.remove(10);
     write_lines(&path, &all);
     let mut out = Vec::new();
-    let e = export(dir.path(), &ExportFilter::default(), None, &mut out).unwrap_err();
+    let e = export(dir.path(), &ExportFilter::default(), None, None, &mut out).unwrap_err();
     assert!(out.is_empty());
     assert_eq!(
         e.to_string(),
@@ -731,7 +738,7 @@ fn a_running_engine_on_anvil_leaves_a_verifiable_trail() {
     let engine = h.engine.take().unwrap();
     engine.shutdown().unwrap();
 
-    let s = verify(&audit_dir, None).unwrap();
+    let s = verify(&audit_dir, None, None).unwrap();
     assert!(s.segments >= 2, "{s}");
     let a = exported(
         &audit_dir,
@@ -779,4 +786,69 @@ fn a_running_engine_on_anvil_leaves_a_verifiable_trail() {
             .unwrap(),
         venues::DEV_ADDRESSES[1]
     );
+}
+
+/// A KEK in test memory (XOR with a fixed pad: for the format only).
+#[derive(Debug)]
+struct TestKek;
+
+impl signers::kek::KeyWrap for TestKek {
+    fn id(&self) -> &str {
+        "test:xor"
+    }
+    fn wrap(&self, key: &signers::kek::DataKey) -> Result<Vec<u8>, signers::SignerError> {
+        Ok(key.bytes().iter().map(|b| b ^ 0x5a).collect())
+    }
+    fn unwrap(&self, w: &[u8]) -> Result<signers::kek::DataKey, signers::SignerError> {
+        let mut k = [0u8; 32];
+        k.iter_mut().zip(w).for_each(|(k, w)| *k = w ^ 0x5a);
+        Ok(signers::kek::DataKey::new(k))
+    }
+}
+
+#[test]
+fn a_sealed_log_verifies_with_its_kek_and_the_audit_command_asks_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealer = engine::atrest::Sealer::new(Arc::new(TestKek));
+    let opts = WriterOptions {
+        segment_bytes: 1024,
+        key: None,
+        sealer: Some(sealer.clone()),
+    };
+    drop(write_log(dir.path(), opts, 20));
+    let s = verify(dir.path(), None, Some(&sealer)).unwrap();
+    assert!(s.segments >= 2);
+    for (_, path) in engine::audit::list_segments(dir.path()).unwrap() {
+        let raw = std::fs::read_to_string(&path).unwrap();
+        assert!(!raw.contains("\"kind\"") && !raw.contains("record number"));
+    }
+    let mut out = Vec::new();
+    let e = export(
+        dir.path(),
+        &ExportFilter::default(),
+        None,
+        Some(&sealer),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(e.exported, s.records);
+    assert!(String::from_utf8(out).unwrap().contains("record number 7"));
+
+    let bin = env!("CARGO_BIN_EXE_engine");
+    for cmd in ["verify", "export"] {
+        let o = std::process::Command::new(bin)
+            .args(["audit", cmd])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{cmd}");
+        assert!(o.stdout.is_empty(), "{cmd}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(
+                "audit-00000001.jsonl line 1: the segment is encrypted (data key wrapped by `test:xor`) and no [at_rest] key-encryption key is configured"
+            ) && err.contains("--config"),
+            "{err}"
+        );
+    }
 }

@@ -1,8 +1,10 @@
 //! The hot path allocates nothing in steady state: a desk intent pushed into the intake
 //! ring, journaled, decided by policy, signed, encoded and journaled again by the signing
 //! stage (the three CPU stages fused as the 2-core layout runs them), with every status
-//! event going through the status ring. Checked with a counting global allocator; this file holds one test so no
-//! other test thread allocates meanwhile.
+//! event going through the status ring. Checked with a counting global allocator, plain and with the journal sealed
+//! (encryption at rest). The counter is process-wide: the tests rely on running in a
+//! process each (cargo-nextest, as `./x test` runs them; the sealed one in a child
+//! process of its own besides).
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::net::SocketAddr;
@@ -23,6 +25,10 @@ use engine::stages::policy::PolicyStage;
 use engine::stages::signing::{NonceNotice, SigningAccount, SigningStage};
 use pipeline::{Emit, Hops, LatencyRegistry, Stage, fuse, many_to_one, now_raw};
 use signers::{AnySigner, LocalCurve, LocalSigner, Signer};
+
+#[cfg(feature = "hsm")]
+#[path = "../../signers/tests/support/softhsm.rs"]
+mod softhsm;
 use venues::{DEV_ADDRESSES, DEV_PRIVATE_KEYS, FeeEstimate, FeeView};
 
 struct Counting;
@@ -61,6 +67,27 @@ impl Emit<TxMsg> for Collect<'_> {
 
 #[test]
 fn intake_policy_signing_allocate_nothing_in_steady_state() {
+    steady_state(None);
+}
+
+/// The same with the journal sealed (encryption at rest), its KEK in a real SoftHSM2 token:
+/// sealing a record is AES-GCM in a scratch buffer the writer keeps, no allocation.
+#[cfg(feature = "hsm")]
+#[test]
+fn with_the_journal_sealed_under_an_hsm_kek_the_hot_path_still_allocates_nothing() {
+    softhsm::isolated(
+        "with_the_journal_sealed_under_an_hsm_kek_the_hot_path_still_allocates_nothing",
+        || {
+            let token = softhsm::Token::init(softhsm::TOKEN_LABEL);
+            let cfg = token.config("hot-path-kek", 1);
+            signers::hsm::HsmKek::generate(&cfg).unwrap();
+            let kek = signers::hsm::HsmKek::open(&cfg).unwrap();
+            steady_state(Some(engine::atrest::Sealer::new(Arc::new(kek))));
+        },
+    );
+}
+
+fn steady_state(sealer: Option<engine::atrest::Sealer>) {
     const ROUND: usize = 256;
     let cfg = engine::dev::dev_config(
         "ws://unused",
@@ -127,6 +154,7 @@ fn intake_policy_signing_allocate_nothing_in_steady_state() {
         dir: journal_dir.path().to_path_buf(),
         segment_bytes: 64 << 20,
         sync: SyncPolicy::None,
+        sealer,
     })
     .unwrap();
     let mut signing = signing;

@@ -62,6 +62,7 @@ fn cfg(dir: &Path, segment_bytes: u64, sync: SyncPolicy) -> JournalConfig {
         dir: dir.to_path_buf(),
         segment_bytes,
         sync,
+        sealer: None,
     }
 }
 

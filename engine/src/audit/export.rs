@@ -26,6 +26,7 @@ use serde_json::Value;
 
 use super::verify::{AuditBreak, VerifiedRecord, VerifySummary, WalkError, walk};
 use super::{LOG_OPEN, hex_hash, parse_at};
+use crate::atrest::Sealer;
 
 /// The account filter: an address (`0x…`) or an account name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,15 +221,17 @@ impl Matcher {
 /// Writes the records of the log in `dir` that pass `filter` to `out`, one JSON line each
 /// (the body with its `hash`). The whole chain is verified first (`signer` as for
 /// [`super::verify`]): a log that does not check out writes nothing and fails with
-/// [`ExportError::Break`].
+/// [`ExportError::Break`]. Sealed segments are opened with `sealer` (as for
+/// [`super::verify`]); what is written is the plaintext.
 pub fn export(
     dir: &Path,
     filter: &ExportFilter,
     signer: Option<Address>,
+    sealer: Option<&Sealer>,
     out: &mut dyn Write,
 ) -> Result<ExportSummary, ExportError> {
     let mut first = Matcher::default();
-    let log = walk(dir, signer, |r: &VerifiedRecord<'_>| {
+    let log = walk(dir, signer, sealer, |r: &VerifiedRecord<'_>| {
         first.collect(filter, r.rec);
         Ok::<(), std::convert::Infallible>(())
     })
@@ -243,7 +246,7 @@ pub fn export(
     };
     let mut exported = 0u64;
     let mut line = String::with_capacity(1024);
-    let second = walk(dir, signer, |r: &VerifiedRecord<'_>| {
+    let second = walk(dir, signer, sealer, |r: &VerifiedRecord<'_>| {
         if r.n >= log.records {
             return Err(Stop::Done);
         }

@@ -20,22 +20,47 @@
 //! nanoseconds) and `"kind"`, followed by the record's fields, and
 //! `hash = sha256(prev hash as 32 bytes || body bytes exactly as written)`.
 //!
+//! # Sealed segments
+//!
+//! With a [`crate::atrest::Sealer`] ([`WriterOptions::sealer`], `[at_rest]`), every new
+//! segment is sealed: same file name, a first line `{"sealed":1,"key":"<hex key
+//! header>"}` (the KEK id and the segment's data key wrapped by the KEK), then every line
+//! above, without its newline, AES-256-GCM sealed with the segment's data key (nonce: the
+//! line's record index in the segment, from 1; aad: `engine-audit` and the segment number)
+//! and written as the hex of `ciphertext || tag`. See `segment.rs` for the reading layer
+//! every reader goes through.
+//!
 //! # Invariants
 //!
 //! - `n` is global: consecutive from 0 across segments and restarts.
-//! - Every line's hash covers its body bytes exactly as they are in the file: readers slice
-//!   the body out of the line and never re-serialise it.
+//! - Every line's hash covers its body bytes exactly as they are in the file (in a sealed
+//!   segment: in the decrypted line): readers slice the body out of the line and never
+//!   re-serialise it. Sealing changes nothing in the chain; the hashes of a sealed log are
+//!   those of the same lines in clear.
+//! - Sealed lines exist only on disk: a data key is never written in clear (only wrapped
+//!   by the KEK, which stays in its HSM or KMS), and every reader (`verify`, `walk`,
+//!   `export`, the writer's recovery) decrypts and authenticates through one layer,
+//!   `segment.rs`; a line that does not authenticate is a [`Problem`], never plaintext.
+//! - A `(data key, nonce)` pair is used once: a sealed segment is appended to only by
+//!   the writer that created it. [`ChainWriter::open`] never continues a sealed segment
+//!   (nor a plain one once sealing is configured): it cuts a torn last line, then starts
+//!   a new segment whose head continues the chain; a newest segment with no complete
+//!   record is emptied and started over with a fresh key. A sealed segment without a
+//!   sealer is refused ([`crate::atrest::SealError::NoKek`]).
 //! - The first record of every segment is its `segment_head` (`segment`,
 //!   `prev_segment_last_hash`, and with an audit key `signer` and `sig`: see [`key`]).
-//! - Lines are only ever appended. The one exception: a torn last line (no newline at its
+//! - Lines are only ever appended. The exceptions: a torn last line (no newline at its
 //!   end, left by a crash mid-write) is cut off when the writer starts, and the number of
-//!   bytes cut goes into the `log_open` record it then appends.
+//!   bytes cut goes into the `log_open` record it then appends; the key line of a newest
+//!   segment that holds no complete record is replaced.
 //! - A segment is closed (and synced) once it holds `segment_bytes` or more; a new segment
 //!   is synced, and so is the directory entry, before anything else is written to it.
-//! - Nothing here runs on the hot path: the writer runs on the `audit` thread.
+//! - Nothing here runs on the hot path: the writer runs on the `audit` thread (sealing is
+//!   one AES-GCM pass per line there; the KEK is called once per segment).
 
 pub mod export;
 pub mod key;
+mod segment;
 pub mod verify;
 pub mod writer;
 

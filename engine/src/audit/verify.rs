@@ -6,19 +6,24 @@
 //! never re-serialised); the walk stops at the first problem and names the segment file,
 //! the line (from 1) and the record number. An incomplete last line of the newest segment
 //! (a crash mid-write, or a write in progress) is left out and reported in the summary, as
-//! is an empty newest segment: the writer repairs both on its next start.
+//! is an empty newest segment: the writer repairs both on its next start. Sealed
+//! segments are read through [`super::segment::SegmentLines`]: every check runs on the
+//! decrypted lines, exactly as on a plain segment's, and a sealed line that does not
+//! authenticate is a [`Problem`] at its file and line like any altered record. Line
+//! numbers are the file's (in a sealed segment, line 1 is the key line and the segment
+//! head is line 2).
 
 use std::fmt;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use alloy_primitives::Address;
 
+use super::segment::{Line, ReadError, ReadProblem, SegmentLines};
 use super::{
     BodyHead, SEGMENT_HEAD, ZERO_HASH, hex_hash, list_segments, parse_body, parse_hash,
     record_hash, segment_file_name, split_line,
 };
+use crate::atrest::{SealError, Sealer};
 
 /// What is wrong at the point where a log stops checking out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,9 +45,29 @@ pub enum Problem {
         /// This segment.
         found: u64,
     },
-    /// A segment other than the newest has no lines.
-    #[error("the segment file is empty")]
+    /// A segment other than the newest has no records.
+    #[error("the segment file holds no record")]
     EmptySegment,
+    /// The segment is sealed and no key-encryption key was given to open it.
+    #[error(
+        "the segment is encrypted (data key wrapped by `{kek}`) and no [at_rest] key-encryption key is configured"
+    )]
+    NoKek {
+        /// The KEK id in the segment's key line.
+        kek: String,
+    },
+    /// The segment is sealed and its data key cannot be opened (another KEK, the KEK
+    /// failed, a damaged key header).
+    #[error("the segment's data key cannot be opened: {0}")]
+    Key(String),
+    /// The key line of a sealed segment does not parse.
+    #[error("the key line of the sealed segment does not parse: {0}")]
+    KeyLine(String),
+    /// A sealed line does not authenticate under its segment's key and its position.
+    #[error(
+        "the sealed line does not authenticate (the line was altered, moved or removed, or a line before it was removed)"
+    )]
+    Unauthentic,
     /// A segment other than the newest ends without a newline.
     #[error("incomplete line (no newline at its end) in a segment that is not the newest")]
     TornLine,
@@ -218,9 +243,17 @@ pub struct VerifiedRecord<'a> {
 }
 
 /// Checks the log in `dir`; with `signer`, every segment head must be signed by it (a
-/// head signature present is checked either way).
-pub fn verify(dir: &Path, signer: Option<Address>) -> Result<VerifySummary, AuditBreak> {
-    walk(dir, signer, |_| Ok::<(), std::convert::Infallible>(())).map_err(|e| match e {
+/// head signature present is checked either way). Sealed segments are opened with
+/// `sealer` (without one: [`Problem::NoKek`] at the first sealed segment).
+pub fn verify(
+    dir: &Path,
+    signer: Option<Address>,
+    sealer: Option<&Sealer>,
+) -> Result<VerifySummary, AuditBreak> {
+    walk(dir, signer, sealer, |_| {
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .map_err(|e| match e {
         WalkError::Break(b) => b,
         WalkError::Sink(never) => match never {},
     })
@@ -240,6 +273,7 @@ pub enum WalkError<E> {
 pub fn walk<E>(
     dir: &Path,
     signer: Option<Address>,
+    sealer: Option<&Sealer>,
     mut each: impl FnMut(&VerifiedRecord<'_>) -> Result<(), E>,
 ) -> Result<VerifySummary, WalkError<E>> {
     let dir_name = dir.display().to_string();
@@ -274,7 +308,6 @@ pub fn walk<E>(
     };
     let mut expected_n = 0u64;
     let mut prev_segment = 0u64;
-    let mut buf = Vec::with_capacity(4096);
     for (i, (segment, path)) in segments.iter().enumerate() {
         let newest = i + 1 == segments.len();
         let file = segment_file_name(*segment);
@@ -291,27 +324,28 @@ pub fn walk<E>(
         }
         prev_segment = *segment;
         sum.segments += 1;
-        let mut reader = BufReader::new(
-            File::open(path).map_err(|e| brk(&file, 0, None, Problem::Io(e.to_string())))?,
-        );
-        let mut line_no = 0u64;
+        let read_brk = |e: ReadError, record: Option<u64>| {
+            let record = if e.line == 0 { None } else { record };
+            brk(&file, e.line, record, read_problem(e.problem))
+        };
+        let mut lines =
+            SegmentLines::open(path, *segment, sealer).map_err(|e| read_brk(e, None))?;
+        let mut first_record = true;
         loop {
-            buf.clear();
-            let got = reader
-                .read_until(b'\n', &mut buf)
-                .map_err(|e| brk(&file, line_no + 1, None, Problem::Io(e.to_string())))?;
-            if got == 0 {
-                break;
-            }
-            line_no += 1;
-            if buf.last() != Some(&b'\n') {
-                if newest {
-                    sum.incomplete_tail_bytes = buf.len() as u64;
-                    break;
+            let (line_no, line) = match lines
+                .next_line()
+                .map_err(|e| read_brk(e, Some(expected_n)))?
+            {
+                None => break,
+                Some(Line::Torn { line, bytes }) => {
+                    if newest {
+                        sum.incomplete_tail_bytes = bytes;
+                        break;
+                    }
+                    return Err(brk(&file, line, Some(expected_n), Problem::TornLine));
                 }
-                return Err(brk(&file, line_no, Some(expected_n), Problem::TornLine));
-            }
-            let line = &buf[..buf.len() - 1];
+                Some(Line::Record { line, bytes }) => (line, bytes),
+            };
             let at = |record: u64, p: Problem| brk(&file, line_no, Some(record), p);
             let (hash, body) =
                 split_line(line).ok_or_else(|| at(expected_n, Problem::Malformed))?;
@@ -326,12 +360,13 @@ pub fn walk<E>(
                     Problem::NotFromZero(n)
                 } else if n > expected_n {
                     // One more line tells a deletion from a swap.
-                    let mut next = Vec::new();
-                    let swapped = reader.read_until(b'\n', &mut next).is_ok()
-                        && next.ends_with(b"\n")
-                        && split_line(&next[..next.len() - 1])
-                            .and_then(|(_, b)| parse_body(b).ok())
-                            .is_some_and(|h| h.n == expected_n);
+                    let swapped = matches!(
+                        lines.next_line(),
+                        Ok(Some(Line::Record { bytes, .. }))
+                            if split_line(bytes)
+                                .and_then(|(_, b)| parse_body(b).ok())
+                                .is_some_and(|h| h.n == expected_n)
+                    );
                     if swapped {
                         Problem::Reordered {
                             expected: expected_n,
@@ -355,7 +390,7 @@ pub fn walk<E>(
                 return Err(at(n, Problem::PrevMismatch));
             }
             let is_head = head.kind() == SEGMENT_HEAD;
-            if line_no == 1 {
+            if first_record {
                 if !is_head {
                     return Err(at(n, Problem::MissingHead));
                 }
@@ -364,6 +399,7 @@ pub fn walk<E>(
             } else if is_head {
                 return Err(at(n, Problem::StrayHead));
             }
+            first_record = false;
             let body_str =
                 std::str::from_utf8(body).map_err(|e| at(n, Problem::BadBody(e.to_string())))?;
             each(&VerifiedRecord {
@@ -379,11 +415,23 @@ pub fn walk<E>(
             sum.last_hash = hash;
             expected_n = n + 1;
         }
-        if line_no == 0 && !newest {
+        if first_record && !newest {
             return Err(brk(&file, 0, None, Problem::EmptySegment));
         }
     }
     Ok(sum)
+}
+
+/// The [`Problem`] of what reading a segment found.
+fn read_problem(p: ReadProblem) -> Problem {
+    match p {
+        ReadProblem::Io(e) => Problem::Io(e.to_string()),
+        ReadProblem::KeyLine(why) => Problem::KeyLine(why.to_owned()),
+        ReadProblem::Key(SealError::NoKek { kek }) => Problem::NoKek { kek },
+        ReadProblem::Key(e) => Problem::Key(e.to_string()),
+        ReadProblem::NotHex => Problem::Malformed,
+        ReadProblem::Auth => Problem::Unauthentic,
+    }
 }
 
 /// Checks a segment head: its number, its link, its signature.

@@ -60,6 +60,16 @@ pub enum JournalError {
     /// `compact` was called after a lane writer was taken.
     #[error("journal compaction runs at start-up only, before any lane writer is taken")]
     CompactAfterWriters,
+    /// A sealed segment's key could not be made or opened (no `[at_rest]` KEK, another
+    /// KEK, the KEK unreachable, a damaged key frame).
+    #[error("journal segment {}: {source}", file.display())]
+    Seal {
+        /// The segment file.
+        file: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: crate::atrest::SealError,
+    },
     /// The journal was shut down.
     #[error("the journal is shut down")]
     Closed,

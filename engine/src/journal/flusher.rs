@@ -170,7 +170,14 @@ fn housekeeping(shared: &Shared) {
         }
         let made = shared.alloc_segno().and_then(|segno| {
             let path = shared.dir.join(file_name(lane.name, segno));
-            Segment::create(path, segno, shared.segment_bytes, shared.syncs(), true)
+            Segment::create(
+                path,
+                segno,
+                shared.segment_bytes,
+                shared.syncs(),
+                true,
+                shared.sealer.as_ref(),
+            )
         });
         match made {
             Ok(seg) => {

@@ -7,6 +7,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 
+use rkyv::util::AlignedVec;
+
 use super::error::JournalError;
 use super::frame;
 use super::record::{DoneRec, IntentRec, OwnedRecord, PrincipalRec, Record, SignedRec, StateRec};
@@ -144,8 +146,16 @@ pub struct LaneWriter {
     cap: u64,
     asked_next: bool,
     group: bool,
+    /// Where a sealed frame is encoded and encrypted before its ciphertext is copied into
+    /// the mapping; sized at start for the largest frame expected (empty when the
+    /// journal is not sealed).
+    scratch: AlignedVec<16>,
     _not_sync: PhantomData<Cell<()>>,
 }
+
+/// Room the scratch buffer of a sealed lane starts with: a record with a 64 KiB tail (the
+/// desk frame cap bounds calldata below that), so sealing allocates nothing.
+const SEAL_SCRATCH: usize = 80 << 10;
 
 impl fmt::Debug for LaneWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -165,7 +175,13 @@ impl LaneWriter {
         off: u64,
     ) -> Self {
         let group = matches!(shared.sync, super::SyncPolicy::Group { .. });
+        let scratch = if shared.sealer.is_some() {
+            AlignedVec::with_capacity(SEAL_SCRATCH)
+        } else {
+            AlignedVec::new()
+        };
         LaneWriter {
+            scratch,
             segno: seg.segno,
             cap: seg.len(),
             asked_next: false,
@@ -250,7 +266,7 @@ impl LaneWriter {
         if self.shared.stop.load(Ordering::Relaxed) {
             return Err(JournalError::Closed);
         }
-        let plen = frame::payload_len::<R>(tail.len() as u64);
+        let plen = frame::payload_len::<R>(tail.len() as u64, self.seg.key.is_some());
         let flen = frame::frame_len(plen);
         if plen > u32::MAX as u64 {
             return Err(JournalError::TooLarge {
@@ -264,7 +280,7 @@ impl LaneWriter {
         // SAFETY: `[off, off + flen)` is past the published end of the current segment
         // and in bounds (checked above): only this writer touches it, and it is zero
         // (segments are zero-filled and recovery zeroes anything past the last frame).
-        unsafe { write_frame(&self.seg, self.off, flen, rec, tail)? };
+        unsafe { write_frame(&self.seg, self.off, flen, rec, tail, &mut self.scratch)? };
         self.off += flen;
         let pos = Pos::new(self.segno, self.off);
         self.lane.written.store(pos.0, Ordering::Release);
@@ -318,6 +334,7 @@ impl LaneWriter {
                     seg_bytes,
                     self.shared.syncs(),
                     false,
+                    self.shared.sealer.as_ref(),
                 )?);
                 lock(&self.lane.segs).prefault = Some(Arc::clone(&seg));
                 self.shared.wake_flusher();
@@ -329,14 +346,15 @@ impl LaneWriter {
         self.lane.segments.fetch_add(1, Ordering::Relaxed);
         self.segno = seg.segno;
         self.cap = seg.len();
-        self.off = 0;
+        self.off = seg.start;
         self.asked_next = false;
         self.seg = seg;
         Ok(())
     }
 }
 
-/// Encodes a frame at `off` of `seg` and publishes its header.
+/// Encodes a frame at `off` of `seg` (sealed with the segment's key, when it has one,
+/// through `scratch`) and publishes its header.
 ///
 /// # Safety
 ///
@@ -348,26 +366,29 @@ pub(crate) unsafe fn write_frame<R: Record>(
     flen: u64,
     rec: &R,
     tail: &[u8],
+    scratch: &mut AlignedVec<16>,
 ) -> Result<(), JournalError> {
     // SAFETY: the caller's contract.
     let bytes = unsafe { seg.bytes_mut(off, flen) };
-    let header = frame::encode(bytes, rec, tail).map_err(JournalError::Encode)?;
+    let header = match &seg.key {
+        None => frame::encode(bytes, rec, tail),
+        Some(key) => frame::encode_sealed(bytes, rec, tail, key, off, scratch),
+    }
+    .map_err(JournalError::Encode)?;
     // SAFETY: the caller's contract; the payload is written.
     unsafe { seg.store_header(off, header) };
     Ok(())
 }
 
-/// The frame size of an owned record.
-pub(crate) fn owned_frame_len(r: &OwnedRecord) -> u64 {
-    fn f<R: Record>(tail: usize) -> u64 {
-        frame::frame_len(frame::payload_len::<R>(tail as u64))
-    }
+/// The frame size of an owned record, in a sealed segment or a plain one.
+pub(crate) fn owned_frame_len(r: &OwnedRecord, sealed: bool) -> u64 {
+    let f = |payload: u64| frame::frame_len(payload);
     match r {
-        OwnedRecord::Principal(_) => f::<PrincipalRec>(0),
-        OwnedRecord::Intent(_, d) => f::<IntentRec>(d.len()),
-        OwnedRecord::Signed(_, d) => f::<SignedRec>(d.len()),
-        OwnedRecord::State(_) => f::<StateRec>(0),
-        OwnedRecord::Done(_) => f::<DoneRec>(0),
+        OwnedRecord::Principal(_) => f(frame::payload_len::<PrincipalRec>(0, sealed)),
+        OwnedRecord::Intent(_, d) => f(frame::payload_len::<IntentRec>(d.len() as u64, sealed)),
+        OwnedRecord::Signed(_, d) => f(frame::payload_len::<SignedRec>(d.len() as u64, sealed)),
+        OwnedRecord::State(_) => f(frame::payload_len::<StateRec>(0, sealed)),
+        OwnedRecord::Done(_) => f(frame::payload_len::<DoneRec>(0, sealed)),
     }
 }
 
@@ -375,23 +396,24 @@ pub(crate) fn owned_frame_len(r: &OwnedRecord) -> u64 {
 ///
 /// # Safety
 ///
-/// As [`write_frame`], with `flen = owned_frame_len(r)`.
+/// As [`write_frame`], with `flen = owned_frame_len(r, seg.key.is_some())`.
 pub(crate) unsafe fn write_owned(
     seg: &Segment,
     off: u64,
     r: &OwnedRecord,
+    scratch: &mut AlignedVec<16>,
 ) -> Result<(), JournalError> {
-    let flen = owned_frame_len(r);
+    let flen = owned_frame_len(r, seg.key.is_some());
     match r {
         // SAFETY: the caller's contract (likewise in each arm).
-        OwnedRecord::Principal(p) => unsafe { write_frame(seg, off, flen, p, &[]) },
+        OwnedRecord::Principal(p) => unsafe { write_frame(seg, off, flen, p, &[], scratch) },
         // SAFETY: as above.
-        OwnedRecord::Intent(i, d) => unsafe { write_frame(seg, off, flen, i, d) },
+        OwnedRecord::Intent(i, d) => unsafe { write_frame(seg, off, flen, i, d, scratch) },
         // SAFETY: as above.
-        OwnedRecord::Signed(s, d) => unsafe { write_frame(seg, off, flen, s, d) },
+        OwnedRecord::Signed(s, d) => unsafe { write_frame(seg, off, flen, s, d, scratch) },
         // SAFETY: as above.
-        OwnedRecord::State(s) => unsafe { write_frame(seg, off, flen, s, &[]) },
+        OwnedRecord::State(s) => unsafe { write_frame(seg, off, flen, s, &[], scratch) },
         // SAFETY: as above.
-        OwnedRecord::Done(d) => unsafe { write_frame(seg, off, flen, d, &[]) },
+        OwnedRecord::Done(d) => unsafe { write_frame(seg, off, flen, d, &[], scratch) },
     }
 }

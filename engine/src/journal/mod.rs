@@ -151,6 +151,10 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     /// Sync policy.
     pub sync: SyncPolicy,
+    /// Encryption at rest: every segment created gets its own data key wrapped by this
+    /// sealer's KEK, and its records are AES-256-GCM sealed (see `frame`). Needed to
+    /// read sealed segments back. `None`: new segments are written in clear.
+    pub sealer: Option<crate::atrest::Sealer>,
 }
 
 impl JournalConfig {
@@ -160,6 +164,7 @@ impl JournalConfig {
             dir: dir.into(),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             sync: SyncPolicy::Group { max_delay_us: 200 },
+            sealer: None,
         }
     }
 
@@ -280,6 +285,7 @@ pub(crate) struct Shared {
     pub(crate) max_sync_ns: AtomicU64,
     pub(crate) sync_errors: AtomicU64,
     pub(crate) compactions: AtomicU64,
+    pub(crate) sealer: Option<crate::atrest::Sealer>,
     writers_taken: AtomicBool,
     resume: Mutex<HashMap<String, Resume>>,
     lock_file: Mutex<Option<File>>,
@@ -434,6 +440,7 @@ impl Journal {
             max_sync_ns: AtomicU64::new(0),
             sync_errors: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
+            sealer: cfg.sealer.clone(),
             writers_taken: AtomicBool::new(false),
             resume: Mutex::new(resume),
             lock_file: Mutex::new(Some(lock_file)),
@@ -479,11 +486,16 @@ impl Journal {
             None => {
                 let segno = shared.alloc_segno()?;
                 let path = shared.dir.join(file_name(name, segno));
-                (
-                    Segment::create(path, segno, shared.segment_bytes, shared.syncs(), false)?,
-                    0,
-                    1,
-                )
+                let seg = Segment::create(
+                    path,
+                    segno,
+                    shared.segment_bytes,
+                    shared.syncs(),
+                    false,
+                    shared.sealer.as_ref(),
+                )?;
+                let start = seg.start;
+                (seg, start, 1)
             }
         };
         seg.prefault(off);
@@ -585,7 +597,12 @@ impl Journal {
             // SAFETY: a closed segment has no writer (it is below its lane's current
             // segment, or a base segment, which nothing appends to).
             let bytes = unsafe { seg.bytes() };
-            let scan = frame::scan(bytes);
+            let scan = frame::scan(bytes, self.inner.shared.sealer.as_ref()).map_err(|source| {
+                JournalError::Seal {
+                    file: c.path.clone(),
+                    source,
+                }
+            })?;
             if let Some(bad) = scan.bad {
                 return Err(JournalError::Corrupt {
                     file: c.path.clone(),
@@ -731,8 +748,10 @@ fn write_base(
         (e, files.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>())
     };
     let mut cur: Option<(Segment, u64)> = None;
+    let mut scratch = rkyv::util::AlignedVec::<16>::new();
+    let sealed = shared.sealer.is_some();
     for rec in keep {
-        let flen = lane::owned_frame_len(&rec);
+        let flen = lane::owned_frame_len(&rec, sealed);
         if flen > shared.segment_bytes {
             return Err(fail(
                 JournalError::TooLarge {
@@ -750,16 +769,24 @@ fn write_base(
             let fin = shared.dir.join(file_name(BASE_LANE, segno));
             let tmp = fin.with_extension("seg.tmp");
             files.push((tmp.clone(), fin));
-            let s = Segment::create(tmp, segno, shared.segment_bytes, false, false)
-                .map_err(|e| fail(e, &files))?;
-            cur = Some((s, 0));
+            let s = Segment::create(
+                tmp,
+                segno,
+                shared.segment_bytes,
+                false,
+                false,
+                shared.sealer.as_ref(),
+            )
+            .map_err(|e| fail(e, &files))?;
+            let start = s.start;
+            cur = Some((s, start));
         }
         let Some((s, off)) = cur.as_mut() else {
             unreachable!("a segment was just made")
         };
         // SAFETY: a new segment nobody else maps; `[off, off + flen)` is in bounds
         // (checked above), zero, and 8-aligned.
-        unsafe { lane::write_owned(s, *off, &rec) }.map_err(|e| fail(e, &files))?;
+        unsafe { lane::write_owned(s, *off, &rec, &mut scratch) }.map_err(|e| fail(e, &files))?;
         *off += flen;
     }
     if let Some((s, _)) = cur.take() {
@@ -814,7 +841,20 @@ fn recover_lane(
         }
         // SAFETY: no writer exists yet; the slice is dropped before the repair below.
         let bytes = unsafe { seg.bytes() };
-        let scan = frame::scan(bytes);
+        let scan =
+            frame::scan(bytes, cfg.sealer.as_ref()).map_err(|source| JournalError::Seal {
+                file: seg.path.clone(),
+                source,
+            })?;
+        if scan.key.is_some() && scan.records.is_empty() && scan.bad.is_none() {
+            // A sealed segment pre-created and never written: only its key frame.
+            let path = seg.path.clone();
+            drop(seg);
+            std::fs::remove_file(&path)
+                .map_err(|e| JournalError::io("removing unused segment", &path, e))?;
+            removed = true;
+            continue;
+        }
         records.extend(
             scan.records
                 .into_iter()
@@ -859,6 +899,13 @@ fn recover_lane(
                 // new is acknowledged as durable after it.
                 seg.sync_all()?;
             }
+            if cfg.sealer.is_some() {
+                // A sealed journal never appends to a segment of an earlier run: its
+                // nonces (frame offsets) would repeat under that segment's key after a
+                // torn tail was cut, and a plain segment must not take new records in
+                // clear. The writer starts a new segment instead.
+                continue;
+            }
             resume = Some(Resume {
                 segno: seg.segno,
                 path: seg.path.clone(),
@@ -868,4 +915,202 @@ fn recover_lane(
         }
     }
     Ok(LaneRecovery { resume, removed })
+}
+
+#[cfg(test)]
+mod sealed_tests {
+    use super::*;
+    use crate::atrest::testing::{MemoryKek, sealer};
+
+    fn intent(seq: u64) -> IntentRec {
+        IntentRec {
+            seq,
+            principal: 1,
+            id: IntentRec::id_bytes(&format!("secret-order-{seq}")),
+            account: [0x42; 20],
+            account_idx: 0,
+            kind: 1,
+            route: 2,
+            urgent: false,
+            public_fallback: false,
+            to: [0xab; 20],
+            value: [seq as u8; 32],
+            gas_limit: 21_000,
+            max_fee_cap: 7u128.to_le_bytes(),
+            travel_present: false,
+            travel_vasp_key: 0,
+            travel_hash: [0; 32],
+            approved_by: 0,
+            at_unix_ns: 1_700_000_000_000_000_000 + seq,
+            calldata_len: 0,
+        }
+    }
+
+    const CALLDATA: &[u8] = b"CALLDATA-IN-CLEAR-WOULD-SHOW-HERE";
+
+    fn cfg(dir: &Path, sealer: Option<crate::atrest::Sealer>) -> JournalConfig {
+        JournalConfig {
+            segment_bytes: 1 << 16,
+            sync: SyncPolicy::None,
+            sealer,
+            ..JournalConfig::new(dir)
+        }
+    }
+
+    fn raw_bytes(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for (_, p) in segment_files(dir).unwrap() {
+            all.extend(std::fs::read(p).unwrap());
+        }
+        all
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn a_sealed_journal_replays_and_its_files_hold_nothing_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sealer();
+        {
+            let (j, replay) = Journal::open(cfg(dir.path(), Some(s.clone()))).unwrap();
+            assert!(replay.is_empty());
+            let mut w = j.lane("intake").unwrap();
+            // Enough to rotate through several 64 KiB segments.
+            for seq in 0..600 {
+                w.append_intent(&intent(seq), CALLDATA).unwrap();
+            }
+            j.shutdown();
+        }
+        let raw = raw_bytes(dir.path());
+        assert!(!contains(&raw, b"secret-order-"), "an intent id in clear");
+        assert!(!contains(&raw, CALLDATA), "calldata in clear");
+        assert!(segment_files(dir.path()).unwrap().len() > 2);
+
+        let (j, replay) = Journal::open(cfg(dir.path(), Some(s.clone()))).unwrap();
+        let got = replay.lane("intake");
+        assert_eq!(got.len(), 600);
+        for (seq, (_, r)) in got.iter().enumerate() {
+            let OwnedRecord::Intent(i, data) = r else {
+                panic!("not an intent")
+            };
+            assert_eq!(i.id(), format!("secret-order-{seq}"));
+            assert_eq!(data, CALLDATA);
+        }
+        // The second run never appends to a segment of the first: a new segment, a new key.
+        let before: Vec<u64> = segment_files(dir.path())
+            .unwrap()
+            .iter()
+            .map(|s| s.0)
+            .collect();
+        let mut w = j.lane("intake").unwrap();
+        let pos = w.append_intent(&intent(600), CALLDATA).unwrap();
+        assert!(pos.segno() > *before.iter().max().unwrap());
+        j.shutdown();
+        drop(j);
+        let (_j, replay) = Journal::open(cfg(dir.path(), Some(s))).unwrap();
+        assert_eq!(replay.lane("intake").len(), 601);
+    }
+
+    #[test]
+    fn a_sealed_journal_needs_its_kek_and_a_changed_byte_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sealer();
+        {
+            let (j, _) = Journal::open(cfg(dir.path(), Some(s.clone()))).unwrap();
+            let mut w = j.lane("intake").unwrap();
+            for seq in 0..3 {
+                w.append_intent(&intent(seq), CALLDATA).unwrap();
+            }
+            j.shutdown();
+        }
+        let e = Journal::open(cfg(dir.path(), None)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                JournalError::Seal {
+                    source: crate::atrest::SealError::NoKek { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let other = crate::atrest::Sealer::new(MemoryKek::new("test:other"));
+        let e = Journal::open(cfg(dir.path(), Some(other))).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                JournalError::Seal {
+                    source: crate::atrest::SealError::OtherKek { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Flip a ciphertext byte of the LAST frame and fix its CRC: a torn write cannot do
+        // that, so it must stop the start rather than be cut off.
+        let (_, path) = segment_files(dir.path()).unwrap().pop().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut off = 0usize;
+        let mut last = 0usize;
+        loop {
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            last = off;
+            off += frame::frame_len(len as u64) as usize;
+        }
+        let plen = u32::from_le_bytes(bytes[last..last + 4].try_into().unwrap()) as usize;
+        bytes[last + 8 + 20] ^= 0x01;
+        let crc = crc32c::crc32c(&bytes[last + 8..last + 8 + plen]);
+        bytes[last + 4..last + 8].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Journal::open(cfg(dir.path(), Some(s))).unwrap_err();
+        assert!(
+            matches!(&e, JournalError::Corrupt { offset, .. } if *offset == last as u64),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn compaction_of_a_sealed_journal_writes_sealed_base_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sealer();
+        let (j, _) = Journal::open(cfg(dir.path(), Some(s.clone()))).unwrap();
+        j.compact((0..50).map(|seq| OwnedRecord::Intent(intent(seq), CALLDATA.to_vec())))
+            .unwrap();
+        j.shutdown();
+        drop(j);
+        let raw = raw_bytes(dir.path());
+        assert!(!contains(&raw, b"secret-order-"));
+        let (_j, replay) = Journal::open(cfg(dir.path(), Some(s))).unwrap();
+        assert_eq!(replay.lane(BASE_LANE).len(), 50);
+    }
+
+    #[test]
+    fn a_plain_journal_goes_on_sealed_once_a_kek_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(cfg(dir.path(), None)).unwrap();
+            let mut w = j.lane("intake").unwrap();
+            w.append_intent(&intent(0), CALLDATA).unwrap();
+            j.shutdown();
+        }
+        let s = sealer();
+        {
+            let (j, replay) = Journal::open(cfg(dir.path(), Some(s.clone()))).unwrap();
+            assert_eq!(replay.lane("intake").len(), 1);
+            let mut w = j.lane("intake").unwrap();
+            w.append_intent(&intent(1), CALLDATA).unwrap();
+            j.shutdown();
+        }
+        let files = segment_files(dir.path()).unwrap();
+        assert_eq!(files.len(), 2, "the plain segment is not appended to");
+        let second = std::fs::read(&files[1].1).unwrap();
+        assert!(!contains(&second, CALLDATA));
+        let (_j, replay) = Journal::open(cfg(dir.path(), Some(s))).unwrap();
+        assert_eq!(replay.lane("intake").len(), 2);
+    }
 }

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::{Advice, MmapMut, MmapOptions};
 
 use super::error::JournalError;
+use super::frame;
+use crate::atrest::{Sealer, SegmentKey};
 
 /// Largest segment size: a [`super::Pos`] keeps the offset in 40 bits.
 pub(crate) const MAX_SEGMENT_BYTES: u64 = 1 << 40;
@@ -55,6 +57,12 @@ pub(crate) struct Segment {
     pub path: PathBuf,
     file: File,
     map: MmapMut,
+    /// The data key of a segment this process created sealed (records are encrypted
+    /// with it); `None` for a plain segment and for segments opened, never appended to
+    /// with a key.
+    pub key: Option<SegmentKey>,
+    /// Offset of the first record: after the key frame of a sealed segment, else 0.
+    pub start: u64,
 }
 
 impl Segment {
@@ -62,14 +70,24 @@ impl Segment {
     /// (`fallocate`, so writing through the mapping cannot hit a full disk), and maps it.
     /// With `durable`, the file and its directory entry are synced before returning.
     /// With `prefault`, the mapping's page tables are populated for writing, so the
-    /// appends that fill it do not take page faults.
+    /// appends that fill it do not take page faults. With `sealer`, the segment gets a
+    /// fresh data key (one call to the KEK) and starts with its key frame (the wrapped
+    /// key only).
     pub fn create(
         path: PathBuf,
         segno: u64,
         len: u64,
         durable: bool,
         prefault: bool,
+        sealer: Option<&Sealer>,
     ) -> Result<Segment, JournalError> {
+        let key = sealer
+            .map(Sealer::new_key)
+            .transpose()
+            .map_err(|source| JournalError::Seal {
+                file: path.clone(),
+                source,
+            })?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -77,14 +95,32 @@ impl Segment {
             .open(&path)
             .map_err(|e| JournalError::io("creating segment", &path, e))?;
         allocate(&file, len).map_err(|e| JournalError::io("allocating segment", &path, e))?;
+        let mut seg = Segment::map(path, segno, file, len)?;
+        if let Some(key) = key {
+            let header = key.header();
+            let flen = frame::key_frame_len(header.len());
+            if flen > len {
+                return Err(JournalError::TooLarge {
+                    frame: flen,
+                    segment_bytes: len,
+                });
+            }
+            // SAFETY: a segment just created, mapped only here: `[0, flen)` is in bounds
+            // (checked above), zero, and nobody else accesses it.
+            let h = frame::encode_key(unsafe { seg.bytes_mut(0, flen) }, &header);
+            // SAFETY: offset 0 is 8-aligned and in bounds; only this function has the segment.
+            unsafe { seg.store_header(0, h) };
+            seg.key = Some(key);
+            seg.start = flen;
+        }
         if durable {
-            file.sync_all()
-                .map_err(|e| JournalError::io("syncing segment", &path, e))?;
-            if let Some(dir) = path.parent() {
+            seg.sync_range(0, seg.start)
+                .and_then(|()| seg.file.sync_all())
+                .map_err(|e| JournalError::io("syncing segment", &seg.path, e))?;
+            if let Some(dir) = seg.path.parent() {
                 sync_dir(dir)?;
             }
         }
-        let seg = Segment::map(path, segno, file, len)?;
         if prefault {
             seg.prefault(0);
         }
@@ -131,6 +167,8 @@ impl Segment {
             path,
             file,
             map,
+            key: None,
+            start: 0,
         })
     }
 
@@ -256,13 +294,13 @@ mod tests {
     fn a_created_segment_is_zero_filled_and_sized() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(file_name("x", 1));
-        let s = Segment::create(p.clone(), 1, 1 << 16, true, true).unwrap();
+        let s = Segment::create(p.clone(), 1, 1 << 16, true, true, None).unwrap();
         assert_eq!(s.len(), 1 << 16);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 16);
         // SAFETY: no writer.
         assert!(unsafe { s.bytes() }.iter().all(|&b| b == 0));
         assert!(
-            Segment::create(p, 1, 1 << 16, false, false).is_err(),
+            Segment::create(p, 1, 1 << 16, false, false, None).is_err(),
             "create_new"
         );
     }

@@ -532,6 +532,9 @@ pub struct WriterConfig {
     pub fsync_every: Duration,
     /// Signs segment heads when set.
     pub key: Option<AuditKey>,
+    /// Seals (encrypts at rest) every new segment when set, and opens sealed segments on
+    /// recovery.
+    pub sealer: Option<crate::atrest::Sealer>,
 }
 
 impl WriterConfig {
@@ -547,6 +550,7 @@ impl WriterConfig {
                 .as_deref()
                 .map(AuditKey::load)
                 .transpose()?,
+            sealer: None,
         })
     }
 }
@@ -594,6 +598,7 @@ pub fn spawn_writer(
                 WriterOptions {
                     segment_bytes: cfg.segment_bytes,
                     key: cfg.key.clone(),
+                    sealer: cfg.sealer.clone(),
                 },
             )?;
             stats

@@ -376,24 +376,27 @@ pub struct RiskParts {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Builds the risk engine for `cfg`: audit writer, kill switch, first policy (the file, or
-/// the configuration's rules), four-eyes pending set and its clock.
+/// Builds the risk engine for `cfg`: audit writer (its segments sealed by `sealer`, the
+/// `[at_rest]` KEK, when there is one), kill switch, first policy (the file, or the
+/// configuration's rules), four-eyes pending set and its clock.
 pub fn assemble(
     cfg: &crate::config::Config,
     intake: pipeline::ManyToOneProducer<crate::msg::IntentMsg>,
     status: crate::stages::StatusSink,
     blobs: Arc<crate::blob::BlobPool>,
     principals: Arc<Principals>,
+    sealer: Option<crate::atrest::Sealer>,
 ) -> Result<RiskParts, crate::error::EngineError> {
     let kill = Arc::new(KillSwitch::new(cfg.accounts.len()));
     let account_names: Vec<String> = cfg.accounts.iter().map(|a| a.name.clone()).collect();
     let (audit, audit_rx) = audit::channel(1 << 16);
     let audit_stats = Arc::new(audit::AuditStats::default());
     // A key file that others may read refuses the start, naming the file.
-    let writer_cfg =
+    let mut writer_cfg =
         audit::WriterConfig::from_config(cfg).map_err(|e| crate::error::EngineError::Config {
             what: e.to_string(),
         })?;
+    writer_cfg.sealer = sealer;
     let audit_writer = audit::spawn_writer(
         writer_cfg,
         audit_rx,
