@@ -361,6 +361,67 @@ pub fn kek(k: &KeyConfig) -> Result<Arc<dyn signers::kek::KeyWrap>, SignerError>
     }
 }
 
+/// Makes the key-encryption key `k` names, for `engine kek generate`: an AES-256 secret key
+/// inside the token (refused if the label is taken), or a new symmetric KMS key (its id is
+/// returned, for the configuration's `key_id`). Returns what was made, in words.
+#[allow(unused_variables)]
+pub fn generate_kek(k: &KeyConfig) -> Result<String, SignerError> {
+    match k {
+        KeyConfig::Hsm {
+            module,
+            token_label,
+            key_label,
+            pin_file,
+            pin_env,
+            ..
+        } => {
+            #[cfg(feature = "hsm")]
+            {
+                let cfg = hsm_config(module, token_label, key_label, pin_file, pin_env, 1)?;
+                signers::hsm::HsmKek::generate(&cfg)?;
+                let kek = signers::hsm::HsmKek::open(&cfg)?;
+                Ok(format!(
+                    "created the AES-256 key-encryption key {} (sensitive, not extractable)",
+                    signers::kek::KeyWrap::id(&kek)
+                ))
+            }
+            #[cfg(not(feature = "hsm"))]
+            Err(not_built("hsm"))
+        }
+        KeyConfig::Kms {
+            key_id,
+            region,
+            endpoint_url,
+            access_key_id,
+            secret_access_key_file,
+            operation_timeout_ms,
+        } => {
+            #[cfg(feature = "kms")]
+            {
+                let cfg = kms_config(
+                    key_id,
+                    region,
+                    endpoint_url,
+                    access_key_id,
+                    secret_access_key_file,
+                    *operation_timeout_ms,
+                )?;
+                let id =
+                    signers::kms::KmsKek::create_key(&cfg, "engine at-rest key-encryption key")?;
+                Ok(format!(
+                    "created the KMS key {id} (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT); set at_rest.kek.key_id = \"{id}\""
+                ))
+            }
+            #[cfg(not(feature = "kms"))]
+            Err(not_built("kms"))
+        }
+        KeyConfig::Local { .. } | KeyConfig::Mpc { .. } => Err(cfg_err(
+            format!("at_rest.kek backend `{}`", k.backend()),
+            "cannot hold a key-encryption key (use hsm or kms)",
+        )),
+    }
+}
+
 /// The sealer of `[at_rest]`, if configured.
 pub fn sealer(cfg: &crate::config::Config) -> Result<Option<crate::atrest::Sealer>, EngineError> {
     let Some(r) = &cfg.at_rest else {

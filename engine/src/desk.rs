@@ -85,6 +85,16 @@ impl Desk {
         Self::handshake(url, token, Box::new(stream)).await
     }
 
+    /// Does the WebSocket handshake for `url` (`ws://…`) with a bearer token (or none) on
+    /// a stream the caller connected (e.g. a socket with its own buffer sizes).
+    pub async fn connect_over(
+        url: &str,
+        token: Option<&str>,
+        io: Box<dyn DeskIo>,
+    ) -> Result<Desk, DeskError> {
+        Self::handshake(url, token, io).await
+    }
+
     async fn handshake(
         url: &str,
         token: Option<&str>,

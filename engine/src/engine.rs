@@ -609,7 +609,7 @@ impl Engine {
                 on_tick,
             )?;
         }
-        let ctx = Arc::new(ServerCtx::new(
+        let mut ctx = ServerCtx::new(
             JwtAuth::with_previous(
                 cfg.jwt_secret.0.as_bytes(),
                 &cfg.jwt_previous_secrets
@@ -629,7 +629,12 @@ impl Engine {
             principals,
             Arc::clone(&risk_admin),
             custody_view,
-        ));
+        );
+        ctx.slow_reader = server::SlowReader {
+            queue: cfg.limits.outbound_queue as usize,
+            stall: Duration::from_millis(cfg.limits.write_stall_ms.into()),
+        };
+        let ctx = Arc::new(ctx);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         runtime.spawn(server::serve(listener, ctx, tls.clone(), stop_rx.clone()));
         // SIGHUP reloads the policy, like the admin op, and the TLS certificate.

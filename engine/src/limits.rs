@@ -36,6 +36,12 @@ pub struct LimitsConfig {
     pub burst_per_principal: u32,
     /// Open desk connections per principal.
     pub max_connections_per_principal: u32,
+    /// Replies queued for one connection before the desk is deemed not reading and is
+    /// closed (1008).
+    pub outbound_queue: u32,
+    /// How long a connection's socket may take no bytes while a reply waits before the
+    /// desk is closed (1008), in ms.
+    pub write_stall_ms: u32,
 }
 
 impl Default for LimitsConfig {
@@ -46,6 +52,8 @@ impl Default for LimitsConfig {
             frames_per_sec_per_principal: 20_000,
             burst_per_principal: 4_000,
             max_connections_per_principal: 256,
+            outbound_queue: crate::server::OUTBOUND_QUEUE as u32,
+            write_stall_ms: crate::server::WRITE_STALL.as_millis() as u32,
         }
     }
 }
@@ -68,6 +76,8 @@ impl LimitsConfig {
                 "max_connections_per_principal",
                 self.max_connections_per_principal,
             ),
+            ("outbound_queue", self.outbound_queue),
+            ("write_stall_ms", self.write_stall_ms),
         ] {
             if v == 0 {
                 return Err(format!("limits.{name}: must be at least 1"));
@@ -348,6 +358,7 @@ mod tests {
             frames_per_sec_per_principal: 1,
             burst_per_principal: 4,
             max_connections_per_principal: 8,
+            ..LimitsConfig::default()
         }));
         let a = l.open("p").unwrap();
         let b = l.open("p").unwrap();

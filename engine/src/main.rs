@@ -67,6 +67,9 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make or check the `[at_rest]` key-encryption key (see docs/journal.md).
+    #[command(subcommand)]
+    Kek(KekCmd),
     /// Check or read out the hash-chained audit log (see docs/audit.md).
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -264,6 +267,7 @@ fn main() -> ExitCode {
         } => token(&sub, &roles, ttl, config),
         Cmd::Run { config } => run(config),
         Cmd::Audit(cmd) => return audit(cmd),
+        Cmd::Kek(cmd) => kek(cmd),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -283,6 +287,51 @@ fn token(sub: &str, roles: &str, ttl: u64, config: Option<PathBuf>) -> Result<()
         None => dev::dev_secret(&dev::dev_dir())?,
     };
     println!("{}", JwtAuth::new(secret.as_bytes()).issue(sub, roles, ttl));
+    Ok(())
+}
+
+/// `engine kek …`.
+#[derive(Subcommand, Debug)]
+enum KekCmd {
+    /// Create the key-encryption key the configuration's `[at_rest] kek` names: an AES-256
+    /// key inside the PKCS#11 token, or a new symmetric KMS key (its id is printed).
+    Generate {
+        /// The engine's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Open the configured key-encryption key and wrap and unwrap a probe key with it.
+    Check {
+        /// The engine's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn kek(cmd: KekCmd) -> Result<(), EngineError> {
+    let (KekCmd::Generate { config } | KekCmd::Check { config }) = &cmd;
+    let cfg = Config::load(config)?;
+    let Some(at_rest) = &cfg.at_rest else {
+        return Err(EngineError::Config {
+            what: format!("{}: no [at_rest] section", config.display()),
+        });
+    };
+    let signer_err = |source| EngineError::Signer {
+        account: "at_rest.kek".into(),
+        source,
+    };
+    match cmd {
+        KekCmd::Generate { .. } => {
+            println!(
+                "{}",
+                engine::custody::generate_kek(&at_rest.kek).map_err(signer_err)?
+            );
+        }
+        KekCmd::Check { .. } => {
+            let kek = engine::custody::kek(&at_rest.kek).map_err(signer_err)?;
+            println!("{}: wraps and unwraps", kek.id());
+        }
+    }
     Ok(())
 }
 

@@ -4,13 +4,21 @@
 //! Each desk connection is a task on the desk I/O runtime. It decodes frames (off the hot
 //! path), places calldata in a blob slot, and pushes a fixed-size intent into the intake
 //! ring with `try_push`: a full ring is answered with `overloaded`, never queued.
+//!
+//! Replies go out through a bounded queue per connection (filled by the status thread
+//! with `try_send`, so a desk never holds up the fan-out). A desk that stops reading is
+//! disconnected with close code 1008 when its queue is full or when its socket takes no
+//! bytes for [`WRITE_STALL`] while a reply waits; its intents go on in the pipeline.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use http_body_util::Full as Body;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
@@ -38,6 +46,30 @@ use crate::stages::status::{ConnControl, Counters, Outbound};
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// Replies queued per connection before the desk counts as not reading.
 pub const OUTBOUND_QUEUE: usize = 16 * 1024;
+/// How long a desk's socket may take no bytes while a reply waits to be written before
+/// the desk counts as not reading.
+pub const WRITE_STALL: Duration = Duration::from_secs(10);
+/// How long a close frame may wait for the socket before the connection is dropped.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
+
+/// Bounds on what a desk that does not read its replies may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowReader {
+    /// Replies queued per connection; the status thread disconnects a desk whose queue
+    /// is full.
+    pub queue: usize,
+    /// How long the socket may take no bytes while a reply waits to be written.
+    pub stall: Duration,
+}
+
+impl Default for SlowReader {
+    fn default() -> Self {
+        Self {
+            queue: OUTBOUND_QUEUE,
+            stall: WRITE_STALL,
+        }
+    }
+}
 
 /// Liveness as `/health` reports it.
 #[derive(Debug, Default)]
@@ -88,6 +120,8 @@ pub struct ServerCtx {
     pub risk: Arc<RiskAdmin>,
     /// Custody of each account, for `/metrics` and `/health`.
     pub custody: Arc<crate::custody::CustodyView>,
+    /// Outbound queue size and write stall limit of every desk connection.
+    pub slow_reader: SlowReader,
     next_conn: AtomicU32,
 }
 
@@ -130,6 +164,7 @@ impl ServerCtx {
             principals,
             risk,
             custody,
+            slow_reader: SlowReader::default(),
             next_conn: AtomicU32::new(1),
         }
     }
@@ -351,13 +386,7 @@ fn upgrade(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let cfg = WebSocketConfig::default()
-            .max_message_size(Some(MAX_FRAME_BYTES))
-            .max_frame_size(Some(MAX_FRAME_BYTES));
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(cfg))
-                .await;
-        session(ws, principal, slot, ctx, stop).await;
+        session(TokioIo::new(upgraded), principal, slot, ctx, stop).await;
     });
     let mut r = Response::new(Body::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -404,8 +433,138 @@ impl PendingReqs {
     }
 }
 
+/// A desk's byte stream, counting the bytes the socket took (the session's measure of
+/// write progress).
+struct Metered<S> {
+    io: S,
+    written: Arc<AtomicU64>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The desk closed the connection, or the socket failed.
+    Gone,
+    /// The engine is stopping.
+    Stopping,
+    /// The status thread found the outbound queue full and dropped its side of it.
+    QueueFull,
+    /// The socket took no bytes for the stall limit while a reply waited.
+    Stalled,
+}
+
+/// The write side of a session: every frame goes out through [`Writer::write`], which
+/// gives up when the socket stops taking bytes.
+struct Writer<K> {
+    sink: K,
+    written: Arc<AtomicU64>,
+    stall: Duration,
+}
+
+impl<K: Sink<Message> + Unpin> Writer<K> {
+    /// Writes and flushes `frames`. Every `stall / 4` (at most 250 ms) of waiting it
+    /// looks at the socket's byte count, the outbound queue and `stop`: `Stalled` when no
+    /// byte was taken for `stall`, `QueueFull` when the status thread dropped the queue,
+    /// `Stopping` when the engine stops, `Gone` when the socket failed.
+    async fn write(
+        &mut self,
+        frames: Vec<String>,
+        rx: &mpsc::Receiver<Outbound>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        let tick = (self.stall / 4).min(Duration::from_millis(250));
+        let stall = self.stall;
+        let written = Arc::clone(&self.written);
+        let sink = &mut self.sink;
+        let io = async move {
+            for text in frames {
+                sink.feed(Message::text(text)).await?;
+            }
+            sink.flush().await
+        };
+        tokio::pin!(io);
+        let mut seen = written.load(Ordering::Relaxed);
+        let mut progressed = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                r = &mut io => return r.map_err(|_| End::Gone),
+                _ = stop.changed() => return Err(End::Stopping),
+                () = tokio::time::sleep(tick) => {
+                    let now = written.load(Ordering::Relaxed);
+                    if now != seen {
+                        seen = now;
+                        progressed = tokio::time::Instant::now();
+                    } else if progressed.elapsed() >= stall {
+                        return Err(End::Stalled);
+                    }
+                    if rx.is_closed() {
+                        return Err(End::QueueFull);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a close frame, waiting at most [`CLOSE_WAIT`] for the socket.
+    async fn close(&mut self, code: u16, reason: String) {
+        let frame = Message::Close(Some(CloseFrame {
+            code: code.into(),
+            reason: reason.into(),
+        }));
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.sink.send(frame)).await;
+    }
+}
+
 async fn session<S>(
-    ws: WebSocketStream<S>,
+    io: S,
     principal: Principal,
     slot: ConnectionSlot,
     ctx: Arc<ServerCtx>,
@@ -418,28 +577,41 @@ async fn session<S>(
         conn,
         principal: ctx.principal_id(&principal.sub),
     };
-    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let written = Arc::new(AtomicU64::new(0));
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let io = Metered {
+        io,
+        written: Arc::clone(&written),
+    };
+    let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(cfg)).await;
+    let limits = ctx.slow_reader;
+    let (tx, mut rx) = mpsc::channel(limits.queue.max(1));
     if ctx.control.send(ConnControl::Open { conn, tx }).is_err() {
         return;
     }
-    let (mut sink, mut stream) = ws.split();
+    let (sink, mut stream) = ws.split();
+    let mut out = Writer {
+        sink,
+        written,
+        stall: limits.stall,
+    };
     let mut reqs = PendingReqs::default();
-    loop {
-        tokio::select! {
+    let end = loop {
+        if *stop.borrow() {
+            break End::Stopping;
+        }
+        if rx.is_closed() {
+            // Dropped by the status thread: the queue was full.
+            break End::QueueFull;
+        }
+        let frames = tokio::select! {
             biased;
+            _ = stop.changed() => break End::Stopping,
             out = rx.recv() => {
-                let Some(out) = out else {
-                    let _ = sink.send(Message::Close(Some(CloseFrame {
-                        code: 1008.into(),
-                        reason: "replies not read fast enough; reconnect and use status".into(),
-                    }))).await;
-                    break;
-                };
-                let mut ok = true;
-                for text in render(out, &mut reqs) {
-                    if sink.feed(Message::text(text)).await.is_err() { ok = false; break; }
-                }
-                if !ok || sink.flush().await.is_err() { break; }
+                let Some(out) = out else { break End::QueueFull };
+                render(out, &mut reqs)
             }
             frame = stream.next() => {
                 let t_raw = now_raw();
@@ -462,22 +634,59 @@ async fn session<S>(
                         ErrorCode::BadRequest,
                         "frame: binary frames are not accepted; send one JSON object per text frame",
                     ).to_json()),
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break End::Gone,
                     Some(Ok(_)) => None, // ping/pong are answered by the WebSocket layer
                 } };
-                if let Some(text) = reply
-                    && sink.send(Message::text(text)).await.is_err() { break; }
+                reply.into_iter().collect()
             }
-            _ = stop.changed() => {
-                let _ = sink.send(Message::Close(Some(CloseFrame {
-                    code: 1001.into(),
-                    reason: "engine stopping".into(),
-                }))).await;
-                break;
-            }
+        };
+        if frames.is_empty() {
+            continue;
+        }
+        if let Err(end) = out.write(frames, &rx, &mut stop).await {
+            break end;
+        }
+    };
+    // The status thread stops routing to this connection before its queue is dropped.
+    let _ = ctx.control.send(ConnControl::Close { conn });
+    match end {
+        End::Gone => {}
+        End::Stopping => out.close(1001, "engine stopping".into()).await,
+        End::QueueFull => {
+            tracing::info!(
+                conn,
+                principal = %principal.sub,
+                queued = limits.queue,
+                "desk disconnected: its outbound queue is full"
+            );
+            out.close(
+                1008,
+                format!(
+                    "replies not read fast enough ({} queued); reconnect and use status",
+                    limits.queue
+                ),
+            )
+            .await;
+        }
+        End::Stalled => {
+            // The status thread counts the queue-full case; this one is counted here.
+            ctx.counters.slow_desks.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                conn,
+                principal = %principal.sub,
+                stall_ms = limits.stall.as_millis() as u64,
+                "desk disconnected: its socket took no bytes while replies waited"
+            );
+            out.close(
+                1008,
+                format!(
+                    "replies not read: the socket took no bytes for {} ms; reconnect and use status",
+                    limits.stall.as_millis()
+                ),
+            )
+            .await;
         }
     }
-    let _ = ctx.control.send(ConnControl::Close { conn });
 }
 
 /// Handles one text frame; returns an immediate reply, if any (acks and events come later
@@ -828,9 +1037,24 @@ mod tests {
         intake_capacity: usize,
         blobs: usize,
     ) -> (Arc<ServerCtx>, pipeline::ManyToOneConsumer<IntentMsg>) {
+        let (ctx, intake_rx, _control_rx) = ctx_with(intake_capacity, blobs, SlowReader::default());
+        (ctx, intake_rx)
+    }
+
+    /// A context whose connections have the bounds `slow`, with the receiving end of its
+    /// connection notices.
+    fn ctx_with(
+        intake_capacity: usize,
+        blobs: usize,
+        slow: SlowReader,
+    ) -> (
+        Arc<ServerCtx>,
+        pipeline::ManyToOneConsumer<IntentMsg>,
+        crossbeam_channel::Receiver<ConnControl>,
+    ) {
         let (intake, intake_rx) = many_to_one::<IntentMsg>(intake_capacity);
         let (status, _status_rx) = many_to_one::<StatusMsg>(4);
-        let (control, _control_rx) = crossbeam_channel::unbounded();
+        let (control, control_rx) = crossbeam_channel::unbounded();
         let status = StatusSink::new(status, Arc::new(AtomicBool::new(false)));
         let blobs = Arc::new(BlobPool::new(blobs));
         let principals = Arc::new(Principals::default());
@@ -848,7 +1072,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let ctx = ServerCtx::new(
+        let mut ctx = ServerCtx::new(
             JwtAuth::new(b"0123456789abcdef0123"),
             Arc::new(Limits::new(crate::limits::LimitsConfig::default())),
             intake,
@@ -866,7 +1090,8 @@ mod tests {
                 worker: None,
             }),
         );
-        (Arc::new(ctx), intake_rx)
+        ctx.slow_reader = slow;
+        (Arc::new(ctx), intake_rx, control_rx)
     }
 
     fn call(i: usize) -> String {
@@ -945,5 +1170,182 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["code"], "forbidden");
+    }
+    /// Starts a session on one end of an in-memory pipe of `pipe` bytes; returns the
+    /// desk's end, the session task and its queue (from its `Open` notice).
+    async fn start_session(
+        ctx: &Arc<ServerCtx>,
+        control: &crossbeam_channel::Receiver<ConnControl>,
+        pipe: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        u32,
+        mpsc::Sender<Outbound>,
+        watch::Sender<bool>,
+    ) {
+        let (server_io, desk_io) = tokio::io::duplex(pipe);
+        let slot = ctx.limits.open("t").unwrap();
+        let principal = Principal {
+            sub: "t".into(),
+            roles: Roles::all(),
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(session(server_io, principal, slot, Arc::clone(ctx), stop));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match control.try_recv() {
+                Ok(ConnControl::Open { conn, tx }) => return (desk_io, task, conn, tx, stop_tx),
+                Ok(other) => panic!("unexpected notice {other:?}"),
+                Err(_) => {
+                    assert!(std::time::Instant::now() < deadline, "no Open notice");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    /// Reads everything the desk's end still holds, until the session's end is gone.
+    async fn drain(mut desk_io: tokio::io::DuplexStream) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), desk_io.read_to_end(&mut buf))
+            .await
+            .expect("the session's end of the pipe is closed")
+            .unwrap();
+        buf.len()
+    }
+
+    fn closed_conn(control: &crossbeam_channel::Receiver<ConnControl>) -> Option<u32> {
+        control.try_iter().find_map(|c| match c {
+            ConnControl::Close { conn } => Some(conn),
+            _ => None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_no_bytes_is_closed_after_the_stall_limit_and_counted() {
+        let slow = SlowReader {
+            queue: 1024,
+            stall: Duration::from_millis(300),
+        };
+        let (ctx, _intake, control) = ctx_with(8, 8, slow);
+        let (desk_io, task, conn, tx, _stop) = start_session(&ctx, &control, 4096).await;
+        // 64 KiB of replies into a 4 KiB pipe nobody reads.
+        for i in 0..64 {
+            tx.try_send(Outbound::Event(format!("{i:01024}"))).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the session ends on its own")
+            .unwrap();
+        assert_eq!(ctx.counters.slow_desks.load(Ordering::Relaxed), 1);
+        assert_eq!(closed_conn(&control), Some(conn));
+        // The queue was dropped with the session: nothing more can be queued for it.
+        assert!(tx.try_send(Outbound::Event("late".into())).is_err());
+        // The pipe holds what was written before the stall, then ends.
+        let n = drain(desk_io).await;
+        assert!((4096..64 * 1024).contains(&n), "{n} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_desk_reading_slowly_but_steadily_stays_connected() {
+        use tokio::io::AsyncReadExt;
+        let slow = SlowReader {
+            queue: 1024,
+            stall: Duration::from_millis(1500),
+        };
+        let (ctx, _intake, control) = ctx_with(8, 8, slow);
+        let (mut desk_io, task, _conn, tx, _stop) = start_session(&ctx, &control, 1024).await;
+        // 400 KiB queued; the desk reads 512 bytes every 10 ms (about 50 KiB/s), so the
+        // socket is always full but never stuck for the stall limit.
+        for i in 0..400 {
+            tx.try_send(Outbound::Event(format!("{i:01024}"))).unwrap();
+        }
+        let mut buf = [0u8; 512];
+        let mut read = 0usize;
+        let until = tokio::time::Instant::now() + Duration::from_secs(4);
+        while tokio::time::Instant::now() < until {
+            read += desk_io.read(&mut buf).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!task.is_finished(), "a desk that reads is not disconnected");
+        assert_eq!(ctx.counters.slow_desks.load(Ordering::Relaxed), 0);
+        assert!(read > 4096, "{read} bytes read");
+        drop(desk_io);
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the session ends when the desk goes")
+            .unwrap();
+        assert_eq!(ctx.counters.slow_desks.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn the_status_thread_drops_a_full_queue_without_waiting_and_the_desk_is_closed() {
+        use crate::stages::status::StatusStage;
+        use pipeline::{Emit, NoMessage, Stage};
+        struct Nowhere;
+        impl Emit<NoMessage> for Nowhere {
+            fn emit(&mut self, _: NoMessage) {}
+        }
+        let slow = SlowReader {
+            queue: 8,
+            stall: Duration::from_secs(3600),
+        };
+        let (ctx, _intake, control) = ctx_with(8, 8, slow);
+        let (stage_tx, stage_rx) = crossbeam_channel::unbounded();
+        let mut stage = StatusStage::new(stage_rx, Vec::new(), Arc::clone(&ctx.counters));
+        let (desk_io, task, conn, tx, _stop) = start_session(&ctx, &control, 1024).await;
+        stage_tx.send(ConnControl::Open { conn, tx }).unwrap();
+        // A second desk of the same principal that reads everything.
+        let (other_tx, mut other_rx) = mpsc::channel(100_000);
+        stage_tx
+            .send(ConnControl::Open {
+                conn: 99,
+                tx: other_tx,
+            })
+            .unwrap();
+        let ack = |conn: u32, seq: u64| StatusMsg {
+            kind: StatusKind::Ack,
+            seq,
+            origin: Origin { conn, principal: 1 },
+            id: IntentId::new(&format!("i-{seq}")).unwrap(),
+            ..StatusMsg::default()
+        };
+        let mut seq = 0u64;
+        let mut other = 0usize;
+        while ctx.counters.slow_desks.load(Ordering::Relaxed) == 0 {
+            assert!(seq < 100_000, "the queue never filled");
+            for _ in 0..8 {
+                seq += 1;
+                stage.on_message(ack(conn, seq), &mut Nowhere);
+                seq += 1;
+                stage.on_message(ack(99, seq), &mut Nowhere);
+                other += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The stage goes on at once: the slow desk's replies are dropped, the other desk's
+        // are delivered.
+        for _ in 0..1000 {
+            seq += 1;
+            stage.on_message(ack(conn, seq), &mut Nowhere);
+            seq += 1;
+            stage.on_message(ack(99, seq), &mut Nowhere);
+            other += 1;
+        }
+        let mut got = 0usize;
+        while let Ok(o) = other_rx.try_recv() {
+            assert!(matches!(o, Outbound::Ack { .. }));
+            got += 1;
+        }
+        assert_eq!(got, other, "every reply of the reading desk arrived");
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the session sees its queue dropped and ends")
+            .unwrap();
+        assert_eq!(closed_conn(&control), Some(conn));
+        assert_eq!(ctx.counters.slow_desks.load(Ordering::Relaxed), 1);
+        drain(desk_io).await;
     }
 }

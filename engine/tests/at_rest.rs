@@ -83,8 +83,8 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Runs intents through a sealed engine, then checks the files, the chain, a restart and
-/// the refusals without the KEK.
-fn sealed_run(kek: KeyConfig, sealer: Sealer) {
+/// the refusals without the KEK. Returns the audit directory's parent (kept alive).
+fn sealed_run(kek: KeyConfig, sealer: Sealer) -> tempfile::TempDir {
     let anvil = Anvil::spawn(&AnvilConfig::with_block_time(Duration::from_millis(100))).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
@@ -181,6 +181,21 @@ fn sealed_run(kek: KeyConfig, sealer: Sealer) {
         rpc.transaction_count(DEV_ADDRESSES[0], "latest").unwrap(),
         6
     );
+    dir
+}
+
+/// Runs the engine binary; its exit code and what it printed.
+fn engine_cli(args: &[&str]) -> (Option<i32>, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code(), text)
 }
 
 #[test]
@@ -189,10 +204,45 @@ fn sealed_under_an_hsm_kek_nothing_is_in_clear_and_the_chain_verifies() {
         "sealed_under_an_hsm_kek_nothing_is_in_clear_and_the_chain_verifies",
         || {
             let token = softhsm::Token::init(softhsm::TOKEN_LABEL);
-            HsmKek::generate(&token.config(KEK_LABEL, 1)).unwrap();
             let keys = tempfile::tempdir().unwrap();
             let pin = keys.path().join("hsm-pin");
             std::fs::write(&pin, format!("{}\n", softhsm::USER_PIN)).unwrap();
+            // The operator's path: the KEK is made, and checked, by the engine's own
+            // commands from the configuration file (this child process's SoftHSM store).
+            let config = keys.path().join("engine.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "jwt_secret = \"{SECRET}\"\nnode_ws_url = \"ws://127.0.0.1:1\"\n\
+                     listen = \"127.0.0.1:0\"\n[at_rest]\n\
+                     kek = {{ backend = \"hsm\", module = \"{}\", token_label = \"{}\", \
+                     key_label = \"{KEK_LABEL}\", pin_file = \"hsm-pin\" }}\n\
+                     [[accounts]]\nname = \"dev0\"\nmax_value_wei = \"1\"\n\
+                     key = {{ backend = \"local\", secret_hex = \"{}\" }}\n",
+                    softhsm::module_path().display(),
+                    softhsm::TOKEN_LABEL,
+                    venues::DEV_PRIVATE_KEYS[0],
+                ),
+            )
+            .unwrap();
+            let mut perms = std::fs::metadata(&config).unwrap().permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+            std::fs::set_permissions(&config, perms).unwrap();
+            let cfg_arg = config.to_str().unwrap();
+            let (code, out) = engine_cli(&["kek", "check", "--config", cfg_arg]);
+            assert_eq!(code, Some(1), "no KEK yet: {out}");
+            assert!(out.contains("no AES secret key with this label"), "{out}");
+            let (code, out) = engine_cli(&["kek", "generate", "--config", cfg_arg]);
+            assert_eq!(code, Some(0), "{out}");
+            assert!(
+                out.contains(&format!("hsm:{}/{KEK_LABEL}", softhsm::TOKEN_LABEL)),
+                "{out}"
+            );
+            let (code, out) = engine_cli(&["kek", "generate", "--config", cfg_arg]);
+            assert_eq!(code, Some(1), "a second KEK under the same label: {out}");
+            assert!(out.contains("exists already"), "{out}");
+            let (code, out) = engine_cli(&["kek", "check", "--config", cfg_arg]);
+            assert_eq!(code, Some(0), "{out}");
             let kek = KeyConfig::Hsm {
                 module: softhsm::module_path(),
                 token_label: softhsm::TOKEN_LABEL.into(),
@@ -206,7 +256,15 @@ fn sealed_under_an_hsm_kek_nothing_is_in_clear_and_the_chain_verifies() {
                 hsm.id(),
                 format!("hsm:{}/{KEK_LABEL}", softhsm::TOKEN_LABEL)
             );
-            sealed_run(kek, Sealer::new(Arc::new(hsm)));
+            let run = sealed_run(kek, Sealer::new(Arc::new(hsm)));
+            // `engine audit verify` reads the sealed log with the configuration's KEK.
+            let audit = run.path().join("audit");
+            let audit_arg = audit.to_str().unwrap();
+            let (code, out) = engine_cli(&["audit", "verify", "--config", cfg_arg, audit_arg]);
+            assert_eq!(code, Some(0), "{out}");
+            let (code, out) = engine_cli(&["audit", "verify", audit_arg]);
+            assert_eq!(code, Some(1), "{out}");
+            assert!(out.contains("--config"), "{out}");
         },
     );
 }

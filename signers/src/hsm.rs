@@ -916,135 +916,6 @@ impl Drop for HsmSigner {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// Textbook ECDSA with a chosen nonce and no low-s normalisation, as an HSM returns it:
-    /// `r = (k·G).x mod n`, `s = k⁻¹(z + r·d)`; `None` for the negligible degenerate cases.
-    fn raw_ecdsa(d: &Scalar, k: &Scalar, hash: &B256) -> Option<Vec<u8>> {
-        let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&FieldBytes::from(hash.0));
-        let big_r = (ProjectivePoint::GENERATOR * k).to_affine();
-        let r = <Scalar as Reduce<k256::U256>>::reduce_bytes(&big_r.x());
-        let k_inv = Option::<Scalar>::from(k.invert())?;
-        let s = k_inv * (z + r * d);
-        if bool::from(r.is_zero()) || bool::from(s.is_zero()) {
-            return None;
-        }
-        let mut out = r.to_bytes().to_vec();
-        out.extend_from_slice(&s.to_bytes());
-        Some(out)
-    }
-
-    fn scalar(b: [u8; 32]) -> Option<Scalar> {
-        Option::<Scalar>::from(Scalar::from_repr(b.into())).filter(|s| !bool::from(s.is_zero()))
-    }
-
-    fn public_of(d: &Scalar) -> AffinePoint {
-        (ProjectivePoint::GENERATOR * d).to_affine()
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-        /// For random keys, hashes and nonces - high-s outputs included, as an HSM gives
-        /// them - the computed recovery id recovers the key's address and s is low.
-        #[test]
-        fn recovery_id_matches_recovery(d in any::<[u8; 32]>(), hash in any::<[u8; 32]>(), k in any::<[u8; 32]>()) {
-            let (Some(d), Some(k)) = (scalar(d), scalar(k)) else { return Ok(()) };
-            let hash = B256::from(hash);
-            let Some(raw) = raw_ecdsa(&d, &k, &hash) else { return Ok(()) };
-            let public = public_of(&d);
-            let out = recoverable_from_raw(&RecoveryKey::new(&public), &hash, &raw).unwrap();
-            let half_n = U256::from_be_slice(&(-Scalar::ONE).to_bytes()) >> 1;
-            prop_assert!(out.s() <= half_n);
-            prop_assert_eq!(out.r(), U256::from_be_slice(&raw[..32]));
-            prop_assert_eq!(out.recover_address_from_prehash(&hash).unwrap(), address_of(&public));
-        }
-    }
-
-    /// The fixed-base tables multiply like the generic scalar multiplication.
-    #[test]
-    fn fixed_base_tables_multiply_correctly() {
-        let p = ProjectivePoint::GENERATOR * Scalar::from(0x1234_5678u64);
-        let table = FixedBase::new(p);
-        let mut ks = vec![Scalar::ZERO, Scalar::ONE, -Scalar::ONE, Scalar::from(16u64)];
-        let mut k = Scalar::from(3u64);
-        for _ in 0..100 {
-            k = k * k + Scalar::from(7u64);
-            ks.push(k);
-        }
-        for k in ks {
-            assert_eq!(table.mul_vartime(&k), p * k);
-            assert_eq!(
-                generator_table().mul_vartime(&k),
-                ProjectivePoint::GENERATOR * k
-            );
-        }
-    }
-
-    #[test]
-    fn both_parities_and_both_s_halves_occur() {
-        let d = Scalar::from(7u64);
-        let public = public_of(&d);
-        let key = RecoveryKey::new(&public);
-        let (mut parity, mut flipped) = ([0usize; 2], 0usize);
-        for i in 0u64..200 {
-            let hash = alloy_primitives::keccak256(i.to_be_bytes());
-            let raw = raw_ecdsa(&d, &Scalar::from(i + 1_000), &hash).unwrap();
-            flipped += usize::from(raw[32] >= 0x80);
-            let out = recoverable_from_raw(&key, &hash, &raw).unwrap();
-            parity[usize::from(out.v())] += 1;
-            assert_eq!(
-                out.recover_address_from_prehash(&hash).unwrap(),
-                address_of(&public)
-            );
-        }
-        assert!(parity[0] > 50 && parity[1] > 50, "{parity:?}");
-        assert!(flipped > 50 && flipped < 150, "{flipped}");
-    }
-
-    #[test]
-    fn rejects_wrong_hash_wrong_key_and_malformed_input() {
-        let d = Scalar::from(7u64);
-        let public = RecoveryKey::new(&public_of(&d));
-        let hash = B256::repeat_byte(1);
-        let k = Scalar::from(99u64);
-        let by_other = raw_ecdsa(&Scalar::from(8u64), &k, &hash).unwrap();
-        assert!(recoverable_from_raw(&public, &hash, &by_other).is_err());
-        let good = raw_ecdsa(&d, &k, &hash).unwrap();
-        assert!(recoverable_from_raw(&public, &hash, &good).is_ok());
-        assert!(recoverable_from_raw(&public, &B256::repeat_byte(2), &good).is_err());
-        assert!(recoverable_from_raw(&public, &hash, &[0u8; 64]).is_err());
-        assert!(recoverable_from_raw(&public, &hash, &good[..63]).is_err());
-        assert!(recoverable_from_raw(&public, &hash, &[0xffu8; 64]).is_err());
-    }
-
-    #[test]
-    fn ec_point_wrapped_or_bare() {
-        let point = public_of(&Scalar::from(7u64));
-        let bare = point.to_encoded_point(false).as_bytes().to_vec();
-        let mut wrapped = vec![0x04, 65];
-        wrapped.extend_from_slice(&bare);
-        let compressed = point.to_encoded_point(true).as_bytes().to_vec();
-        let mut wrapped_compressed = vec![0x04, 33];
-        wrapped_compressed.extend_from_slice(&compressed);
-        for bytes in [&bare, &wrapped, &compressed, &wrapped_compressed] {
-            assert_eq!(parse_ec_point(bytes).unwrap(), point);
-        }
-        assert!(parse_ec_point(&wrapped[..66]).is_err());
-        assert!(parse_ec_point(&[0x04, 0x00]).is_err());
-    }
-
-    #[test]
-    fn config_debug_does_not_print_the_pin() {
-        let cfg = HsmConfig::new("/x.so", "tok", AuthPin::from("s3cret-pin-9182"), "k");
-        let text = format!("{cfg:?}");
-        assert!(!text.contains("s3cret"), "{text}");
-        assert!(text.contains("tok") && text.contains("redacted"), "{text}");
-    }
-}
-
 /// A key-encryption key inside a PKCS#11 token: an AES-256 secret key labelled
 /// [`HsmConfig::key_label`], sensitive and not extractable. Wrapping is `C_Encrypt` with
 /// `CKM_AES_GCM` (random 96-bit IV, 128-bit tag); a wrapped key is `IV || ciphertext ||
@@ -1232,5 +1103,134 @@ impl crate::kek::KeyWrap for HsmKek {
                 )
             })?;
         crate::kek::data_key_from(plain, &self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Textbook ECDSA with a chosen nonce and no low-s normalisation, as an HSM returns it:
+    /// `r = (k·G).x mod n`, `s = k⁻¹(z + r·d)`; `None` for the negligible degenerate cases.
+    fn raw_ecdsa(d: &Scalar, k: &Scalar, hash: &B256) -> Option<Vec<u8>> {
+        let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&FieldBytes::from(hash.0));
+        let big_r = (ProjectivePoint::GENERATOR * k).to_affine();
+        let r = <Scalar as Reduce<k256::U256>>::reduce_bytes(&big_r.x());
+        let k_inv = Option::<Scalar>::from(k.invert())?;
+        let s = k_inv * (z + r * d);
+        if bool::from(r.is_zero()) || bool::from(s.is_zero()) {
+            return None;
+        }
+        let mut out = r.to_bytes().to_vec();
+        out.extend_from_slice(&s.to_bytes());
+        Some(out)
+    }
+
+    fn scalar(b: [u8; 32]) -> Option<Scalar> {
+        Option::<Scalar>::from(Scalar::from_repr(b.into())).filter(|s| !bool::from(s.is_zero()))
+    }
+
+    fn public_of(d: &Scalar) -> AffinePoint {
+        (ProjectivePoint::GENERATOR * d).to_affine()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// For random keys, hashes and nonces - high-s outputs included, as an HSM gives
+        /// them - the computed recovery id recovers the key's address and s is low.
+        #[test]
+        fn recovery_id_matches_recovery(d in any::<[u8; 32]>(), hash in any::<[u8; 32]>(), k in any::<[u8; 32]>()) {
+            let (Some(d), Some(k)) = (scalar(d), scalar(k)) else { return Ok(()) };
+            let hash = B256::from(hash);
+            let Some(raw) = raw_ecdsa(&d, &k, &hash) else { return Ok(()) };
+            let public = public_of(&d);
+            let out = recoverable_from_raw(&RecoveryKey::new(&public), &hash, &raw).unwrap();
+            let half_n = U256::from_be_slice(&(-Scalar::ONE).to_bytes()) >> 1;
+            prop_assert!(out.s() <= half_n);
+            prop_assert_eq!(out.r(), U256::from_be_slice(&raw[..32]));
+            prop_assert_eq!(out.recover_address_from_prehash(&hash).unwrap(), address_of(&public));
+        }
+    }
+
+    /// The fixed-base tables multiply like the generic scalar multiplication.
+    #[test]
+    fn fixed_base_tables_multiply_correctly() {
+        let p = ProjectivePoint::GENERATOR * Scalar::from(0x1234_5678u64);
+        let table = FixedBase::new(p);
+        let mut ks = vec![Scalar::ZERO, Scalar::ONE, -Scalar::ONE, Scalar::from(16u64)];
+        let mut k = Scalar::from(3u64);
+        for _ in 0..100 {
+            k = k * k + Scalar::from(7u64);
+            ks.push(k);
+        }
+        for k in ks {
+            assert_eq!(table.mul_vartime(&k), p * k);
+            assert_eq!(
+                generator_table().mul_vartime(&k),
+                ProjectivePoint::GENERATOR * k
+            );
+        }
+    }
+
+    #[test]
+    fn both_parities_and_both_s_halves_occur() {
+        let d = Scalar::from(7u64);
+        let public = public_of(&d);
+        let key = RecoveryKey::new(&public);
+        let (mut parity, mut flipped) = ([0usize; 2], 0usize);
+        for i in 0u64..200 {
+            let hash = alloy_primitives::keccak256(i.to_be_bytes());
+            let raw = raw_ecdsa(&d, &Scalar::from(i + 1_000), &hash).unwrap();
+            flipped += usize::from(raw[32] >= 0x80);
+            let out = recoverable_from_raw(&key, &hash, &raw).unwrap();
+            parity[usize::from(out.v())] += 1;
+            assert_eq!(
+                out.recover_address_from_prehash(&hash).unwrap(),
+                address_of(&public)
+            );
+        }
+        assert!(parity[0] > 50 && parity[1] > 50, "{parity:?}");
+        assert!(flipped > 50 && flipped < 150, "{flipped}");
+    }
+
+    #[test]
+    fn rejects_wrong_hash_wrong_key_and_malformed_input() {
+        let d = Scalar::from(7u64);
+        let public = RecoveryKey::new(&public_of(&d));
+        let hash = B256::repeat_byte(1);
+        let k = Scalar::from(99u64);
+        let by_other = raw_ecdsa(&Scalar::from(8u64), &k, &hash).unwrap();
+        assert!(recoverable_from_raw(&public, &hash, &by_other).is_err());
+        let good = raw_ecdsa(&d, &k, &hash).unwrap();
+        assert!(recoverable_from_raw(&public, &hash, &good).is_ok());
+        assert!(recoverable_from_raw(&public, &B256::repeat_byte(2), &good).is_err());
+        assert!(recoverable_from_raw(&public, &hash, &[0u8; 64]).is_err());
+        assert!(recoverable_from_raw(&public, &hash, &good[..63]).is_err());
+        assert!(recoverable_from_raw(&public, &hash, &[0xffu8; 64]).is_err());
+    }
+
+    #[test]
+    fn ec_point_wrapped_or_bare() {
+        let point = public_of(&Scalar::from(7u64));
+        let bare = point.to_encoded_point(false).as_bytes().to_vec();
+        let mut wrapped = vec![0x04, 65];
+        wrapped.extend_from_slice(&bare);
+        let compressed = point.to_encoded_point(true).as_bytes().to_vec();
+        let mut wrapped_compressed = vec![0x04, 33];
+        wrapped_compressed.extend_from_slice(&compressed);
+        for bytes in [&bare, &wrapped, &compressed, &wrapped_compressed] {
+            assert_eq!(parse_ec_point(bytes).unwrap(), point);
+        }
+        assert!(parse_ec_point(&wrapped[..66]).is_err());
+        assert!(parse_ec_point(&[0x04, 0x00]).is_err());
+    }
+
+    #[test]
+    fn config_debug_does_not_print_the_pin() {
+        let cfg = HsmConfig::new("/x.so", "tok", AuthPin::from("s3cret-pin-9182"), "k");
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("tok") && text.contains("redacted"), "{text}");
     }
 }

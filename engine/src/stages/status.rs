@@ -87,7 +87,8 @@ pub enum ConnControl {
     },
 }
 
-/// Counters for `/metrics`, written by the status thread only.
+/// Counters for `/metrics`, written by the status thread (and `slow_desks` also by the
+/// connection tasks).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Events per state, indexed by `State as usize`.
@@ -98,7 +99,9 @@ pub struct Counters {
     pub acks: AtomicU64,
     /// Duplicate submissions answered from state.
     pub duplicates: AtomicU64,
-    /// Desk connections closed for not reading their replies.
+    /// Desk connections closed for not reading their replies: counted by the status
+    /// thread when a connection's outbound queue is full, by the connection task when its
+    /// socket stalls.
     pub slow_desks: AtomicU64,
 }
 
@@ -293,8 +296,10 @@ impl StatusStage {
         match tx.try_send(out) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                // The desk stopped reading: disconnect it rather than queue without bound.
-                // Its intents go on; it can reconnect and ask with `status`.
+                // The desk stopped reading: drop its queue rather than wait or queue
+                // without bound. The connection task sees the queue closed and disconnects
+                // with 1008; the intents go on, and the desk can reconnect and ask with
+                // `status`.
                 self.conns.remove(&conn);
                 self.counters.slow_desks.fetch_add(1, Ordering::Relaxed);
             }

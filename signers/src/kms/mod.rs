@@ -422,70 +422,6 @@ pub fn recoverable_from_der(
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k256::ecdsa::SigningKey;
-    use k256::ecdsa::signature::hazmat::PrehashSigner;
-
-    #[test]
-    fn recovery_id_from_the_public_key_matches_k256_for_many_hashes() {
-        let key = SigningKey::from_slice(&[7u8; 32]).unwrap();
-        let public = key.verifying_key().as_affine().into();
-        let address = Address::from_raw_public_key(
-            &key.verifying_key().to_encoded_point(false).as_bytes()[1..],
-        );
-        let mut parities = [0usize; 2];
-        for i in 0u64..200 {
-            let hash = alloy_primitives::keccak256(i.to_be_bytes());
-            let (sig, recid) = key.sign_prehash_recoverable(hash.as_slice()).unwrap();
-            // Hand the high-s twin to the converter half of the time: it must normalise.
-            let given = if i % 2 == 0 {
-                sig
-            } else {
-                k256::ecdsa::Signature::from_scalars(sig.r(), -*sig.s()).unwrap()
-            };
-            let out = recoverable_from_der(&public, &hash, given.to_der().as_bytes()).unwrap();
-            let low = sig.normalize_s().unwrap_or(sig);
-            assert_eq!(out.s(), U256::from_be_slice(&low.s().to_bytes()));
-            // k256 signs low-s already, so its recovery id is the reference.
-            assert_eq!(out.v(), recid.is_y_odd(), "hash {i}");
-            assert_eq!(out.recover_address_from_prehash(&hash).unwrap(), address);
-            parities[usize::from(out.v())] += 1;
-        }
-        assert!(parities[0] > 50 && parities[1] > 50, "{parities:?}");
-    }
-
-    #[test]
-    fn rejects_a_signature_of_another_hash_or_key() {
-        let key = SigningKey::from_slice(&[7u8; 32]).unwrap();
-        let other = SigningKey::from_slice(&[8u8; 32]).unwrap();
-        let public: ProjectivePoint = key.verifying_key().as_affine().into();
-        let hash = B256::repeat_byte(1);
-        let sig: k256::ecdsa::Signature = other.sign_prehash(hash.as_slice()).unwrap();
-        assert!(recoverable_from_der(&public, &hash, sig.to_der().as_bytes()).is_err());
-        let sig: k256::ecdsa::Signature = key.sign_prehash(hash.as_slice()).unwrap();
-        let wrong = B256::repeat_byte(2);
-        assert!(recoverable_from_der(&public, &wrong, sig.to_der().as_bytes()).is_err());
-        assert!(recoverable_from_der(&public, &hash, b"\x30\x02junk").is_err());
-    }
-
-    #[test]
-    fn debug_redacts_credentials() {
-        let cfg = KmsConfig {
-            credentials: Some(KmsCredentials {
-                access_key_id: "AKIAEXAMPLEID".into(),
-                secret_access_key: "very-secret-value".into(),
-            }),
-            ..KmsConfig::new("us-east-1", "key-1")
-        };
-        let dbg = format!("{cfg:?}");
-        assert!(!dbg.contains("very-secret-value"), "{dbg}");
-        assert!(!dbg.contains("AKIAEXAMPLEID"), "{dbg}");
-        assert!(dbg.contains("key-1"), "{dbg}");
-    }
-}
-
 /// The encryption context every wrap and unwrap carries, so a ciphertext made with the
 /// same KMS key for another purpose does not unwrap as a data key.
 const KEK_CONTEXT: (&str, &str) = ("purpose", "engine at-rest data key v1");
@@ -640,5 +576,69 @@ impl crate::kek::KeyWrap for KmsKek {
             reason: "Decrypt returned no plaintext".into(),
         })?;
         crate::kek::data_key_from(plain.as_ref().to_vec(), &self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k256::ecdsa::SigningKey;
+    use k256::ecdsa::signature::hazmat::PrehashSigner;
+
+    #[test]
+    fn recovery_id_from_the_public_key_matches_k256_for_many_hashes() {
+        let key = SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let public = key.verifying_key().as_affine().into();
+        let address = Address::from_raw_public_key(
+            &key.verifying_key().to_encoded_point(false).as_bytes()[1..],
+        );
+        let mut parities = [0usize; 2];
+        for i in 0u64..200 {
+            let hash = alloy_primitives::keccak256(i.to_be_bytes());
+            let (sig, recid) = key.sign_prehash_recoverable(hash.as_slice()).unwrap();
+            // Hand the high-s twin to the converter half of the time: it must normalise.
+            let given = if i % 2 == 0 {
+                sig
+            } else {
+                k256::ecdsa::Signature::from_scalars(sig.r(), -*sig.s()).unwrap()
+            };
+            let out = recoverable_from_der(&public, &hash, given.to_der().as_bytes()).unwrap();
+            let low = sig.normalize_s().unwrap_or(sig);
+            assert_eq!(out.s(), U256::from_be_slice(&low.s().to_bytes()));
+            // k256 signs low-s already, so its recovery id is the reference.
+            assert_eq!(out.v(), recid.is_y_odd(), "hash {i}");
+            assert_eq!(out.recover_address_from_prehash(&hash).unwrap(), address);
+            parities[usize::from(out.v())] += 1;
+        }
+        assert!(parities[0] > 50 && parities[1] > 50, "{parities:?}");
+    }
+
+    #[test]
+    fn rejects_a_signature_of_another_hash_or_key() {
+        let key = SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let other = SigningKey::from_slice(&[8u8; 32]).unwrap();
+        let public: ProjectivePoint = key.verifying_key().as_affine().into();
+        let hash = B256::repeat_byte(1);
+        let sig: k256::ecdsa::Signature = other.sign_prehash(hash.as_slice()).unwrap();
+        assert!(recoverable_from_der(&public, &hash, sig.to_der().as_bytes()).is_err());
+        let sig: k256::ecdsa::Signature = key.sign_prehash(hash.as_slice()).unwrap();
+        let wrong = B256::repeat_byte(2);
+        assert!(recoverable_from_der(&public, &wrong, sig.to_der().as_bytes()).is_err());
+        assert!(recoverable_from_der(&public, &hash, b"\x30\x02junk").is_err());
+    }
+
+    #[test]
+    fn debug_redacts_credentials() {
+        let cfg = KmsConfig {
+            credentials: Some(KmsCredentials {
+                access_key_id: "AKIAEXAMPLEID".into(),
+                secret_access_key: "very-secret-value".into(),
+            }),
+            ..KmsConfig::new("us-east-1", "key-1")
+        };
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("very-secret-value"), "{dbg}");
+        assert!(!dbg.contains("AKIAEXAMPLEID"), "{dbg}");
+        assert!(dbg.contains("key-1"), "{dbg}");
     }
 }
