@@ -222,6 +222,12 @@ impl Engine {
         // wake-up per transaction would only cost the hot thread its core on a small box.
         let (rc_tx, rc_rx) = one_to_one::<TxMsg>(cap);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        // Each ring is named after the stage that consumes it.
+        let mut rings = vec![
+            ("intake", intake_rx.probe()),
+            ("status", status_rx.probe()),
+            ("receipts", rc_rx.probe()),
+        ];
         let status = StatusSink::new(status_tx, Arc::clone(&dead));
 
         let mut builder = PipelineBuilder::with_core_budget(budget.clone());
@@ -496,6 +502,11 @@ impl Engine {
             let (p_tx, p_rx) = one_to_one::<IntentMsg>(cap);
             let (s_tx, s_rx) = one_to_one::<IntentMsg>(cap);
             let (bc_tx, bc_rx) = one_to_one::<TxMsg>(cap);
+            rings.extend([
+                ("policy", p_rx.probe()),
+                ("signing", s_rx.probe()),
+                ("broadcast", bc_rx.probe()),
+            ]);
             builder.spawn(
                 next("intake"),
                 Input::ManyToOne(intake_rx),
@@ -566,6 +577,7 @@ impl Engine {
             receipts: Some(Arc::clone(&receipts_stats)),
             journal: journal.clone(),
             staking: staking_stats,
+            rings,
             ..Health::default()
         });
         let std_listener =

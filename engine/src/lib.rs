@@ -86,5 +86,113 @@ pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
         Err(_) => base,
     }
 }
+/// How the binary writes its log lines (`--log-format`, `ENGINE_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (the message
+    /// and the event's fields), `span`/`spans` when inside spans.
+    Json,
+}
+
+impl LogFormat {
+    /// `text` or `json`.
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// The binary's log subscriber: `format`, filtered by [`log_filter`] of `spec`, writing to
+/// `writer`.
+pub fn log_subscriber<W>(
+    format: LogFormat,
+    spec: Option<&str>,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(log_filter(spec))
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().with_ansi(false).finish()),
+    }
+}
+
 pub use engine::Engine;
 pub use error::EngineError;
+
+#[cfg(test)]
+mod log_tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::{LogFormat, log_subscriber};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(format: LogFormat, spec: Option<&str>) -> Vec<String> {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = log_subscriber(format, spec, move || out.clone());
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(account = "dev0", seq = 7u64, "custody");
+            tracing::debug!("hidden at info");
+            tracing::info!(target: "tungstenite::handshake", "kept");
+            tracing::trace!(target: "tungstenite::handshake", "GET /v1/ws authorization: secret");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn log_format_json_lines_parse() {
+        let l = lines(LogFormat::Json, Some("trace"));
+        assert_eq!(l.len(), 3, "{l:?}");
+        let v: serde_json::Value = serde_json::from_str(&l[0]).unwrap();
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["fields"]["message"], "custody");
+        assert_eq!(v["fields"]["account"], "dev0");
+        assert_eq!(v["fields"]["seq"], 7);
+        assert!(v["timestamp"].is_string());
+        for line in &l {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            // `log_filter` still caps the handshake's dumps at INFO.
+            assert_ne!(v["level"], "TRACE", "{line}");
+        }
+        assert!(!l.iter().any(|x| x.contains("secret")));
+    }
+
+    #[test]
+    fn log_format_text_is_not_json() {
+        let l = lines(LogFormat::Text, None);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert!(
+            l[0].contains("custody") && l[0].contains("\"dev0\""),
+            "{l:?}"
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&l[0]).is_err());
+        assert_eq!(LogFormat::parse("json"), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse("text"), Some(LogFormat::Text));
+        assert_eq!(LogFormat::parse("JSON"), None);
+    }
+}

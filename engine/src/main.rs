@@ -21,6 +21,9 @@ use engine::{Config, Engine, EngineError, dev};
     about = "Execution engine: desk intents to signed Ethereum transactions"
 )]
 struct Cli {
+    /// Log line format: text or json (default: `ENGINE_LOG_FORMAT`, else text).
+    #[arg(long, global = true, value_parser = parse_log_format)]
+    log_format: Option<engine::LogFormat>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -216,14 +219,32 @@ fn parse_wait(s: &str) -> Result<WaitChoice, String> {
     })
 }
 
+fn parse_log_format(s: &str) -> Result<engine::LogFormat, String> {
+    engine::LogFormat::parse(s).ok_or_else(|| format!("unknown log format `{s}`: text or json"))
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(engine::log_filter(
-            std::env::var("RUST_LOG").ok().as_deref(),
-        ))
-        .with_writer(std::io::stderr)
-        .init();
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let cli = Cli::parse();
+    let format = match cli.log_format {
+        Some(f) => f,
+        None => match std::env::var("ENGINE_LOG_FORMAT") {
+            Ok(v) if !v.is_empty() => match engine::LogFormat::parse(&v) {
+                Some(f) => f,
+                None => {
+                    eprintln!("ENGINE_LOG_FORMAT: unknown log format `{v}`: text or json");
+                    return ExitCode::from(2);
+                }
+            },
+            _ => engine::LogFormat::Text,
+        },
+    };
+    engine::log_subscriber(
+        format,
+        std::env::var("RUST_LOG").ok().as_deref(),
+        std::io::stderr,
+    )
+    .init();
     let res = match cli.cmd.unwrap_or(Cmd::Dev(DevArgs {
         listen: "127.0.0.1:7300"
             .parse()

@@ -88,6 +88,9 @@ pub struct Health {
     pub journal: Option<crate::journal::Journal>,
     /// The staking threads' counters, when `[staking]` is configured.
     pub staking: Option<crate::staking::StakingStats>,
+    /// The pipeline's rings, named after the stage that consumes each, for the
+    /// `engine_queue_depth` gauges.
+    pub rings: Vec<(&'static str, pipeline::RingProbe)>,
 }
 
 /// Everything a connection task needs; shared read-only (plus lock-free handles).
@@ -252,6 +255,7 @@ fn route(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             crate::metrics::prometheus(&ctx.latency, &ctx.counters)
+                + &crate::metrics::queues_prometheus(&queue_depths(&ctx))
                 + &crate::metrics::limits_prometheus(&ctx.limits, &ctx.tls_handshake_failures)
                 + &crate::metrics::risk_prometheus(&ctx.risk)
                 + &ctx.custody.prometheus()
@@ -290,6 +294,22 @@ fn route(
         ),
         _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not found"})),
     }
+}
+
+/// `(queue, depth, capacity)` of every queue `/metrics` reports: the pipeline's rings,
+/// the audit channel, the async signers' outstanding requests.
+fn queue_depths(ctx: &ServerCtx) -> Vec<(&'static str, usize, usize)> {
+    let mut q: Vec<_> = ctx
+        .health
+        .rings
+        .iter()
+        .map(|(name, p)| (*name, p.len(), p.capacity()))
+        .collect();
+    q.push(("audit", ctx.risk.audit.queued(), ctx.risk.audit.capacity()));
+    if let Some(w) = &ctx.custody.worker {
+        q.push(("async_sign", w.outstanding(), w.capacity()));
+    }
+    q
 }
 
 fn health(ctx: &ServerCtx) -> Response<Body<Bytes>> {
@@ -843,6 +863,7 @@ fn handle_text(
             ask_status(ctx, &mut reqs.status, StatusKind::Query, origin, id, req)
         }
         Request::Submit { req, intent } => {
+            ctx.counters.received.fetch_add(1, Ordering::Relaxed);
             let id_s = intent.id.as_str();
             if !principal.roles.has(Role::Trader) {
                 return Some(forbidden("submit", req.as_deref(), Some(id_s)));

@@ -245,6 +245,51 @@ impl HistogramSnapshot {
     pub fn interval_percentiles(&self) -> Percentiles {
         Percentiles::of(&self.interval)
     }
+
+    /// Cumulative bucket counts of the cumulative histogram, as Prometheus histograms count
+    /// them: for each bound (ns, ascending) the number of values at or below it, written to
+    /// `counts` (one per bound; extra entries on either side are left alone). To the
+    /// histogram's resolution: a value counts under a bound when the lowest value of its
+    /// HdrHistogram bucket is at or below the bound, so a value up to 0.1 % above a bound
+    /// can count under it. One pass over the recorded buckets, whatever the number of bounds.
+    pub fn cumulative_counts_at_or_below(&self, bounds_ns: &[u64], counts: &mut [u64]) {
+        counts_at_or_below(&self.cumulative, bounds_ns, counts);
+    }
+
+    /// Sum of the cumulative histogram's values in ns (each value taken as the middle of its
+    /// HdrHistogram bucket, as its mean is).
+    pub fn cumulative_sum_ns(&self) -> u128 {
+        sum_ns(&self.cumulative)
+    }
+}
+
+/// See [`HistogramSnapshot::cumulative_counts_at_or_below`].
+fn counts_at_or_below(h: &Histogram<u64>, bounds_ns: &[u64], counts: &mut [u64]) {
+    let n = bounds_ns.len().min(counts.len());
+    let (bounds_ns, counts) = (&bounds_ns[..n], &mut counts[..n]);
+    counts.fill(0);
+    let mut below = 0u64;
+    let mut next = 0;
+    for v in h.iter_recorded() {
+        let low = h.lowest_equivalent(v.value_iterated_to());
+        while next < n && bounds_ns[next] < low {
+            counts[next] = below;
+            next += 1;
+        }
+        below += v.count_at_value();
+    }
+    for c in &mut counts[next..] {
+        *c = below;
+    }
+}
+
+/// See [`HistogramSnapshot::cumulative_sum_ns`].
+fn sum_ns(h: &Histogram<u64>) -> u128 {
+    h.iter_recorded()
+        .map(|v| {
+            u128::from(h.median_equivalent(v.value_iterated_to())) * u128::from(v.count_at_value())
+        })
+        .sum()
 }
 
 /// Summary of a histogram, in nanoseconds.
@@ -303,6 +348,51 @@ mod tests {
             assert!(i < COUNTS_LEN, "{v}");
             assert_eq!(value_of(i), h.lowest_equivalent(v), "value {v}");
         }
+    }
+
+    #[test]
+    fn counts_at_or_below_bounds() {
+        let reg = LatencyRegistry::new();
+        let mut r = reg.recorder("s.service");
+        for v in [
+            0,
+            500,
+            1_000,
+            1_001,
+            1_500,
+            3_000,
+            2_000_000,
+            20_000_000_000,
+        ] {
+            r.record(v);
+        }
+        let snap = &reg.snapshot()[0];
+        let bounds = [
+            999,
+            1_000,
+            2_000,
+            5_000,
+            2_000_000,
+            MAX_TRACKABLE_NS,
+            u64::MAX,
+        ];
+        let mut counts = [u64::MAX; 8];
+        snap.cumulative_counts_at_or_below(&bounds, &mut counts);
+        assert_eq!(counts, [2, 3, 5, 6, 7, 8, 8, u64::MAX]);
+        let mut none = [7u64; 3];
+        snap.cumulative_counts_at_or_below(&[], &mut none);
+        assert_eq!(none, [7; 3]);
+        let empty = LatencyRegistry::new();
+        let _ = empty.recorder("e");
+        let snap_e = &empty.snapshot()[0];
+        let mut counts = [9u64; 2];
+        snap_e.cumulative_counts_at_or_below(&[1, 2], &mut counts);
+        assert_eq!(counts, [0, 0]);
+        assert_eq!(snap_e.cumulative_sum_ns(), 0);
+        // Values below 2048 ns are exact; the two large ones are within 0.1 %.
+        let sum = snap.cumulative_sum_ns();
+        let exact: u128 = 500 + 1_000 + 1_001 + 1_500 + 3_000 + 2_000_000 + 10_000_000_000;
+        assert!(sum.abs_diff(exact) * 1000 < exact, "{sum} vs {exact}");
     }
 
     #[test]

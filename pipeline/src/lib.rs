@@ -126,8 +126,8 @@ pub use coremap::{CoreMap, CoreMapError, confine_threads};
 pub use latency::{HistogramSnapshot, LatencyRegistry, Percentiles, Recorder};
 pub use message::{Hops, MAX_HOPS, Message, NoMessage};
 pub use ring::{
-    Full, ManyToOneConsumer, ManyToOneProducer, OneToOneConsumer, OneToOneProducer, Signal, Waker,
-    many_to_one, one_to_one,
+    Full, ManyToOneConsumer, ManyToOneProducer, OneToOneConsumer, OneToOneProducer, RingProbe,
+    Signal, Waker, many_to_one, one_to_one,
 };
 pub use runner::{
     ConfigError, CoreBudget, Input, Output, Pipeline, PipelineBuilder, PipelineError, ThreadConfig,

@@ -237,6 +237,11 @@ impl AsyncWorker {
         !self.completions.is_empty()
     }
 
+    /// Most requests outstanding at once (`try_submit` fails with `Full` beyond it).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Requests submitted and not yet handed out by [`AsyncWorker::poll`].
     pub fn outstanding(&self) -> usize {
         self.shared.outstanding.load(Ordering::Acquire)

@@ -246,6 +246,16 @@ impl AuditSink {
     pub fn record(&self, r: AuditRecord) {
         let _ = self.tx.send(r);
     }
+
+    /// Records waiting for the writer right now.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// The channel's capacity.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
+    }
 }
 
 /// Counters of the writer.

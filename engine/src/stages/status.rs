@@ -97,6 +97,9 @@ pub struct Counters {
     pub reasons: [AtomicU64; Reason::COUNT],
     /// Acks.
     pub acks: AtomicU64,
+    /// Submissions received from desks, before any check (written by the connection
+    /// tasks).
+    pub received: AtomicU64,
     /// Duplicate submissions answered from state.
     pub duplicates: AtomicU64,
     /// Desk connections closed for not reading their replies: counted by the status

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 
-use super::{Full, Signal, check_capacity};
+use super::{Full, Occupancy, RingProbe, Signal, check_capacity};
 use crate::sync::{AtomicBool, AtomicUsize, Ordering, UnsafeCell};
 
 /// One slot: its sequence number says whose turn it is.
@@ -49,6 +49,37 @@ impl<T> Shared<T> {
         debug_assert_eq!(self.slots.len(), self.mask + 1);
         // SAFETY: `slots.len() == mask + 1` (fixed at construction), so the index is in bounds.
         unsafe { self.slots.get_unchecked(position & self.mask) }
+    }
+}
+
+impl<T: Send> Occupancy for Shared<T> {
+    /// The consumer's position is private to it, so it is found from the slots: of the
+    /// `capacity` positions below `tail`, those the consumer already read have
+    /// `seq == position + capacity` and come first; the rest (written, or claimed and being
+    /// written) hold values. A binary search over them takes `log2(capacity)` loads.
+    fn occupancy(&self) -> usize {
+        let cap = Shared::capacity(self);
+        let tail = self.tail.load(Ordering::Acquire);
+        let first = tail.wrapping_sub(cap);
+        let read = |k: usize| {
+            let position = first.wrapping_add(k);
+            self.slot(position).seq.load(Ordering::Acquire) == position.wrapping_add(cap)
+        };
+        // Smallest `k` in `0..=cap` whose position is not read yet (`cap`: all read).
+        let (mut lo, mut hi) = (0, cap);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if read(mid) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        cap - lo
+    }
+
+    fn capacity(&self) -> usize {
+        Shared::capacity(self)
     }
 }
 
@@ -162,6 +193,16 @@ impl<T: Copy + Send> ManyToOneProducer<T> {
     pub fn is_consumer_gone(&self) -> bool {
         self.shared.consumer_gone.load(Ordering::Acquire)
     }
+
+    /// A read-only view of this ring's fill level, for gauges on other threads.
+    pub fn probe(&self) -> RingProbe
+    where
+        T: 'static,
+    {
+        RingProbe {
+            ring: Arc::clone(&self.shared) as Arc<dyn Occupancy>,
+        }
+    }
 }
 
 impl<T> std::fmt::Debug for ManyToOneProducer<T> {
@@ -248,6 +289,16 @@ impl<T: Copy + Send> ManyToOneConsumer<T> {
     /// This ring's sleeping flag and waker.
     pub fn signal(&self) -> &Arc<Signal> {
         &self.shared.signal
+    }
+
+    /// A read-only view of this ring's fill level, for gauges on other threads.
+    pub fn probe(&self) -> RingProbe
+    where
+        T: 'static,
+    {
+        RingProbe {
+            ring: Arc::clone(&self.shared) as Arc<dyn Occupancy>,
+        }
     }
 }
 

@@ -40,6 +40,50 @@ impl<T> fmt::Display for Full<T> {
 
 impl<T: fmt::Debug> std::error::Error for Full<T> {}
 
+/// What a [`RingProbe`] reads of a ring: its fill level and capacity.
+trait Occupancy: Send + Sync {
+    /// Values in the ring right now (a racy snapshot, `0..=capacity`).
+    fn occupancy(&self) -> usize;
+    /// The ring's capacity.
+    fn capacity(&self) -> usize;
+}
+
+/// A read-only view of a ring's fill level for gauges, usable from any thread while both
+/// ends run: atomic loads only (never a store, a lock or an allocation), and the ring's
+/// ends behave exactly as without it. The level is a snapshot that may be stale by the time
+/// it is read, always within `0..=capacity`. Cheap to clone; keeps the ring's memory alive.
+#[derive(Clone)]
+pub struct RingProbe {
+    ring: Arc<dyn Occupancy>,
+}
+
+impl RingProbe {
+    /// Values in the ring right now (`0..=capacity`; includes values a producer of a
+    /// [`many_to_one`] ring claimed and is still writing).
+    pub fn len(&self) -> usize {
+        self.ring.occupancy()
+    }
+
+    /// Whether the ring looked empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ring's capacity.
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity()
+    }
+}
+
+impl fmt::Debug for RingProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RingProbe")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
 /// How to wake a ring's consumer once it parked.
 pub enum Waker {
     /// Unpark this thread (the runner's default: the stage thread itself).

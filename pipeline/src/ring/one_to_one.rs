@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 
-use super::{Full, Signal, check_capacity};
+use super::{Full, Occupancy, RingProbe, Signal, check_capacity};
 use crate::sync::{AtomicBool, AtomicUsize, Ordering, UnsafeCell};
 
 /// One slot, aligned to a cache line: a 64-byte message occupies exactly one line (the
@@ -56,6 +56,21 @@ impl<T> Shared<T> {
         // SAFETY: `slots.len() == mask + 1` (set once in `one_to_one`, never changed), so
         // `index & mask < slots.len()`.
         unsafe { &self.slots.get_unchecked(index & self.mask).0 }
+    }
+}
+
+impl<T: Send> Occupancy for Shared<T> {
+    fn occupancy(&self) -> usize {
+        // `head` first: the `tail` read after it is at least the `head` read (the consumer
+        // never passes the producer), so the difference never wraps below zero; it can
+        // exceed the capacity only if both moved in between, hence the clamp.
+        let head = self.head.load(Ordering::Acquire);
+        let tail = self.tail.load(Ordering::Acquire);
+        tail.wrapping_sub(head).min(self.capacity())
+    }
+
+    fn capacity(&self) -> usize {
+        Shared::capacity(self)
     }
 }
 
@@ -183,6 +198,16 @@ impl<T: Copy + Send> OneToOneProducer<T> {
     /// Whether the consumer end was dropped (nothing will ever make space again).
     pub fn is_consumer_gone(&self) -> bool {
         self.shared.consumer_gone.load(Ordering::Acquire)
+    }
+
+    /// A read-only view of this ring's fill level, for gauges on other threads.
+    pub fn probe(&self) -> RingProbe
+    where
+        T: 'static,
+    {
+        RingProbe {
+            ring: Arc::clone(&self.shared) as Arc<dyn Occupancy>,
+        }
     }
 }
 
@@ -315,6 +340,16 @@ impl<T: Copy + Send> OneToOneConsumer<T> {
     /// This ring's sleeping flag and waker.
     pub fn signal(&self) -> &Arc<Signal> {
         &self.shared.signal
+    }
+
+    /// A read-only view of this ring's fill level, for gauges on other threads.
+    pub fn probe(&self) -> RingProbe
+    where
+        T: 'static,
+    {
+        RingProbe {
+            ring: Arc::clone(&self.shared) as Arc<dyn Occupancy>,
+        }
     }
 }
 

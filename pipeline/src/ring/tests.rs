@@ -327,3 +327,91 @@ proptest! {
         prop_assert!(c.is_empty());
     }
 }
+
+#[test]
+fn probes_read_the_fill_level() {
+    let (mut p, mut c) = one_to_one::<u64>(8);
+    let probe = p.probe();
+    let from_consumer = c.probe();
+    assert_eq!((probe.len(), probe.capacity()), (0, 8));
+    assert!(probe.is_empty());
+    for i in 0..8 {
+        p.try_push(i).unwrap();
+        assert_eq!(probe.len(), i as usize + 1);
+    }
+    assert_eq!(from_consumer.len(), 8);
+    for i in 0..8 {
+        c.pop().unwrap();
+        assert_eq!(probe.len(), 7 - i);
+    }
+    // Many laps, so the free-running indices pass the capacity many times.
+    for i in 0..40u64 {
+        p.try_push(i).unwrap();
+        p.try_push(i).unwrap();
+        c.pop().unwrap();
+        assert_eq!(probe.len(), 1);
+        c.pop().unwrap();
+        assert!(probe.is_empty());
+    }
+
+    let (mp, mut mc) = many_to_one::<u64>(8);
+    let probe = mp.probe();
+    assert_eq!((probe.len(), probe.capacity()), (0, 8));
+    assert_eq!(mc.probe().capacity(), 8);
+    for i in 0..8 {
+        mp.try_push(i).unwrap();
+        assert_eq!(probe.len(), i as usize + 1);
+    }
+    assert!(mp.try_push(99).is_err());
+    assert_eq!(probe.len(), 8);
+    for i in 0..8 {
+        mc.pop().unwrap();
+        assert_eq!(probe.len(), 7 - i);
+    }
+    for lap in 0..40u64 {
+        let n = (lap % 8) as usize + 1;
+        for i in 0..n {
+            mp.try_push(i as u64).unwrap();
+        }
+        assert_eq!(probe.len(), n);
+        for i in 0..n {
+            mc.pop().unwrap();
+            assert_eq!(probe.len(), n - i - 1);
+        }
+    }
+}
+
+#[test]
+fn probe_stays_in_range_while_both_ends_run() {
+    let (mp, mut mc) = many_to_one::<u64>(16);
+    let probe = mp.probe();
+    let producers: Vec<_> = (0..2)
+        .map(|_| {
+            let mp = mp.clone();
+            thread::spawn(move || {
+                let mut sent = 0;
+                while sent < N / 4 {
+                    if mp.try_push(sent).is_ok() {
+                        sent += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let watcher = thread::spawn(move || {
+        for _ in 0..N / 4 {
+            assert!(probe.len() <= probe.capacity());
+        }
+    });
+    let mut got = 0;
+    while got < N / 2 {
+        if mc.pop().is_some() {
+            got += 1;
+        }
+    }
+    for p in producers {
+        p.join().unwrap();
+    }
+    watcher.join().unwrap();
+    assert_eq!(mc.probe().len(), 0);
+}
