@@ -76,6 +76,7 @@ pub trait KeyWrap: Send + Sync + fmt::Debug {
 
 /// Checks an unwrapped byte string is a data key and moves it into a [`DataKey`], zeroing
 /// the source.
+#[cfg_attr(not(any(feature = "hsm", feature = "kms")), allow(dead_code))]
 pub(crate) fn data_key_from(mut plain: Vec<u8>, kek: &str) -> Result<DataKey, SignerError> {
     let out = if plain.len() == DATA_KEY_LEN {
         let mut k = [0u8; DATA_KEY_LEN];
