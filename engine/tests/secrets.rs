@@ -1,11 +1,18 @@
-//! The secret-leak sweep: a full run of the engine (journal, audit log with its signing
-//! key, private relay with its auth key, local custody keys, accepted, rejected and
-//! malformed intents, refused tokens), then everything it wrote or said is searched for
+//! The secret-leak sweep: a full run of the engine (journal and audit log sealed under a
+//! key-encryption key in a SoftHSM2 token, audit signing key, private relay with its auth
+//! key, local custody keys, an account in the HSM (user PIN) and one in moto's KMS (AWS
+//! secret key), accepted, rejected and malformed intents, refused tokens), then everything
+//! it wrote or said is searched for
 //! the secrets it was given: every log line at TRACE level (through the binary's filter), every reply frame, the HTTP
 //! bodies of `/metrics`, `/health`, `/v1/latency` and of refused upgrades, the `Debug`
 //! form of its configuration, and every byte of its journal and audit files.
+#![cfg(all(feature = "hsm", feature = "kms"))]
 
 mod common;
+#[path = "../../signers/tests/support/moto.rs"]
+mod moto;
+#[path = "../../signers/tests/support/softhsm.rs"]
+mod softhsm;
 
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use engine::config::{JournalSettings, Layout, RelayConfig};
+use engine::config::{AtRestConfig, JournalSettings, KeyConfig, Layout, RelayConfig};
 use engine::desk::Desk;
 use serde_json::json;
 use venues::relay_sim::{RelaySim, RelaySimConfig};
@@ -51,6 +58,14 @@ fn every_file(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 
 #[test]
 fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
+    // The SoftHSM2 token store is per process: the sweep runs in a child of its own.
+    softhsm::isolated(
+        "no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says",
+        sweep,
+    );
+}
+
+fn sweep() {
     let logs = Captured::default();
     let writer = logs.clone();
     // The engine binary's filter, asked for everything.
@@ -68,6 +83,45 @@ fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
         &format!("0x{audit_secret}\n"),
     );
     private_file(&dir.path().join("relay.key"), &relay_secret);
+    // Custody and at-rest keys behind secrets the engine reads from files.
+    let token_store = softhsm::Token::init(softhsm::TOKEN_LABEL);
+    let hsm_address =
+        signers::hsm::HsmSigner::generate_key(&token_store.config("desk-hsm", 1)).unwrap();
+    signers::hsm::HsmKek::generate(&token_store.config("at-rest", 1)).unwrap();
+    private_file(
+        &dir.path().join("hsm-pin"),
+        &format!("{}\n", softhsm::USER_PIN),
+    );
+    let hsm_key = |label: &str| KeyConfig::Hsm {
+        module: softhsm::module_path(),
+        token_label: softhsm::TOKEN_LABEL.into(),
+        key_label: label.into(),
+        pin_file: Some(dir.path().join("hsm-pin")),
+        pin_env: None,
+        sessions: 1,
+    };
+    let kms_secret = "kms-secret-7f3a9c2e1b5d8e4f6a0c";
+    private_file(&dir.path().join("aws-secret"), &format!("{kms_secret}\n"));
+    let moto = moto::Moto::spawn();
+    let kms_cfg = signers::kms::KmsConfig {
+        credentials: Some(signers::kms::KmsCredentials {
+            access_key_id: "secrets-test".into(),
+            secret_access_key: kms_secret.into(),
+        }),
+        ..moto.config("")
+    };
+    let (kms_key, kms_address) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let id = signers::kms::create_key(&kms_cfg, "secret sweep")
+            .await
+            .unwrap();
+        let signer = signers::kms::KmsSigner::connect(&signers::kms::KmsConfig {
+            key_id: id.clone(),
+            ..kms_cfg.clone()
+        })
+        .await
+        .unwrap();
+        (id, signers::AsyncSigner::address(&signer))
+    });
     let mut debug_cfg = String::new();
     let mut sim = None;
     let h = Harness::start_with(Layout::Auto, |cfg| {
@@ -91,16 +145,36 @@ fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
             url: s.url(),
         }];
         cfg.relay_auth_key_file = Some(dir.path().join("relay.key"));
+        cfg.accounts
+            .push(custody_account("hsm", hsm_key("desk-hsm")));
+        cfg.accounts.push(custody_account(
+            "kms",
+            KeyConfig::Kms {
+                key_id: kms_key.clone(),
+                region: moto::REGION.into(),
+                endpoint_url: Some(moto.endpoint()),
+                access_key_id: Some("secrets-test".into()),
+                secret_access_key_file: Some(dir.path().join("aws-secret")),
+                operation_timeout_ms: 5_000,
+            },
+        ));
+        cfg.at_rest = Some(AtRestConfig {
+            kek: hsm_key("at-rest"),
+        });
         debug_cfg = format!("{cfg:?} {:?}", cfg.accounts);
         sim = Some(s);
     });
 
-    // A mixed run: public and private transfers, a rejection, an unknown account,
-    // malformed frames, a status query.
+    fund(&h, hsm_address);
+    fund(&h, kms_address);
+    // A mixed run: public and private transfers (from local, HSM and KMS keys), a
+    // rejection, an unknown account, malformed frames, a status query.
     let mut desk = h.desk();
-    let ids: Vec<String> = ["ok-1", "ok-2", "priv-1", "denied", "nobody"]
-        .map(str::to_owned)
-        .to_vec();
+    let ids: Vec<String> = [
+        "ok-1", "ok-2", "priv-1", "denied", "nobody", "hsm-1", "kms-1",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     let mut said = String::new();
     let frames = h.rt.block_on(async {
         desk.send(&submit(transfer("ok-1", "dev0", 5, 1_000)))
@@ -116,6 +190,12 @@ fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
             .await
             .unwrap();
         desk.send(&submit(transfer("nobody", "treasury-x", 5, 1_000)))
+            .await
+            .unwrap();
+        desk.send(&submit(transfer("hsm-1", "hsm", 8, 1_000)))
+            .await
+            .unwrap();
+        desk.send(&submit(transfer("kms-1", "kms", 9, 1_000)))
             .await
             .unwrap();
         desk.send_text("{not json".into()).await.unwrap();
@@ -135,11 +215,13 @@ fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
         "confirmed",
         "{frames:?}"
     );
-    assert_eq!(
-        frames["priv-1"].last().unwrap()["state"],
-        "confirmed",
-        "{frames:?}"
-    );
+    for id in ["priv-1", "hsm-1", "kms-1"] {
+        assert_eq!(
+            frames[id].last().unwrap()["state"],
+            "confirmed",
+            "{id}: {frames:?}"
+        );
+    }
     let status = h.rt.block_on(async {
         desk.send(&json!({"op": "status", "req": "s", "id": "ok-1"}))
             .await
@@ -165,10 +247,15 @@ fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
     drop(desk);
     drop(h); // flushes the journal and the audit log
     drop(sim);
+    drop(moto);
 
     let mut written = Vec::new();
     every_file(dir.path(), &mut written);
-    written.retain(|(p, _)| !p.ends_with("audit.key") && !p.ends_with("relay.key"));
+    written.retain(|(p, _)| {
+        !["audit.key", "relay.key", "hsm-pin", "aws-secret"]
+            .iter()
+            .any(|k| p.ends_with(k))
+    });
     assert!(
         written.iter().any(|(p, _)| p.contains("journal"))
             && written.iter().any(|(p, _)| p.contains("audit")),
@@ -187,6 +274,8 @@ fn no_secret_the_engine_was_given_appears_in_anything_it_writes_or_says() {
         ),
         ("audit key".into(), audit_secret.clone()),
         ("relay-auth key".into(), relay_secret.clone()),
+        ("HSM user PIN".into(), softhsm::USER_PIN.into()),
+        ("AWS secret access key".into(), kms_secret.into()),
     ];
     for (i, k) in venues::DEV_PRIVATE_KEYS[..5].iter().enumerate() {
         secrets.push((
