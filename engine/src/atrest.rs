@@ -353,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn a_header_names_its_kek_and_holds_no_key() {
+    fn a_header_names_its_kek_and_only_that_kek_opens_it() {
         let s = testing::sealer();
         let k = s.new_key().unwrap();
         let h = k.header();

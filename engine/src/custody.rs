@@ -310,62 +310,17 @@ fn kms_config(
     })
 }
 
-/// The key-encryption key of `[at_rest]` (see `crate::atrest`), opened and probed: an AES
-/// key in a PKCS#11 token, or a symmetric KMS key.
-#[allow(unused_variables)]
-pub fn kek(k: &KeyConfig) -> Result<Arc<dyn signers::kek::KeyWrap>, SignerError> {
-    match k {
-        KeyConfig::Hsm {
-            module,
-            token_label,
-            key_label,
-            pin_file,
-            pin_env,
-            sessions,
-        } => {
-            #[cfg(feature = "hsm")]
-            {
-                let cfg = hsm_config(module, token_label, key_label, pin_file, pin_env, 1)?;
-                Ok(Arc::new(signers::hsm::HsmKek::open(&cfg)?))
-            }
-            #[cfg(not(feature = "hsm"))]
-            Err(not_built("hsm"))
-        }
-        KeyConfig::Kms {
-            key_id,
-            region,
-            endpoint_url,
-            access_key_id,
-            secret_access_key_file,
-            operation_timeout_ms,
-        } => {
-            #[cfg(feature = "kms")]
-            {
-                let cfg = kms_config(
-                    key_id,
-                    region,
-                    endpoint_url,
-                    access_key_id,
-                    secret_access_key_file,
-                    *operation_timeout_ms,
-                )?;
-                Ok(Arc::new(signers::kms::KmsKek::connect(&cfg)?))
-            }
-            #[cfg(not(feature = "kms"))]
-            Err(not_built("kms"))
-        }
-        KeyConfig::Local { .. } | KeyConfig::Mpc { .. } => Err(cfg_err(
-            format!("at_rest.kek backend `{}`", k.backend()),
-            "cannot hold a key-encryption key (use hsm or kms)",
-        )),
-    }
+/// Where a key-encryption key lives, with its settings and secrets read.
+enum KekTarget {
+    #[cfg(feature = "hsm")]
+    Hsm(signers::hsm::HsmConfig),
+    #[cfg(feature = "kms")]
+    Kms(signers::kms::KmsConfig),
 }
 
-/// Makes the key-encryption key `k` names, for `engine kek generate`: an AES-256 secret key
-/// inside the token (refused if the label is taken), or a new symmetric KMS key (its id is
-/// returned, for the configuration's `key_id`). Returns what was made, in words.
+/// The KEK settings of `k`: an AES key in a PKCS#11 token, or a symmetric KMS key.
 #[allow(unused_variables)]
-pub fn generate_kek(k: &KeyConfig) -> Result<String, SignerError> {
+fn kek_target(k: &KeyConfig) -> Result<KekTarget, SignerError> {
     match k {
         KeyConfig::Hsm {
             module,
@@ -378,12 +333,7 @@ pub fn generate_kek(k: &KeyConfig) -> Result<String, SignerError> {
             #[cfg(feature = "hsm")]
             {
                 let cfg = hsm_config(module, token_label, key_label, pin_file, pin_env, 1)?;
-                signers::hsm::HsmKek::generate(&cfg)?;
-                let kek = signers::hsm::HsmKek::open(&cfg)?;
-                Ok(format!(
-                    "created the AES-256 key-encryption key {} (sensitive, not extractable)",
-                    signers::kek::KeyWrap::id(&kek)
-                ))
+                Ok(KekTarget::Hsm(cfg))
             }
             #[cfg(not(feature = "hsm"))]
             Err(not_built("hsm"))
@@ -406,11 +356,7 @@ pub fn generate_kek(k: &KeyConfig) -> Result<String, SignerError> {
                     secret_access_key_file,
                     *operation_timeout_ms,
                 )?;
-                let id =
-                    signers::kms::KmsKek::create_key(&cfg, "engine at-rest key-encryption key")?;
-                Ok(format!(
-                    "created the KMS key {id} (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT); set at_rest.kek.key_id = \"{id}\""
-                ))
+                Ok(KekTarget::Kms(cfg))
             }
             #[cfg(not(feature = "kms"))]
             Err(not_built("kms"))
@@ -419,6 +365,40 @@ pub fn generate_kek(k: &KeyConfig) -> Result<String, SignerError> {
             format!("at_rest.kek backend `{}`", k.backend()),
             "cannot hold a key-encryption key (use hsm or kms)",
         )),
+    }
+}
+
+/// The key-encryption key of `[at_rest]` (see `crate::atrest`), opened and probed.
+pub fn kek(k: &KeyConfig) -> Result<Arc<dyn signers::kek::KeyWrap>, SignerError> {
+    match kek_target(k)? {
+        #[cfg(feature = "hsm")]
+        KekTarget::Hsm(cfg) => Ok(Arc::new(signers::hsm::HsmKek::open(&cfg)?)),
+        #[cfg(feature = "kms")]
+        KekTarget::Kms(cfg) => Ok(Arc::new(signers::kms::KmsKek::connect(&cfg)?)),
+    }
+}
+
+/// Makes the key-encryption key `k` names, for `engine kek generate`: an AES-256 secret key
+/// inside the token (refused if the label is taken), or a new symmetric KMS key (its id is
+/// returned, for the configuration's `key_id`). Returns what was made, in words.
+pub fn generate_kek(k: &KeyConfig) -> Result<String, SignerError> {
+    match kek_target(k)? {
+        #[cfg(feature = "hsm")]
+        KekTarget::Hsm(cfg) => {
+            signers::hsm::HsmKek::generate(&cfg)?;
+            let kek = signers::hsm::HsmKek::open(&cfg)?;
+            Ok(format!(
+                "created the AES-256 key-encryption key {} (sensitive, not extractable)",
+                signers::kek::KeyWrap::id(&kek)
+            ))
+        }
+        #[cfg(feature = "kms")]
+        KekTarget::Kms(cfg) => {
+            let id = signers::kms::KmsKek::create_key(&cfg, "engine at-rest key-encryption key")?;
+            Ok(format!(
+                "created the KMS key {id} (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT); set at_rest.kek.key_id = \"{id}\""
+            ))
+        }
     }
 }
 

@@ -568,8 +568,6 @@ impl HsmSigner {
     ///
     /// Refuses ([`SignerError::Config`]) if a key with that label exists already.
     pub fn generate_key(cfg: &HsmConfig) -> Result<Address, SignerError> {
-        let ctx = load_module(cfg)?;
-        let slot = token_slot(&ctx, cfg)?;
         let key_err = |reason: String| SignerError::Config {
             what: format!(
                 "key label `{}` on token `{}`",
@@ -577,12 +575,7 @@ impl HsmSigner {
             ),
             reason,
         };
-        // A closing session (Drop) on every path.
-        let session = ctx.open_rw_session(slot).map_err(|e| SignerError::Config {
-            what: format!("token `{}`", cfg.token_label),
-            reason: format!("cannot open a read-write session: {e}"),
-        })?;
-        login(&session, &cfg.user_pin).map_err(|e| pin_error(cfg, &e))?;
+        let session = rw_session(cfg)?;
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             let existing =
                 find_keys(&session, class, &cfg.key_label).map_err(|e| key_err(e.to_string()))?;
@@ -822,6 +815,19 @@ fn token_slot(ctx: &Pkcs11, cfg: &HsmConfig) -> Result<Slot, SignerError> {
     }
 }
 
+/// A read-write session on the token of `cfg`, logged in as the user, for creating keys.
+/// The session closes when dropped (on every path of the caller).
+fn rw_session(cfg: &HsmConfig) -> Result<Session, SignerError> {
+    let ctx = load_module(cfg)?;
+    let slot = token_slot(&ctx, cfg)?;
+    let session = ctx.open_rw_session(slot).map_err(|e| SignerError::Config {
+        what: format!("token `{}`", cfg.token_label),
+        reason: format!("cannot open a read-write session: {e}"),
+    })?;
+    login(&session, &cfg.user_pin).map_err(|e| pin_error(cfg, &e))?;
+    Ok(session)
+}
+
 /// The error for a failed login, naming the token's PIN but never its value.
 fn pin_error(cfg: &HsmConfig, e: &CkError) -> SignerError {
     let reason = match e {
@@ -957,8 +963,6 @@ impl HsmKek {
     /// extractable, encrypt and decrypt only). Refuses if a secret key with that label
     /// exists already.
     pub fn generate(cfg: &HsmConfig) -> Result<(), SignerError> {
-        let ctx = load_module(cfg)?;
-        let slot = token_slot(&ctx, cfg)?;
         let key_err = |reason: String| SignerError::Config {
             what: format!(
                 "key-encryption key `{}` on token `{}`",
@@ -966,11 +970,7 @@ impl HsmKek {
             ),
             reason,
         };
-        let session = ctx.open_rw_session(slot).map_err(|e| SignerError::Config {
-            what: format!("token `{}`", cfg.token_label),
-            reason: format!("cannot open a read-write session: {e}"),
-        })?;
-        login(&session, &cfg.user_pin).map_err(|e| pin_error(cfg, &e))?;
+        let session = rw_session(cfg)?;
         if !find_secret_keys(&session, &cfg.key_label)
             .map_err(|e| key_err(e.to_string()))?
             .is_empty()

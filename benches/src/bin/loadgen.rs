@@ -314,22 +314,35 @@ fn run_rate(args: &RunArgs, rate: f64, index: usize) -> Res<Step> {
     for _ in 0..args.connections {
         conns.push(connect(&url, &token)?);
     }
+    // Every frame is rendered before the clock starts: a writer's timed loop only waits
+    // and writes.
+    let n = args.connections;
+    let frames: Vec<Vec<(usize, Utf8Bytes)>> = (0..n)
+        .map(|c| {
+            (c..total)
+                .step_by(n)
+                .map(|k| {
+                    let (intent, _) = engine::demo::intent(k, &prefix);
+                    let id = intent["id"].as_str().unwrap_or_default().to_owned();
+                    let frame = json!({"op": "submit", "req": id, "intent": intent}).to_string();
+                    (k, Utf8Bytes::from(frame))
+                })
+                .collect()
+        })
+        .collect();
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now() + Duration::from_millis(300);
     let deadline = start + Duration::from_secs_f64(args.duration + args.settle);
     let mut handles = Vec::new();
-    for (c, (mut w, mut r)) in conns.into_iter().enumerate() {
-        let n = args.connections;
+    for (c, ((mut w, mut r), mine)) in conns.into_iter().zip(frames).enumerate() {
         let sched_w = Arc::clone(&sched);
-        let prefix_w = prefix.clone();
         let writer = std::thread::Builder::new()
             .name(format!("lg-write-{c}"))
             .spawn(move || -> Res<Histogram<u64>> {
                 benches::tight_timer_slack();
                 let mut lag = report::ns_histogram();
-                let mut k = c;
-                while k < sched_w.len() {
+                for (k, frame) in mine {
                     let due = start + Duration::from_nanos(sched_w[k]);
                     loop {
                         let now = Instant::now();
@@ -343,14 +356,10 @@ fn run_rate(args: &RunArgs, rate: f64, index: usize) -> Res<Step> {
                             std::hint::spin_loop();
                         }
                     }
-                    let (intent, _) = engine::demo::intent(k, &prefix_w);
-                    let id = intent["id"].as_str().unwrap_or_default().to_owned();
-                    let frame = json!({"op": "submit", "req": id, "intent": intent}).to_string();
                     let late = Instant::now().saturating_duration_since(due);
                     let _ = lag.record(late.as_nanos().max(1) as u64);
-                    w.send(Message::Text(Utf8Bytes::from(frame)))
+                    w.send(Message::Text(frame))
                         .map_err(|e| format!("send: {e}"))?;
-                    k += n;
                 }
                 Ok(lag)
             })
