@@ -535,6 +535,10 @@ pub struct Config {
     /// primary is tried again (ms).
     #[serde(default = "default_failover_retry_ms")]
     pub failover_retry_ms: u64,
+    /// `[slo]`: per-stage latency budgets, burn-rate alerts, automatic actions and the
+    /// `/dashboard` feed's tick (see `engine::monitor`).
+    #[serde(default)]
+    pub slo: crate::monitor::SloConfig,
 }
 
 /// One more RPC provider.
@@ -810,6 +814,9 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |what: String| Err(EngineError::Config { what });
+        if let Err(what) = self.slo.validate() {
+            return bad(what);
+        }
         if let Some(r) = &self.at_rest
             && matches!(r.kek, KeyConfig::Local { .. } | KeyConfig::Mpc { .. })
         {

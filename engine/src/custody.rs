@@ -489,7 +489,7 @@ impl CustodyView {
                 a.approvals
             );
         }
-        s.push_str("# HELP engine_signer_failovers_total Signatures made by a standby because the primary was unavailable.\n# TYPE engine_signer_failovers_total counter\n");
+        s.push_str("# HELP engine_signer_failovers_total Times signing moved to the standby: the primary was unavailable, or an SLO action moved it.\n# TYPE engine_signer_failovers_total counter\n");
         for a in self.accounts.iter().filter(|a| a.standby.is_some()) {
             let _ = writeln!(
                 s,

@@ -66,6 +66,7 @@ pub fn dev_config(node_ws_url: &str, listen: SocketAddr, jwt_secret: String) -> 
         audit_key_file: None,
         async_sign_capacity: 1024,
         failover_retry_ms: 5_000,
+        slo: dev_slo(),
         staking: None,
     }
 }
@@ -154,4 +155,32 @@ pub fn dev_providers(node_ws_url: &str, n: usize) -> Vec<crate::config::Provider
             ws_url: node_ws_url.to_owned(),
         })
         .collect()
+}
+
+/// Dev mode's SLO budgets: the engine's own part of intent to broadcast (WebSocket in to
+/// the write towards the node) p99 under 1 ms, and the signer call p99 under 200 µs, each
+/// judged over 10 s windows with 1 % of windows allowed out; the default alert windows.
+pub fn dev_slo() -> crate::monitor::SloConfig {
+    use crate::monitor::{SloAction, SloConfig, StageBudget};
+    SloConfig {
+        budgets: vec![
+            StageBudget {
+                stage: "e2e.ws_to_wire".into(),
+                p95_us: None,
+                p99_us: Some(1000.0),
+                window_s: 10,
+                error_budget: 0.01,
+                action: Some(SloAction::DemoteProvider),
+            },
+            StageBudget {
+                stage: "signing.sign_call".into(),
+                p95_us: None,
+                p99_us: Some(200.0),
+                window_s: 10,
+                error_budget: 0.01,
+                action: Some(SloAction::FailOverSigner),
+            },
+        ],
+        ..SloConfig::default()
+    }
 }

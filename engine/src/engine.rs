@@ -93,6 +93,7 @@ pub struct Engine {
     audit_stats: Arc<AuditStats>,
     journal: Option<Journal>,
     tls: Option<Arc<crate::tls::TlsReloader>>,
+    monitor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -646,7 +647,15 @@ impl Engine {
             queue: cfg.limits.outbound_queue as usize,
             stall: Duration::from_millis(cfg.limits.write_stall_ms.into()),
         };
+        ctx.monitor = crate::monitor::MonitorShared::new(&cfg.slo);
         let ctx = Arc::new(ctx);
+        let monitor = crate::monitor::spawn(
+            cfg.slo.clone(),
+            Arc::clone(&ctx),
+            Arc::clone(&ctx.monitor),
+            Duration::from_millis(cfg.failover_retry_ms),
+            Arc::clone(&risk_stop),
+        )?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         runtime.spawn(server::serve(listener, ctx, tls.clone(), stop_rx.clone()));
         // SIGHUP reloads the policy, like the admin op, and the TLS certificate.
@@ -724,6 +733,7 @@ impl Engine {
             audit_stats,
             journal,
             tls,
+            monitor: Some(monitor),
             layout: LayoutReport {
                 usable_cores: budget.usable_cores(),
                 fused,
@@ -810,6 +820,10 @@ impl Engine {
         };
         self.dead.store(true, Ordering::Relaxed);
         self.risk_stop.store(true, Ordering::Release);
+        if let Some(m) = self.monitor.take() {
+            m.thread().unpark();
+            let _ = m.join();
+        }
         // Everything the stages wrote is synced before the engine says it stopped.
         if let Some(j) = self.journal.take() {
             j.shutdown();

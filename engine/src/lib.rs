@@ -60,6 +60,7 @@ pub mod error;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
+pub mod monitor;
 pub mod msg;
 pub mod protocol;
 pub mod recovery;

@@ -125,6 +125,8 @@ pub struct ServerCtx {
     pub custody: Arc<crate::custody::CustodyView>,
     /// Outbound queue size and write stall limit of every desk connection.
     pub slow_reader: SlowReader,
+    /// The SLO monitor's feed and state (`/dashboard`, `/v1/slo`).
+    pub monitor: Arc<crate::monitor::MonitorShared>,
     next_conn: AtomicU32,
 }
 
@@ -168,6 +170,7 @@ impl ServerCtx {
             risk,
             custody,
             slow_reader: SlowReader::default(),
+            monitor: crate::monitor::MonitorShared::new(&crate::monitor::SloConfig::default()),
             next_conn: AtomicU32::new(1),
         }
     }
@@ -282,13 +285,25 @@ fn route(
                     .staking
                     .as_ref()
                     .map(crate::metrics::staking_prometheus)
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                + &ctx.monitor.prometheus(),
         ),
+        (&Method::GET, "/v1/slo") => json_response(StatusCode::OK, ctx.monitor.slo_json()),
+        (&Method::GET, "/dashboard") => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            DASHBOARD_HTML.to_owned(),
+        ),
+        (&Method::GET, "/v1/dashboard/feed") => dashboard_feed(req, ctx, stop),
         (&Method::GET, "/v1/latency") => {
             json_response(StatusCode::OK, crate::metrics::latency_json(&ctx.latency))
         }
         (&Method::GET, "/v1/ws") => upgrade(req, ctx, stop),
-        (_, "/health" | "/metrics" | "/v1/latency" | "/v1/ws") => json_response(
+        (
+            _,
+            "/health" | "/metrics" | "/v1/latency" | "/v1/ws" | "/v1/slo" | "/dashboard"
+            | "/v1/dashboard/feed",
+        ) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
@@ -298,7 +313,7 @@ fn route(
 
 /// `(queue, depth, capacity)` of every queue `/metrics` reports: the pipeline's rings,
 /// the audit channel, the async signers' outstanding requests.
-fn queue_depths(ctx: &ServerCtx) -> Vec<(&'static str, usize, usize)> {
+pub(crate) fn queue_depths(ctx: &ServerCtx) -> Vec<(&'static str, usize, usize)> {
     let mut q: Vec<_> = ctx
         .health
         .rings
@@ -359,6 +374,106 @@ fn unauthorized(message: String) -> Response<Body<Bytes>> {
     r
 }
 
+/// The dashboard page (self-contained: no asset is fetched from anywhere else).
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// The checks of a WebSocket upgrade request: the `Sec-WebSocket-Accept` value, or what
+/// is wrong with it.
+fn websocket_accept(h: &hyper::HeaderMap) -> Result<String, &'static str> {
+    let is_upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = h
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err("missing Sec-WebSocket-Key");
+    };
+    if !is_upgrade || !version_ok {
+        return Err("expected a WebSocket (version 13) upgrade");
+    }
+    Ok(derive_accept_key(key.as_bytes()))
+}
+
+fn bad_upgrade(message: &str) -> Response<Body<Bytes>> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "bad_request", "message": message}),
+    )
+}
+
+fn switching_protocols(accept: &str) -> Response<Body<Bytes>> {
+    let mut r = Response::new(Body::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = r.headers_mut();
+    hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(accept) {
+        hs.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// `/v1/dashboard/feed`: the monitor's ticks and SLO events as WebSocket text frames
+/// (read-only; the same data as `/metrics`, so no token, like `/metrics`). At most
+/// [`crate::monitor::MAX_FEED_CLIENTS`] at once.
+fn dashboard_feed(
+    mut req: HttpRequest<Incoming>,
+    ctx: Arc<ServerCtx>,
+    mut stop: watch::Receiver<bool>,
+) -> Response<Body<Bytes>> {
+    let accept = match websocket_accept(req.headers()) {
+        Ok(a) => a,
+        Err(m) => return bad_upgrade(m),
+    };
+    let clients = &ctx.monitor.feed_clients;
+    if clients.fetch_add(1, Ordering::Relaxed) >= crate::monitor::MAX_FEED_CLIENTS {
+        clients.fetch_sub(1, Ordering::Relaxed);
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "too_many_connections", "message": format!("at most {} dashboard feeds at once", crate::monitor::MAX_FEED_CLIENTS)}),
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, None)
+                    .await;
+            let (hello, mut rx) = ctx.monitor.subscribe();
+            if ws.send(Message::text(hello)).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        got = rx.recv() => match got {
+                            Ok(frame) => {
+                                if ws.send(Message::text(frame.to_string())).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                let note = json!({"type": "lagged", "missed": n}).to_string();
+                                if ws.send(Message::text(note)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        },
+                        incoming = ws.next() => match incoming {
+                            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                            Some(Ok(_)) => {}
+                        },
+                    }
+                }
+                let _ = ws.close(None).await;
+            }
+        }
+        ctx.monitor.feed_clients.fetch_sub(1, Ordering::Relaxed);
+    });
+    switching_protocols(&accept)
+}
+
 fn upgrade(
     mut req: HttpRequest<Incoming>,
     ctx: Arc<ServerCtx>,
@@ -372,25 +487,10 @@ fn upgrade(
         Ok(p) => p,
         Err(e) => return unauthorized(e.to_string()),
     };
-    let is_upgrade = h
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let version_ok = h
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v == "13");
-    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "bad_request", "message": "missing Sec-WebSocket-Key"}),
-        );
+    let accept = match websocket_accept(h) {
+        Ok(a) => a,
+        Err(m) => return bad_upgrade(m),
     };
-    if !is_upgrade || !version_ok {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "bad_request", "message": "expected a WebSocket (version 13) upgrade"}),
-        );
-    }
     let slot = match ctx.limits.open(&principal.sub) {
         Ok(s) => s,
         Err(e) => {
@@ -400,7 +500,6 @@ fn upgrade(
             );
         }
     };
-    let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
@@ -408,15 +507,7 @@ fn upgrade(
         };
         session(TokioIo::new(upgraded), principal, slot, ctx, stop).await;
     });
-    let mut r = Response::new(Body::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let hs = r.headers_mut();
-    hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        hs.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    r
+    switching_protocols(&accept)
 }
 
 /// `req` tokens waiting for the reply to a submit or a status query, per intent id.

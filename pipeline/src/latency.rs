@@ -301,6 +301,8 @@ pub struct Percentiles {
     pub p50_ns: u64,
     /// 90th percentile.
     pub p90_ns: u64,
+    /// 95th percentile.
+    pub p95_ns: u64,
     /// 99th percentile.
     pub p99_ns: u64,
     /// 99.9th percentile.
@@ -321,6 +323,7 @@ impl Percentiles {
             count: h.len(),
             p50_ns: h.value_at_quantile(0.50),
             p90_ns: h.value_at_quantile(0.90),
+            p95_ns: h.value_at_quantile(0.95),
             p99_ns: h.value_at_quantile(0.99),
             p999_ns: h.value_at_quantile(0.999),
             max_ns: h.max(),

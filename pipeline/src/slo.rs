@@ -1,14 +1,17 @@
 //! Per-stage latency budgets (SLOs) over fixed windows, and how much error budget is burnt.
 //!
-//! A budget sets optional p50 / p99 / p99.9 targets for one recorder name and a window length.
+//! A budget sets optional p50 / p95 / p99 / p99.9 targets for one recorder name and a window
+//! length.
 //! [`SloTracker::observe`] is fed the reporter's snapshots; it accumulates each name's interval
 //! histograms until a window has elapsed, then judges the window: *inside* if every set target
 //! holds, otherwise a bad window. The error budget is the fraction of windows allowed to be
 //! bad; `error_budget_burnt = bad / (error_budget * windows)` (1.0 = exhausted) and the burn
 //! rate is the bad fraction of the last [`BURN_RATE_WINDOWS`] windows over the error budget
-//! (1.0 = burning exactly as fast as allowed).
+//! (1.0 = burning exactly as fast as allowed). [`SloTracker::burn_over`] gives the same rate
+//! over any number of recent windows up to the budget's `history`, for multi-window burn-rate
+//! alerts (a long and a short window per alert, as in the SRE workbook).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -23,6 +26,8 @@ pub const BURN_RATE_WINDOWS: usize = 12;
 pub struct SloBudget {
     /// Median target, ns.
     pub p50_ns: Option<u64>,
+    /// 95th percentile target, ns.
+    pub p95_ns: Option<u64>,
     /// 99th percentile target, ns.
     pub p99_ns: Option<u64>,
     /// 99.9th percentile target, ns.
@@ -31,12 +36,15 @@ pub struct SloBudget {
     pub window: Duration,
     /// Fraction of windows allowed to be out of budget, e.g. 0.01.
     pub error_budget: f64,
+    /// Window outcomes kept for [`SloTracker::burn_over`] (at least [`BURN_RATE_WINDOWS`]).
+    pub history: usize,
 }
 
 impl SloBudget {
     /// Whether `p` meets every target set.
     pub fn is_met_by(&self, p: &Percentiles) -> bool {
         self.p50_ns.is_none_or(|t| p.p50_ns <= t)
+            && self.p95_ns.is_none_or(|t| p.p95_ns <= t)
             && self.p99_ns.is_none_or(|t| p.p99_ns <= t)
             && self.p999_ns.is_none_or(|t| p.p999_ns <= t)
     }
@@ -52,6 +60,8 @@ pub struct SloState {
     pub inside: bool,
     /// Median of the last completed window (or of the window in progress before any completed).
     pub window_p50_ns: u64,
+    /// 95th percentile of that window.
+    pub window_p95_ns: u64,
     /// 99th percentile of that window.
     pub window_p99_ns: u64,
     /// 99.9th percentile of that window.
@@ -73,8 +83,8 @@ struct Track {
     last: Option<Percentiles>,
     windows: u64,
     bad: u64,
-    /// Outcomes of the last `BURN_RATE_WINDOWS` windows (true = bad), as a ring.
-    recent: [bool; BURN_RATE_WINDOWS],
+    /// Outcomes of the last `budget.history` windows (true = bad), newest last.
+    recent: VecDeque<bool>,
 }
 
 impl Track {
@@ -96,27 +106,38 @@ impl Track {
         } else {
             0.0
         };
-        let recent_n = (self.windows as usize).min(BURN_RATE_WINDOWS);
-        let recent_bad = self.recent.iter().take(recent_n).filter(|b| **b).count();
-        let burn_rate = if recent_n == 0 {
-            0.0
-        } else if allowed > 0.0 {
-            (recent_bad as f64 / recent_n as f64) / allowed
-        } else if recent_bad > 0 {
-            f64::INFINITY
-        } else {
-            0.0
-        };
+        let burn_rate = self.burn_over(BURN_RATE_WINDOWS);
         SloState {
             name: name.to_owned(),
             inside,
             window_p50_ns: p.p50_ns,
+            window_p95_ns: p.p95_ns,
             window_p99_ns: p.p99_ns,
             window_p999_ns: p.p999_ns,
             error_budget_burnt: burnt,
             burn_rate,
             windows: self.windows,
             bad_windows: self.bad,
+        }
+    }
+}
+
+impl Track {
+    /// Bad fraction of the last `n` judged windows (fewer if fewer were judged) over the
+    /// error budget; 0 before any window was judged.
+    fn burn_over(&self, n: usize) -> f64 {
+        let n = n.min(self.recent.len());
+        if n == 0 {
+            return 0.0;
+        }
+        let bad = self.recent.iter().rev().take(n).filter(|b| **b).count();
+        let allowed = self.budget.error_budget;
+        if allowed > 0.0 {
+            (bad as f64 / n as f64) / allowed
+        } else if bad > 0 {
+            f64::INFINITY
+        } else {
+            0.0
         }
     }
 }
@@ -135,6 +156,7 @@ impl SloTracker {
 
     /// Sets (or replaces) the budget of `recorder_name`, starting its windows afresh.
     pub fn set_budget(&mut self, recorder_name: &str, b: SloBudget) {
+        let keep = b.history.max(BURN_RATE_WINDOWS);
         self.tracks.insert(
             recorder_name.to_owned(),
             Track {
@@ -144,7 +166,7 @@ impl SloTracker {
                 last: None,
                 windows: 0,
                 bad: 0,
-                recent: [false; BURN_RATE_WINDOWS],
+                recent: VecDeque::with_capacity(keep),
             },
         );
     }
@@ -162,7 +184,10 @@ impl SloTracker {
             if now.duration_since(start) >= track.budget.window {
                 let p = Percentiles::of(&track.current);
                 let bad = !track.budget.is_met_by(&p);
-                track.recent[(track.windows as usize) % BURN_RATE_WINDOWS] = bad;
+                if track.recent.len() == track.budget.history.max(BURN_RATE_WINDOWS) {
+                    track.recent.pop_front();
+                }
+                track.recent.push_back(bad);
                 track.windows += 1;
                 track.bad += u64::from(bad);
                 track.last = Some(p);
@@ -172,6 +197,12 @@ impl SloTracker {
             out.push(track.state(&snap.name));
         }
         out
+    }
+
+    /// Burn rate of `recorder_name` over its last `windows` judged windows (see the module
+    /// docs); `None` for a name without a budget.
+    pub fn burn_over(&self, recorder_name: &str, windows: usize) -> Option<f64> {
+        self.tracks.get(recorder_name).map(|t| t.burn_over(windows))
     }
 }
 
@@ -197,10 +228,12 @@ mod tests {
             "policy.service",
             SloBudget {
                 p50_ns: Some(1_000),
+                p95_ns: None,
                 p99_ns: Some(2_000),
                 p999_ns: None,
                 window: Duration::from_secs(1),
                 error_budget: 0.25,
+                history: 100,
             },
         );
         let t0 = Instant::now();
@@ -229,5 +262,33 @@ mod tests {
         // 1 bad of 2 with 25 % allowed: 0.5 / 0.25 = 2x the budget.
         assert!((s[0].error_budget_burnt - 2.0).abs() < 1e-9, "{:?}", s[0]);
         assert!((s[0].burn_rate - 2.0).abs() < 1e-9);
+        // Over the last window only: 1 bad of 1 = 4x; over 100 windows, the 2 judged count.
+        assert!((slo.burn_over("policy.service", 1).unwrap() - 4.0).abs() < 1e-9);
+        assert!((slo.burn_over("policy.service", 100).unwrap() - 2.0).abs() < 1e-9);
+        assert!(slo.burn_over("intake.service", 1).is_none());
+        // A p95 target alone judges the 95th percentile: 10 % slow values break it.
+        slo.set_budget(
+            "policy.service",
+            SloBudget {
+                p50_ns: None,
+                p95_ns: Some(2_000),
+                p99_ns: None,
+                p999_ns: None,
+                window: Duration::from_secs(1),
+                error_budget: 0.5,
+                history: 100,
+            },
+        );
+        let t1 = t0 + Duration::from_secs(10);
+        slo.observe(&reg.snapshot(), t1);
+        for _ in 0..90 {
+            r.record(500);
+        }
+        for _ in 0..10 {
+            r.record(50_000);
+        }
+        let s = slo.observe(&reg.snapshot(), t1 + Duration::from_secs(1));
+        assert!(!s[0].inside, "{:?}", s[0]);
+        assert!(s[0].window_p95_ns >= 49_000, "{:?}", s[0]);
     }
 }

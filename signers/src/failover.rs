@@ -70,6 +70,14 @@ impl AnySigner {
         }
     }
 
+    /// Moves signing to the standby for the retry period (see [`Signer::fail_over`]).
+    pub fn fail_over(&self) -> bool {
+        match self {
+            AnySigner::Sync(s) => s.fail_over(),
+            AnySigner::Async(s) => s.fail_over(),
+        }
+    }
+
     /// Presignatures (or similar) ready, for async signers that prepare ahead.
     pub fn available(&self) -> Option<usize> {
         match self {
@@ -148,6 +156,16 @@ impl Health {
         self.down_until_ns.store(until, Ordering::Release);
     }
 
+    /// Marks the primary down unless it is down already; true when it changed.
+    fn force_down(&self) -> bool {
+        if self.primary_up() {
+            self.mark_down();
+            true
+        } else {
+            false
+        }
+    }
+
     fn mark_up(&self) {
         if self.down_until_ns.load(Ordering::Relaxed) != 0 {
             self.down_until_ns.store(0, Ordering::Release);
@@ -214,6 +232,10 @@ impl Signer for FailoverSigner {
 
     fn failovers(&self) -> u64 {
         self.health.failovers.load(Ordering::Relaxed)
+    }
+
+    fn fail_over(&self) -> bool {
+        self.health.force_down()
     }
 
     fn sign_hash(&self, hash: &B256) -> Result<Signature, SignerError> {
@@ -303,6 +325,10 @@ impl AsyncSigner for FailoverAsync {
 
     fn failovers(&self) -> u64 {
         self.health.failovers.load(Ordering::Relaxed)
+    }
+
+    fn fail_over(&self) -> bool {
+        self.health.force_down()
     }
 
     fn available(&self) -> Option<usize> {
@@ -419,6 +445,36 @@ mod tests {
         f.sign_hash_checked(&h).unwrap();
         assert_eq!(primary.calls.load(Ordering::Relaxed), calls + 1);
         assert_eq!(f.failovers(), 1);
+    }
+
+    #[test]
+    fn a_forced_fail_over_signs_on_the_standby_until_the_retry_period_ends() {
+        let primary = Switchable::new(KEY);
+        let any = AnySigner::Sync(Arc::clone(&primary) as Arc<dyn Signer>)
+            .with_standby(AnySigner::Sync(standby(KEY)), Duration::from_millis(50))
+            .unwrap();
+        let AnySigner::Sync(f) = &any else {
+            panic!("two inline signers stay inline")
+        };
+        let h = B256::repeat_byte(9);
+        assert!(any.fail_over(), "the primary was up");
+        assert!(!any.fail_over(), "already on the standby");
+        assert_eq!(any.failovers(), 1);
+        f.sign_hash_checked(&h).unwrap();
+        assert_eq!(
+            primary.calls.load(Ordering::Relaxed),
+            0,
+            "the standby signed"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        f.sign_hash_checked(&h).unwrap();
+        assert_eq!(
+            primary.calls.load(Ordering::Relaxed),
+            1,
+            "back on the primary"
+        );
+        let lone = AnySigner::Sync(standby(KEY));
+        assert!(!lone.fail_over(), "no standby: nothing to move to");
     }
 
     #[test]

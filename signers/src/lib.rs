@@ -118,6 +118,13 @@ pub trait Signer: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// Moves signing to the standby for the pair's retry period, as if the primary had
+    /// reported itself unavailable (an automatic action of the engine's SLO monitor).
+    /// Returns whether it moved: false without a standby or when the standby signs already.
+    fn fail_over(&self) -> bool {
+        false
+    }
+
     /// Signs and verifies that the signature recovers to [`Signer::address`].
     ///
     /// Costs one public-key recovery on top of the signature; used where a backend's output
@@ -170,5 +177,12 @@ pub trait AsyncSigner: Send + Sync + std::fmt::Debug {
     /// pairs only; 0 otherwise). For metrics.
     fn failovers(&self) -> u64 {
         0
+    }
+
+    /// Moves signing to the standby for the pair's retry period, as if the primary had
+    /// reported itself unavailable (an automatic action of the engine's SLO monitor).
+    /// Returns whether it moved: false without a standby or when the standby signs already.
+    fn fail_over(&self) -> bool {
+        false
     }
 }

@@ -189,6 +189,9 @@ pub struct ProviderStats {
     pub reconnects: AtomicU64,
     /// Smoothed answer round trip (ns; 0 before the first answer).
     pub rtt_ns: AtomicU64,
+    /// Set by the SLO monitor to have the stage demote this provider on its next send
+    /// (an automatic action); the stage clears it when it demotes.
+    pub demote_requested: AtomicBool,
 }
 
 impl ProviderStats {
@@ -204,6 +207,7 @@ impl ProviderStats {
             disconnects: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             rtt_ns: AtomicU64::new(0),
+            demote_requested: AtomicBool::new(false),
         }
     }
 }
@@ -797,6 +801,13 @@ impl BroadcastStage {
     /// configuration order.
     fn rank(&mut self, now: Instant) {
         self.order.clear();
+        for i in 0..self.providers.len() {
+            // A plain load while nothing is asked; the swap only when the monitor asked.
+            let asked = &self.stats.providers[i].demote_requested;
+            if asked.load(Ordering::Relaxed) && asked.swap(false, Ordering::Relaxed) {
+                self.demote(i);
+            }
+        }
         for (i, p) in self.providers.iter_mut().enumerate() {
             if p.demoted_until.is_some_and(|t| t <= now) {
                 p.demoted_until = None;
