@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod baseline;
 pub mod pipeline_latency;
 
 // Report files, machine description and CPU accounting are shared with the engine's
@@ -16,6 +17,35 @@ pub fn filtered_out(name: &str) -> bool {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .any(|f| !name.contains(f.as_str()))
+}
+
+/// A fresh dev chain (`block_ms` blocks) and the engine's dev configuration for it, as load
+/// runs use it: one confirmation, and the desk rate limits raised far above a desk's
+/// defaults (a load generator is one principal over several connections); with a token
+/// for `principal` signed by the configuration's secret.
+pub fn load_setup(
+    block_ms: u64,
+    principal: &str,
+) -> Result<(venues::Anvil, engine::Config, String), String> {
+    let anvil = engine::dev::start_chain(None, std::time::Duration::from_millis(block_ms))
+        .map_err(|e| format!("dev chain: {e}"))?;
+    let secret = format!("{principal}-load-secret-0123456789abcdef");
+    let mut cfg = engine::dev::dev_config(
+        &anvil.ws_url(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        secret.clone(),
+    );
+    cfg.confirmations = 1;
+    cfg.limits.frames_per_sec_per_connection = 1_000_000;
+    cfg.limits.burst_per_connection = 1_000_000;
+    cfg.limits.frames_per_sec_per_principal = 1_000_000;
+    cfg.limits.burst_per_principal = 1_000_000;
+    let token = engine::auth::JwtAuth::new(secret.as_bytes()).issue(
+        principal,
+        engine::auth::Roles::all(),
+        3600,
+    );
+    Ok((anvil, cfg, token))
 }
 
 /// `latency-reports/` at the workspace root.

@@ -811,6 +811,15 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Account name → index, in configuration order (the index every ring message uses).
+    pub fn account_indices(&self) -> std::collections::HashMap<String, u16> {
+        self.accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.clone(), i as u16))
+            .collect()
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |what: String| Err(EngineError::Config { what });

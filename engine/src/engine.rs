@@ -1,7 +1,6 @@
 //! Assembly: builds the rings, the stages and their threads, the desk listener, and owns
 //! them until shutdown.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -597,12 +596,7 @@ impl Engine {
             let _g = runtime.enter();
             tokio::net::TcpListener::from_std(std_listener)?
         };
-        let account_index: HashMap<String, u16> = cfg
-            .accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.name.clone(), i as u16))
-            .collect();
+        let account_index = cfg.account_indices();
         // The staking refresher (request fees, deposit logs) and validator watch.
         if let Some((st, _, refresher, stats)) = staking {
             let (updates, retired) = risk_admin.control.update_handles();

@@ -148,6 +148,35 @@ pub struct DecodedIntent {
     pub travel: TravelInfo,
 }
 
+impl DecodedIntent {
+    /// The intake message for this intent (account resolved through `accounts`, the
+    /// index every ring message uses; unknown names get [`crate::msg::AccountIdx::UNKNOWN`]
+    /// for policy to refuse). Sequence, origin, calldata slot and hops are left for the
+    /// caller.
+    pub fn to_msg(
+        &self,
+        accounts: &std::collections::HashMap<String, u16>,
+    ) -> crate::msg::IntentMsg {
+        use crate::msg::AccountIdx;
+        crate::msg::IntentMsg {
+            id: self.id,
+            account: accounts
+                .get(&self.account)
+                .map_or(AccountIdx::UNKNOWN, |&i| AccountIdx(i)),
+            kind: self.kind,
+            route: self.route,
+            urgent: self.urgent,
+            public_fallback: self.public_fallback,
+            to: self.to,
+            value: self.value,
+            gas_limit: self.gas_limit,
+            max_fee_cap: self.max_fee_cap,
+            travel: self.travel,
+            ..crate::msg::IntentMsg::default()
+        }
+    }
+}
+
 /// The `scope` of a `kill` / `unkill`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScopeSpec {

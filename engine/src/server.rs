@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSo
 use crate::auth::{JwtAuth, Principal, Principals, Role};
 use crate::blob::{BlobPool, BlobRef};
 use crate::limits::{ConnectionSlot, Limits};
-use crate::msg::{AccountIdx, IntentId, IntentMsg, Origin, StatusKind, StatusMsg};
+use crate::msg::{IntentId, IntentMsg, Origin, StatusKind, StatusMsg};
 use crate::protocol::{self, ErrorCode, Request, RequestError};
 use crate::risk::RiskAdmin;
 use crate::risk::approvals::ApprovalError;
@@ -981,23 +981,9 @@ fn handle_text(
             let msg = IntentMsg {
                 seq: 0,
                 origin,
-                id: intent.id,
-                account: ctx
-                    .accounts
-                    .get(&intent.account)
-                    .map_or(AccountIdx::UNKNOWN, |&i| AccountIdx(i)),
-                kind: intent.kind,
-                route: intent.route,
-                urgent: intent.urgent,
-                public_fallback: intent.public_fallback,
-                to: intent.to,
-                value: intent.value,
-                gas_limit: intent.gas_limit,
-                max_fee_cap: intent.max_fee_cap,
                 data,
-                travel: intent.travel,
                 hops,
-                ..IntentMsg::default()
+                ..intent.to_msg(&ctx.accounts)
             };
             PendingReqs::push(&mut reqs.submit, intent.id, req.clone());
             match ctx.intake.try_push(msg) {

@@ -28,6 +28,12 @@
 //! `summary.json` (for `compare`) and `percentiles.svg` (the HdrHistogram plotter's
 //! "nines" axis). A sweep adds `curve.md` and `curve.svg`: p99 against offered load, and the
 //! highest rate whose intent-to-broadcast p99 stayed under `--budget-us` (1 ms).
+//!
+//! `--baseline`: after each rate's engine run, the identical schedule and mix goes through
+//! the tokio-only baseline (`benches::baseline`, the simplest async design without pinned
+//! stages) on a fresh dev chain; its reports go to `baseline/` beside the engine's, and
+//! `summary.md` (and a sweep's `curve.md`) get a table "engine vs tokio-only baseline":
+//! p50 and p99 of `ack`, `broadcast` and `confirmed`, with baseline / engine.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,9 +44,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use benches::baseline::Baseline;
 use clap::{Parser, Subcommand};
-use engine::auth::{JwtAuth, Roles};
-use engine::{Config, Engine, dev};
+use engine::{Config, Engine};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
@@ -63,6 +69,9 @@ const STATES: [&str; 8] = [
     "error",
 ];
 const BROADCAST: usize = 3;
+const CONFIRMED: usize = 5;
+/// The states the engine-vs-baseline table compares.
+const VERSUS: [usize; 3] = [0, BROADCAST, CONFIRMED];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -126,6 +135,10 @@ struct RunArgs {
     /// A word added to the run folder's name.
     #[arg(long, default_value = "loadgen")]
     label: String,
+    /// After each rate's engine run, send the same schedule through the tokio-only
+    /// baseline (`benches::baseline`) on a fresh dev chain; reports in `baseline/`.
+    #[arg(long)]
+    baseline: bool,
 }
 
 fn main() {
@@ -145,6 +158,8 @@ type Res<T> = Result<T, String>;
 /// What one rate measured.
 struct Step {
     rate: f64,
+    /// What served the desks: `engine` or `baseline`.
+    server: &'static str,
     sent: u64,
     /// Per state, latency from the intended send time (ns).
     states: Vec<Histogram<u64>>,
@@ -170,34 +185,51 @@ fn sweep(args: &RunArgs) -> Res<()> {
     let dir = report::run_dir(&args.report_dir, &args.label)
         .map_err(|e| format!("report folder: {e}"))?;
     let mut steps = Vec::new();
+    let mut bases = Vec::new();
     for (i, &rate) in args.rates.iter().enumerate() {
-        eprintln!(
-            "loadgen: {rate}/s for {} s over {} connections",
-            args.duration, args.connections
-        );
-        let step = run_rate(args, rate, i)?;
         let sub = if args.rates.len() == 1 {
             dir.clone()
         } else {
             dir.join(format!("rate-{rate}"))
         };
-        write_step(&sub, args, &step)?;
-        eprintln!(
-            "loadgen: {rate}/s: broadcast p99 {:.0} µs, ack p99 {:.0} µs, {} unfinished; {}",
-            step.states[BROADCAST].value_at_quantile(0.99) as f64 / 1e3,
-            step.states[0].value_at_quantile(0.99) as f64 / 1e3,
-            step.unfinished,
-            sub.display()
-        );
+        let step = measure(args, rate, i, false, &sub)?;
+        let base = if args.baseline {
+            Some(measure(args, rate, i, true, &sub.join("baseline"))?)
+        } else {
+            None
+        };
+        write_step(&sub, args, &step, base.as_ref())?;
+        if let Some(b) = &base {
+            write_step(&sub.join("baseline"), args, b, None)?;
+        }
         steps.push(step);
+        bases.push(base);
     }
-    std::fs::write(dir.join("machine.md"), machine(args, &steps))
+    std::fs::write(dir.join("machine.md"), machine(args, &steps, &bases))
         .map_err(|e| format!("machine.md: {e}"))?;
     if steps.len() > 1 {
-        write_curve(&dir, args, &steps)?;
+        write_curve(&dir, args, &steps, &bases)?;
     }
     println!("{}", dir.display());
     Ok(())
+}
+
+/// One rate against the engine or the baseline, with a line on stderr.
+fn measure(args: &RunArgs, rate: f64, index: usize, baseline: bool, dir: &Path) -> Res<Step> {
+    let who = if baseline { "baseline" } else { "engine" };
+    eprintln!(
+        "loadgen: {rate}/s for {} s over {} connections ({who})",
+        args.duration, args.connections
+    );
+    let step = run_rate(args, rate, index, baseline)?;
+    eprintln!(
+        "loadgen: {rate}/s ({who}): broadcast p99 {:.0} µs, ack p99 {:.0} µs, {} unfinished; {}",
+        q(&step.states[BROADCAST], 0.99),
+        q(&step.states[0], 0.99),
+        step.unfinished,
+        dir.display()
+    );
+    Ok(step)
 }
 
 /// The rate profile: the rate at time `t` of the run, as a multiple of the offered rate.
@@ -294,21 +326,13 @@ struct Seen {
     at_ns: u64,
 }
 
-fn run_rate(args: &RunArgs, rate: f64, index: usize) -> Res<Step> {
+fn run_rate(args: &RunArgs, rate: f64, index: usize, baseline: bool) -> Res<Step> {
     let profile = Profile::parse(&args.profile)?;
     let sched = Arc::new(schedule(rate, args.duration, profile));
     let total = sched.len();
-    // An embedded engine on its own dev chain, fresh per rate so its histograms hold this
-    // rate only.
-    let embedded = match &args.url {
-        Some(_) => None,
-        None => Some(start_engine(args)?),
-    };
-    let (url, token) = match (&embedded, &args.url) {
-        (Some((_, e, token)), _) => (format!("ws://{}/v1/ws", e.local_addr()), token.clone()),
-        (None, Some(u)) => (u.clone(), args.token.clone().ok_or("--url needs --token")?),
-        (None, None) => unreachable!("embedded when no --url"),
-    };
+    // An embedded engine (or the baseline) on its own dev chain, fresh per rate so its
+    // histograms hold this rate only.
+    let (server, url, token) = Server::start(args, baseline)?;
     let prefix = format!("lg{index}{}", std::process::id() % 10_000);
     let mut conns = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -472,23 +496,12 @@ fn run_rate(args: &RunArgs, rate: f64, index: usize) -> Res<Step> {
         iv.retain(|(_, h)| !h.is_empty());
     }
     let unfinished = total.saturating_sub(done.load(Ordering::Relaxed) as usize) as u64;
-    let (engine_stages, engine_described) = match &embedded {
-        Some((_, e, _)) => (
-            e.latency()
-                .snapshot()
-                .into_iter()
-                .map(|s| (s.name, s.cumulative))
-                .collect(),
-            e.layout().describe(),
-        ),
-        None => (Vec::new(), format!("a running engine at {url}")),
-    };
-    if let Some((anvil, e, _)) = embedded {
-        e.shutdown().map_err(|e| format!("engine shutdown: {e}"))?;
-        drop(anvil);
-    }
+    let engine_stages = server.stages();
+    let engine_described = server.describe();
+    server.stop()?;
     Ok(Step {
         rate,
+        server: if baseline { "baseline" } else { "engine" },
         sent: total as u64,
         states,
         intervals,
@@ -500,29 +513,83 @@ fn run_rate(args: &RunArgs, rate: f64, index: usize) -> Res<Step> {
     })
 }
 
-fn start_engine(args: &RunArgs) -> Res<(venues::Anvil, Engine, String)> {
-    let anvil = dev::start_chain(None, Duration::from_millis(args.block_ms))
-        .map_err(|e| format!("dev chain: {e}"))?;
-    let secret = "loadgen-secret-0123456789abcdef".to_owned();
-    let mut cfg: Config = dev::dev_config(
-        &anvil.ws_url(),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        secret.clone(),
-    );
-    cfg.confirmations = 1;
-    // The generator is one principal over several connections at rates far above a
-    // desk's default limits.
-    cfg.limits.frames_per_sec_per_connection = 1_000_000;
-    cfg.limits.burst_per_connection = 1_000_000;
-    cfg.limits.frames_per_sec_per_principal = 1_000_000;
-    cfg.limits.burst_per_principal = 1_000_000;
+/// What the desks of one run talk to.
+enum Server {
+    /// An engine in this process, on its own dev chain.
+    Engine(venues::Anvil, Box<Engine>),
+    /// The tokio-only baseline in this process, on its own dev chain.
+    Baseline(venues::Anvil, Baseline),
+    /// A running engine (`--url`).
+    Remote(String),
+}
+
+impl Server {
+    /// The server, its desk URL and a token it accepts.
+    fn start(args: &RunArgs, baseline: bool) -> Res<(Server, String, String)> {
+        if let (Some(u), false) = (&args.url, baseline) {
+            let token = args.token.clone().ok_or("--url needs --token")?;
+            return Ok((Server::Remote(u.clone()), u.clone(), token));
+        }
+        let (anvil, cfg, token) = dev_setup(args)?;
+        let (server, addr) = if baseline {
+            let b = Baseline::start(&cfg)?;
+            let addr = b.local_addr();
+            (Server::Baseline(anvil, b), addr)
+        } else {
+            let e = Engine::start(cfg).map_err(|e| format!("engine: {e}"))?;
+            let addr = e.local_addr();
+            (Server::Engine(anvil, Box::new(e)), addr)
+        };
+        Ok((server, format!("ws://{addr}/v1/ws"), token))
+    }
+
+    /// An embedded engine's own per-stage histograms.
+    fn stages(&self) -> Vec<(String, Histogram<u64>)> {
+        match self {
+            Server::Engine(_, e) => e
+                .latency()
+                .snapshot()
+                .into_iter()
+                .map(|s| (s.name, s.cumulative))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Server::Engine(_, e) => e.layout().describe(),
+            Server::Baseline(_, b) => b.describe(),
+            Server::Remote(url) => format!("a running engine at {url}"),
+        }
+    }
+
+    /// Stops the server, then its dev chain.
+    fn stop(self) -> Res<()> {
+        match self {
+            Server::Engine(anvil, e) => {
+                e.shutdown().map_err(|e| format!("engine shutdown: {e}"))?;
+                drop(anvil);
+            }
+            Server::Baseline(anvil, b) => {
+                b.shutdown();
+                drop(anvil);
+            }
+            Server::Remote(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// A fresh dev chain and the engine's dev configuration for it (which the baseline
+/// reads too), with a token for the generator's principal.
+fn dev_setup(args: &RunArgs) -> Res<(venues::Anvil, Config, String)> {
+    let (anvil, mut cfg, token) = benches::load_setup(args.block_ms, "loadgen")?;
     if let Some(h) = &args.hot_core {
         cfg.hot_core =
             Some(engine::config::HotCore::parse(h).ok_or_else(|| format!("--hot-core {h}"))?);
     }
-    let e = Engine::start(cfg).map_err(|e| format!("engine: {e}"))?;
-    let token = JwtAuth::new(secret.as_bytes()).issue("loadgen", Roles::all(), 3600);
-    Ok((anvil, e, token))
+    Ok((anvil, cfg, token))
 }
 
 fn q(h: &Histogram<u64>, p: f64) -> f64 {
@@ -546,7 +613,14 @@ fn row(name: &str, h: &Histogram<u64>, span_s: f64) -> Value {
     })
 }
 
-fn write_step(dir: &Path, args: &RunArgs, s: &Step) -> Res<()> {
+/// The summary row of state `i` of a run.
+fn state_row(s: &Step, i: usize) -> Value {
+    row(&format!("desk.{}", STATES[i]), &s.states[i], s.span_s)
+}
+
+/// `base`'s reports are in `baseline/` beside `s`'s: `summary.md` gets the table "engine
+/// vs tokio-only baseline".
+fn write_step(dir: &Path, args: &RunArgs, s: &Step, base: Option<&Step>) -> Res<()> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let w = |name: &str, text: String| {
         std::fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"))
@@ -557,7 +631,7 @@ fn write_step(dir: &Path, args: &RunArgs, s: &Step) -> Res<()> {
         if h.is_empty() {
             continue;
         }
-        rows.push(row(&format!("desk.{name}"), h, s.span_s));
+        rows.push(state_row(s, i));
         w(&format!("desk.{name}.hgrm"), report::hgrm(h))?;
         write_hlog(
             &dir.join(format!("desk.{name}.hlog")),
@@ -590,8 +664,16 @@ fn write_step(dir: &Path, args: &RunArgs, s: &Step) -> Res<()> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "# Load generator: {} intents/s offered ({} profile), {} s, {} connections\n",
-        s.rate, args.profile, args.duration, args.connections
+        "# Load generator{}: {} intents/s offered ({} profile), {} s, {} connections\n",
+        if s.server == "baseline" {
+            " against the tokio-only baseline"
+        } else {
+            ""
+        },
+        s.rate,
+        args.profile,
+        args.duration,
+        args.connections
     );
     let _ = writeln!(
         md,
@@ -603,12 +685,25 @@ fn write_step(dir: &Path, args: &RunArgs, s: &Step) -> Res<()> {
         s.sent, s.unfinished, s.span_s
     );
     md.push_str(&table(&rows));
+    if let Some(b) = base {
+        let _ = writeln!(
+            md,
+            "\n## engine vs tokio-only baseline\n\nThe same schedule and mix, right after this \
+             run, through the tokio-only baseline on a fresh dev chain (reports in \
+             `baseline/`; it is {}). µs from the intended send time; baseline / engine above \
+             1: the engine is faster. Unfinished: engine {}, baseline {}.\n",
+            b.engine_described, s.unfinished, b.unfinished
+        );
+        md.push_str(&ratio_header(&["state"], "engine", "baseline", &P50_P99));
+        md.push_str(&versus(&[], s, b));
+    }
     w("summary.md", md)?;
     w(
         "config.md",
         format!(
-            "# Configuration\n\n- loadgen: `{}`\n- engine: {}\n",
+            "# Configuration\n\n- loadgen: `{}`\n- {}: {}\n",
             std::env::args().collect::<Vec<_>>().join(" "),
+            s.server,
             s.engine_described
         ),
     )?;
@@ -645,6 +740,60 @@ fn table(rows: &[Value]) -> String {
         );
     }
     md
+}
+
+/// Headings and summary keys of the quantiles a ratio table shows.
+const P50_P99: [(&str, &str); 2] = [("p50", "p50_us"), ("p99", "p99_us")];
+const P50_P99_P999: [(&str, &str); 3] =
+    [("p50", "p50_us"), ("p99", "p99_us"), ("p99.9", "p999_us")];
+
+/// The head of a table of two runs' rows side by side: the `lead` columns, then per
+/// quantile `a`, `b` and `b`/`a`.
+fn ratio_header(lead: &[&str], a: &str, b: &str, cols: &[(&str, &str)]) -> String {
+    let mut md = String::from("|");
+    for l in lead {
+        let _ = write!(md, " {l} |");
+    }
+    for (q, _) in cols {
+        let _ = write!(md, " {q} {a} | {q} {b} | {b}/{a} |");
+    }
+    md.push_str("\n|");
+    md.push_str(&"---|".repeat(lead.len()));
+    md.push_str(&"---:|---:|---:|".repeat(cols.len()));
+    md.push('\n');
+    md
+}
+
+/// One line of that table: summary rows `x` (A) and `y` (B).
+fn ratio_line(lead: &[String], x: &Value, y: &Value, cols: &[(&str, &str)]) -> String {
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+    let mut md = String::from("|");
+    for l in lead {
+        let _ = write!(md, " {l} |");
+    }
+    for (_, k) in cols {
+        let (p, q) = (f(x, k), f(y, k));
+        let ratio = if p > 0.0 {
+            format!("{:.2}", q / p)
+        } else {
+            "–".into()
+        };
+        let _ = write!(md, " {p:.1} | {q:.1} | {ratio} |");
+    }
+    md.push('\n');
+    md
+}
+
+/// The engine-vs-baseline lines (p50, p99) of the compared states, after `lead` cells.
+fn versus(lead: &[String], engine: &Step, base: &Step) -> String {
+    VERSUS
+        .iter()
+        .map(|&i| {
+            let mut cells = lead.to_vec();
+            cells.push(STATES[i].to_owned());
+            ratio_line(&cells, &state_row(engine, i), &state_row(base, i), &P50_P99)
+        })
+        .collect()
 }
 
 fn write_hlog(path: &Path, tag: &str, intervals: &[(Duration, Histogram<u64>)]) -> Res<()> {
@@ -728,7 +877,7 @@ fn plot_percentiles(path: &Path, series: &[(String, &Histogram<u64>)], title: &s
     root.present().map_err(|e| err(&e))
 }
 
-fn write_curve(dir: &Path, args: &RunArgs, steps: &[Step]) -> Res<()> {
+fn write_curve(dir: &Path, args: &RunArgs, steps: &[Step], bases: &[Option<Step>]) -> Res<()> {
     let mut md = String::from("# p99 against offered load\n\n");
     let _ = writeln!(
         md,
@@ -780,6 +929,40 @@ fn write_curve(dir: &Path, args: &RunArgs, steps: &[Step]) -> Res<()> {
         best.map_or("none of those run".to_owned(), |r| format!("{r} intents/s")),
         best_wire.map_or("none of those run".to_owned(), |r| format!("{r} intents/s"))
     );
+    let mut pts_base = Vec::new();
+    let pairs: Vec<(&Step, &Step)> = steps
+        .iter()
+        .zip(bases)
+        .filter_map(|(s, b)| Some((s, b.as_ref()?)))
+        .collect();
+    if !pairs.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## engine vs tokio-only baseline\n\nThe same schedule and mix at each rate through \
+             the tokio-only baseline (`benches::baseline`) on a fresh dev chain, right after \
+             the engine's run (each rate's `baseline/`). µs from the intended send time; \
+             baseline / engine above 1: the engine is faster.\n"
+        );
+        md.push_str(&ratio_header(
+            &["offered /s", "state"],
+            "engine",
+            "baseline",
+            &P50_P99,
+        ));
+        for (s, b) in &pairs {
+            md.push_str(&versus(&[s.rate.to_string()], s, b));
+            pts_base.push((b.rate, q(&b.states[BROADCAST], 0.99).max(0.1)));
+        }
+        let unfinished: Vec<String> = pairs
+            .iter()
+            .map(|(s, b)| format!("{}/s: {} / {}", s.rate, s.unfinished, b.unfinished))
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nUnfinished intents, engine / baseline: {}.",
+            unfinished.join(", ")
+        );
+    }
     std::fs::write(dir.join("curve.md"), md).map_err(|e| format!("curve.md: {e}"))?;
     use plotters::prelude::*;
     let path = dir.join("curve.svg");
@@ -788,6 +971,7 @@ fn write_curve(dir: &Path, args: &RunArgs, steps: &[Step]) -> Res<()> {
     let ymax = pts_b
         .iter()
         .chain(&pts_a)
+        .chain(&pts_base)
         .map(|p| p.1)
         .fold(args.budget_us, f64::max)
         * 2.0;
@@ -806,10 +990,14 @@ fn write_curve(dir: &Path, args: &RunArgs, steps: &[Step]) -> Res<()> {
         .y_desc("p99 (µs)")
         .draw()
         .map_err(|e| err(&e))?;
-    for (name, pts, color) in [
+    let mut series = vec![
         ("intent → broadcast p99", pts_b, RED),
         ("intent → ack p99", pts_a, BLUE),
-    ] {
+    ];
+    if !pts_base.is_empty() {
+        series.push(("baseline: intent → broadcast p99", pts_base, MAGENTA));
+    }
+    for (name, pts, color) in series {
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| err(&e))?
@@ -836,7 +1024,7 @@ fn write_curve(dir: &Path, args: &RunArgs, steps: &[Step]) -> Res<()> {
     root.present().map_err(|e| err(&e))
 }
 
-fn machine(args: &RunArgs, steps: &[Step]) -> String {
+fn machine(args: &RunArgs, steps: &[Step], bases: &[Option<Step>]) -> String {
     let mut s = String::from("# Machine\n\n");
     s.push_str(&report::machine_description());
     let _ = writeln!(
@@ -852,6 +1040,14 @@ fn machine(args: &RunArgs, steps: &[Step]) -> String {
     );
     if let Some(st) = steps.first() {
         let _ = writeln!(s, "- engine: {}", st.engine_described);
+    }
+    if let Some(b) = bases.iter().flatten().next() {
+        let _ = writeln!(
+            s,
+            "- baseline (`--baseline`): {}, in the same process, on its own dev chain, run \
+             after the engine at each rate",
+            b.engine_described
+        );
     }
     s
 }
@@ -870,35 +1066,11 @@ fn compare(a: &Path, b: &Path) -> Res<String> {
             .collect())
     };
     let (ra, rb) = (load(a)?, load(b)?);
-    let mut md = format!(
-        "# {} (B) against {} (A)\n\n| row | p50 A | p50 B | B/A | p99 A | p99 B | B/A | p99.9 A | p99.9 B | B/A |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        b.display(),
-        a.display()
-    );
+    let mut md = format!("# {} (B) against {} (A)\n\n", b.display(), a.display());
+    md.push_str(&ratio_header(&["row"], "A", "B", &P50_P99_P999));
     for (name, x) in &ra {
         let Some(y) = rb.get(name) else { continue };
-        let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
-        let ratio = |k: &str| {
-            let (p, q) = (f(x, k), f(y, k));
-            if p > 0.0 {
-                format!("{:.2}", q / p)
-            } else {
-                "–".into()
-            }
-        };
-        let _ = writeln!(
-            md,
-            "| {name} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} |",
-            f(x, "p50_us"),
-            f(y, "p50_us"),
-            ratio("p50_us"),
-            f(x, "p99_us"),
-            f(y, "p99_us"),
-            ratio("p99_us"),
-            f(x, "p999_us"),
-            f(y, "p999_us"),
-            ratio("p999_us"),
-        );
+        md.push_str(&ratio_line(std::slice::from_ref(name), x, y, &P50_P99_P999));
     }
     Ok(md)
 }

@@ -123,12 +123,7 @@ impl RiskControl {
         principals: Arc<Principals>,
         audit: AuditSink,
     ) -> Result<(Arc<RiskControl>, Box<Policy>, StageLink), PolicyError> {
-        let accounts: HashMap<String, u16> = cfg
-            .accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.name.clone(), i as u16))
-            .collect();
+        let accounts = cfg.account_indices();
         let (utx, urx) = crossbeam_channel::bounded(16);
         let (rtx, rrx) = crossbeam_channel::bounded(16);
         let active = Arc::new(AtomicU32::new(1));
