@@ -818,6 +818,16 @@ impl Engine {
             m.thread().unpark();
             let _ = m.join();
         }
+        // The process's threads get the hot core back: an engine embedded in a longer
+        // process (a load run starting one engine per rate) leaves its mask as it found it.
+        if let Some(map) = &self.layout.core_map {
+            let mut all = map.rest.clone();
+            all.push(map.hot);
+            all.sort_unstable();
+            if let Err(e) = pipeline::confine_threads(None, &all) {
+                tracing::warn!(error = %e, "could not give the hot core back to the process's threads");
+            }
+        }
         // Everything the stages wrote is synced before the engine says it stopped.
         if let Some(j) = self.journal.take() {
             j.shutdown();

@@ -103,6 +103,21 @@ fn the_cpu_chain_owns_the_hot_core_and_every_other_thread_stays_off_it() {
         layout.contains(&format!("hot core {hot} (busy-spin)")),
         "{layout}"
     );
+
+    // After shutdown the process's threads may use the hot core again, so a process that
+    // embeds one engine after another can give each its core map.
+    drop(h);
+    for (tid, name, cores) in threads() {
+        assert!(
+            cores.contains(&hot),
+            "after shutdown, thread {tid} `{name}` still may not use core {hot}: {cores:?}"
+        );
+    }
+    let again = Harness::start_with(Layout::Fused, |c| c.hot_core = Some(HotCore::Auto));
+    assert_eq!(
+        again.engine().layout().core_map.as_ref().map(|m| m.hot),
+        Some(hot)
+    );
 }
 
 #[test]
