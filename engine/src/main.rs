@@ -531,6 +531,7 @@ fn dev_mode(args: DevArgs, demo: Option<DemoOptions>) -> Result<(), EngineError>
     println!("engine dev mode");
     println!("  desk URL:   ws://{}/v1/ws", engine.local_addr());
     println!("  health:     http://{}/health", engine.local_addr());
+    println!("  dashboard:  http://{}/dashboard", engine.local_addr());
     println!(
         "  dev chain:  {} (anvil {}, pid {})",
         chain.http_url(),
