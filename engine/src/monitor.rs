@@ -598,7 +598,7 @@ impl Monitor {
         self.tick += 1;
         let intervals = self.intervals();
         let states = self.tracker.observe(&intervals, now);
-        let views = self.judge(&states, now);
+        let views = self.judge(&states);
         let tick = self.render_tick(&intervals, &views, now);
         *lock(&self.shared.budgets) = views;
         self.shared.publish_tick(tick);
@@ -626,7 +626,7 @@ impl Monitor {
             .collect()
     }
 
-    fn judge(&mut self, states: &[pipeline::SloState], _now: Instant) -> Vec<BudgetView> {
+    fn judge(&mut self, states: &[pipeline::SloState]) -> Vec<BudgetView> {
         let cfg = &self.cfg;
         let mut views = Vec::with_capacity(self.alerting.len());
         let mut actions = Vec::new();
