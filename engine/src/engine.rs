@@ -175,6 +175,12 @@ impl Engine {
                 })?;
                 let recovered = Recovered::from_replay(&replay, &addresses);
                 drop(replay);
+                if recovered.unnamed > 0 {
+                    tracing::error!(
+                        intents = recovered.unnamed,
+                        "the journal holds intents whose principal no record names; they are kept, but their desk cannot look them up by id"
+                    );
+                }
                 let mut plan = recovered
                     .plan(&principals, |h| rpc.receipt(h).map_err(|e| e.to_string()))
                     .map_err(EngineError::Recovery)?;

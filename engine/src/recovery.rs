@@ -17,6 +17,11 @@
 //! - final (rejected, failed, cancelled, confirmed): kept only as its idempotency key and
 //!   last state.
 //!
+//! The merge does not depend on which copy of a record comes first: a crash in the middle
+//! of a compaction's deletions can leave an older base cut at its start ahead of the newer
+//! one. A principal number is resolved by the nearest record naming it before the intent,
+//! else the next one after it; an end (`Done`) recorded in any copy is the intent's end.
+//!
 //! Invariants: a recovered intent keeps its sequence number and `(principal, id)` key, so a
 //! desk resubmitting after a crash gets the existing intent; no transaction is signed
 //! twice for one intent except as a replacement on the same nonce; a transaction is only
@@ -213,6 +218,9 @@ pub struct Recovered {
     /// (while running, lanes rotate independently: the intent may still be in its lane's
     /// open segment). A compaction keeps them as they are.
     pub orphans: Vec<OwnedRecord>,
+    /// Intents whose principal number no name record in what was read explains (kept,
+    /// with an empty name: a status query by the desk cannot find them).
+    pub unnamed: usize,
 }
 
 fn state_of(b: u8) -> State {
@@ -278,19 +286,46 @@ impl Recovered {
         // then intake: together they define the intents. One run numbers principals one
         // way, and a compaction writes them with the numbers of the run that made it, so
         // one map serves both.
-        let mut names: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
-        for (_, rec) in replay
+        //
+        // A name is normally recorded before the intents that use its number. A crash while
+        // a compaction deletes the segments it replaced can leave an older base's later
+        // segments without its first one (where its names are), ahead of the newer base
+        // in segment order: such an intent takes the next record of its number instead.
+        let chain: Vec<&OwnedRecord> = replay
             .lane("base")
             .iter()
             .chain(replay.lane("intake").iter())
-        {
+            .map(|(_, r)| r)
+            .collect();
+        let recorded: Vec<(usize, u32, &str)> = chain
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r {
+                OwnedRecord::Principal(p) => Some((i, p.idx, p.name())),
+                _ => None,
+            })
+            .collect();
+        let mut names: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+        for (i, rec) in chain.iter().enumerate() {
             match rec {
                 OwnedRecord::Principal(p) => {
                     out.names.insert(p.name().to_owned());
                     names.insert(p.idx, p.name().to_owned());
                 }
                 OwnedRecord::Intent(r, data) => {
-                    let principal = names.get(&r.principal).cloned().unwrap_or_default();
+                    let principal = names
+                        .get(&r.principal)
+                        .cloned()
+                        .or_else(|| {
+                            recorded
+                                .iter()
+                                .find(|(at, idx, _)| *at > i && *idx == r.principal)
+                                .map(|(_, _, name)| (*name).to_owned())
+                        })
+                        .unwrap_or_else(|| {
+                            out.unnamed += 1;
+                            String::new()
+                        });
                     let id = IntentId::new(r.id()).unwrap_or_default();
                     let from = Address::from(r.account);
                     let msg = IntentMsg {
@@ -314,14 +349,17 @@ impl Recovered {
                         approved_by: 0,
                         ..IntentMsg::default()
                     };
-                    out.entries.entry(r.seq).or_insert(Entry {
-                        principal,
+                    let e = out.entries.entry(r.seq).or_insert_with(|| Entry {
+                        principal: String::new(),
                         id,
                         intent: Some((msg, from, data.clone())),
                         signed: Vec::new(),
                         last: None,
                         done: None,
                     });
+                    if e.principal.is_empty() {
+                        e.principal = principal;
+                    }
                 }
                 OwnedRecord::Done(d) => {
                     let id = IntentId::new(d.id()).unwrap_or_default();
@@ -336,19 +374,30 @@ impl Recovered {
                         block_number: d.block_number,
                         ..StatusMsg::default()
                     };
-                    out.entries.entry(d.seq).or_insert(Entry {
+                    let done = (
+                        state_of(d.state),
+                        reason_of(d.reason),
+                        B256::from(d.tx_hash),
+                        d.block_number,
+                    );
+                    let e = out.entries.entry(d.seq).or_insert(Entry {
                         principal: d.principal_name().to_owned(),
                         id,
                         intent: None,
                         signed: Vec::new(),
-                        last: Some((last, d.at_unix_us)),
-                        done: Some((
-                            state_of(d.state),
-                            reason_of(d.reason),
-                            B256::from(d.tx_hash),
-                            d.block_number,
-                        )),
+                        last: None,
+                        done: None,
                     });
+                    // An end recorded anywhere is the end, whichever copy came first (an
+                    // older base left by a crash mid-compaction may still hold the intent
+                    // unfinished, ahead of the newer base that ended it).
+                    if e.done.is_none() {
+                        e.done = Some(done);
+                        e.last = Some((last, d.at_unix_us));
+                    }
+                    if e.principal.is_empty() {
+                        e.principal = d.principal_name().to_owned();
+                    }
                 }
                 _ => {}
             }
@@ -771,5 +820,118 @@ mod tests {
         assert_eq!(v, U256::from(32_000_000_000_000_000_000u128));
         assert_eq!(input, [0x22, 0x89, 0x51, 0x18, 7]);
         assert_eq!(as_signed_call(&raw[..raw.len() - 1]), None);
+    }
+}
+
+#[cfg(test)]
+mod compaction_crash {
+    //! A crash while a compaction deletes the segments it replaced: an older base's later
+    //! segments may survive without its first one, ahead of the newer base.
+    use super::*;
+    use crate::journal::{Journal, JournalConfig, SyncPolicy};
+
+    fn cfg(dir: &std::path::Path) -> JournalConfig {
+        JournalConfig {
+            dir: dir.to_path_buf(),
+            segment_bytes: 8192,
+            sync: SyncPolicy::None,
+            sealer: None,
+        }
+    }
+
+    fn base_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("base-") && n.ends_with(".seg"))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Opens, merges and compacts as a start does.
+    fn start(dir: &std::path::Path, principals: &Principals) -> Recovered {
+        let (j, replay) = Journal::open(cfg(dir)).unwrap();
+        let r = Recovered::from_replay(&replay, &[]);
+        j.compact(r.keep_records(|n| principals.intern(n))).unwrap();
+        r
+    }
+
+    fn confirmed(seq: u64) -> StateRec {
+        StateRec {
+            seq,
+            state: State::Confirmed as u8,
+            depth: 1,
+            ..StateRec::default()
+        }
+    }
+
+    #[test]
+    fn names_and_ends_survive_an_older_base_cut_at_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 200u64;
+        {
+            let (j, _) = Journal::open(cfg(dir.path())).unwrap();
+            let mut intake = j.lane("intake").unwrap();
+            let mut events = j.lane("events").unwrap();
+            intake
+                .append_principal(&PrincipalRec::new(1, "desk-a"))
+                .unwrap();
+            for seq in 1..=n {
+                let r = IntentRec {
+                    seq,
+                    principal: 1,
+                    id: IntentRec::id_bytes(&format!("o{seq}")),
+                    ..IntentRec::default()
+                };
+                intake.append_intent(&r, &[]).unwrap();
+                if seq <= n / 2 {
+                    events.append_state(&confirmed(seq)).unwrap();
+                }
+            }
+        }
+        // First start: half the intents are finished (Done), half are kept whole.
+        let first = start(dir.path(), &Principals::default());
+        assert_eq!(first.entries.len(), n as usize);
+        let old_base = base_files(dir.path());
+        assert!(
+            old_base.len() >= 3,
+            "the base spans several segments: {old_base:?}"
+        );
+        let saved = tempfile::tempdir().unwrap();
+        for p in &old_base {
+            std::fs::copy(p, saved.path().join(p.file_name().unwrap())).unwrap();
+        }
+        // The rest are confirmed; the next start makes a new base where all are Done.
+        {
+            let (j, _) = Journal::open(cfg(dir.path())).unwrap();
+            let mut events = j.lane("events").unwrap();
+            for seq in n / 2 + 1..=n {
+                events.append_state(&confirmed(seq)).unwrap();
+            }
+        }
+        let second = start(dir.path(), &Principals::default());
+        assert!(second.entries.values().all(|e| e.final_state().is_some()));
+        // The crash: the older base's first segment (its names) was deleted, the others
+        // were not yet.
+        for p in &old_base[1..] {
+            std::fs::copy(saved.path().join(p.file_name().unwrap()), p).unwrap();
+        }
+        let (_j, replay) = Journal::open(cfg(dir.path())).unwrap();
+        let r = Recovered::from_replay(&replay, &[]);
+        assert_eq!(r.unnamed, 0);
+        assert_eq!(r.entries.len(), n as usize);
+        for (seq, e) in &r.entries {
+            assert_eq!(e.principal, "desk-a", "intent {seq} lost its principal");
+            assert_eq!(
+                e.final_state(),
+                Some(State::Confirmed),
+                "intent {seq} lost its end"
+            );
+        }
     }
 }

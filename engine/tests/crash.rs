@@ -97,6 +97,19 @@ fn kill9(e: &mut Engine) {
     let _ = e.child.wait();
 }
 
+/// With `CRASH_KEEP`: a copy of the journal as the engine finds it at start `life`.
+fn snapshot(root: &Path, life: usize) {
+    let from = root.join("journal");
+    let Ok(dir) = std::fs::read_dir(&from) else {
+        return;
+    };
+    let to = root.join(format!("journal-at-start-{life:03}"));
+    std::fs::create_dir_all(&to).unwrap();
+    for f in dir.map_while(Result::ok) {
+        let _ = std::fs::copy(f.path(), to.join(f.file_name()));
+    }
+}
+
 fn write_config(dir: &Path, anvil: &Anvil) -> std::path::PathBuf {
     let mut accounts = String::new();
     for (i, key) in DEV_PRIVATE_KEYS.iter().enumerate().take(2) {
@@ -275,7 +288,8 @@ fn killed_at_random_moments_nothing_acked_is_lost_or_sent_twice() {
 
     let anvil = Anvil::spawn(&AnvilConfig::with_block_time(Duration::from_millis(200)))
         .expect("anvil starts (run scripts/setup.sh)");
-    // CRASH_KEEP=1 keeps the folder (journal, engine log) for a look afterwards.
+    // CRASH_KEEP=1 keeps the folder (journal, engine log, and the journal as each start
+    // found it) for a look afterwards.
     let tmp = tempfile::tempdir().unwrap();
     let (root, _tmp) = if std::env::var_os("CRASH_KEEP").is_some() {
         let p = tmp.keep();
@@ -295,7 +309,11 @@ fn killed_at_random_moments_nothing_acked_is_lost_or_sent_twice() {
     let mut seen: BTreeMap<u64, Seen> = BTreeMap::new();
     let mut next = 0u64;
     let mut dups = 0u64;
+    let keep = std::env::var_os("CRASH_KEEP").is_some();
     for point in 0..points {
+        if keep {
+            snapshot(&root, point);
+        }
         let mut e = start_engine(&config, &log);
         let run_for = Duration::from_millis(rng.gen_range(20..400));
         rt.block_on(desk_life(
@@ -312,6 +330,9 @@ fn killed_at_random_moments_nothing_acked_is_lost_or_sent_twice() {
     }
 
     // The last life: resubmit what is unanswered, then let everything settle.
+    if keep {
+        snapshot(&root, points);
+    }
     let mut e = start_engine(&config, &log);
     let before = next;
     rt.block_on(desk_life(

@@ -624,7 +624,10 @@ impl Journal {
     /// `segments`. The writers go on meanwhile. A crash before the renames leaves the old
     /// segments (the temporary files are removed at the next open); after them, replay
     /// may see a record both in the new base and in an old segment not deleted yet, and
-    /// the consumer keeps one per sequence number. Nothing is lost at any point.
+    /// the consumer keeps one per sequence number. An old base may then be left without
+    /// its first segments, ahead of the new one in segment order: the consumer must not
+    /// rely on a base's first records (its names) preceding the rest. Nothing is lost at
+    /// any point.
     pub fn compact_closed(
         &self,
         segments: &[ClosedSegment],
