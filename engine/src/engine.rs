@@ -464,6 +464,9 @@ impl Engine {
                     tx.raw.clone(),
                 );
             }
+            for h in &plan.unsure {
+                receipts.recover_verify(*h);
+            }
             for inc in &plan.included {
                 receipts.recover_included(
                     inc.msg.seq,

@@ -681,6 +681,15 @@ impl Recovered {
                         None => (msg, data.clone()),
                     };
                     plan.live.push((msg, data, latest.clone()));
+                    let earlier: Vec<SignedTx> = e
+                        .signed
+                        .iter()
+                        .filter(|s| s.nonce == latest.nonce && s.tx_hash != latest.tx_hash)
+                        .cloned()
+                        .collect();
+                    if !earlier.is_empty() {
+                        plan.earlier.insert(seq, earlier);
+                    }
                     plan.resend.push((msg, latest));
                 }
                 None => plan.fail.push((
@@ -718,9 +727,11 @@ impl Plan {
     /// Sends every transaction of [`Plan::resend`] to the node again, byte for byte, in
     /// account and nonce order, before the pipeline starts (so no new transaction of the
     /// account can reach the node ahead of them). Taken (or already known): watched for
-    /// its receipt. "nonce too low": asked for its receipt once more (mined meanwhile:
-    /// included; otherwise another transaction took the nonce: failed). Refused
-    /// otherwise: failed with the node's message.
+    /// its receipt. Refused: its receipt, or an earlier transaction's of the intent on
+    /// that nonce, is asked for (mined meanwhile: included). "nonce too low" with no
+    /// receipt yet: watched, and settled by the receipt watcher a block later
+    /// ([`Plan::unsure`]; a node can refuse a nonce a moment before the block that used it
+    /// is readable). Refused otherwise: failed with the node's message.
     pub fn send_again(
         &mut self,
         mut send: impl FnMut(&[u8]) -> Result<(), String>,
@@ -738,27 +749,46 @@ impl Plan {
                     }
                 }
             };
-            match refusal {
-                None => self.watch.push((msg, s)),
-                Some(e) => {
-                    if let Some(r) = receipt(s.tx_hash)? {
-                        self.included.push(RecoveredInclusion {
-                            msg,
-                            tx: s,
-                            receipt: r,
-                            announce: true,
-                        });
-                        continue;
-                    }
-                    tracing::error!(seq = msg.seq, nonce = s.nonce, error = %e, "a recovered transaction was refused by the node");
-                    self.live.retain(|(m, _, _)| m.seq != msg.seq);
-                    self.fail.push((
-                        msg.seq,
-                        msg.origin,
-                        format!("sent again after a restart, the node refused it: {e}"),
-                    ));
+            let earlier = self.earlier.remove(&msg.seq).unwrap_or_default();
+            let Some(e) = refusal else {
+                self.watch.extend(earlier.into_iter().map(|t| (msg, t)));
+                self.watch.push((msg, s));
+                continue;
+            };
+            let mut found = None;
+            for t in std::iter::once(&s).chain(earlier.iter().rev()) {
+                if let Some(r) = receipt(t.tx_hash)? {
+                    found = Some((t.clone(), r));
+                    break;
                 }
             }
+            if let Some((tx, r)) = found {
+                self.included.push(RecoveredInclusion {
+                    msg,
+                    tx,
+                    receipt: r,
+                    announce: true,
+                });
+                continue;
+            }
+            if e.to_ascii_lowercase().contains("nonce too low") {
+                tracing::warn!(
+                    seq = msg.seq,
+                    nonce = s.nonce,
+                    "a recovered transaction's nonce is used and its receipt is not there yet; the receipt watcher decides"
+                );
+                self.unsure.push(s.tx_hash);
+                self.watch.extend(earlier.into_iter().map(|t| (msg, t)));
+                self.watch.push((msg, s));
+                continue;
+            }
+            tracing::error!(seq = msg.seq, nonce = s.nonce, error = %e, "a recovered transaction was refused by the node");
+            self.live.retain(|(m, _, _)| m.seq != msg.seq);
+            self.fail.push((
+                msg.seq,
+                msg.origin,
+                format!("sent again after a restart, the node refused it: {e}"),
+            ));
         }
         self.included
             .sort_by_key(|i| (i.receipt.block_number, i.msg.seq));
@@ -785,8 +815,15 @@ pub struct Plan {
     pub live: Vec<(IntentMsg, Vec<u8>, SignedTx)>,
     /// Cannot go on: failed with this message.
     pub fail: Vec<(u64, Origin, String)>,
-    /// Sent again at start and taken by the node: watched for their receipt.
+    /// Sent again at start and taken by the node: watched for their receipt (with the
+    /// intent's earlier transactions on the same nonce, ahead of its newest).
     pub watch: Vec<(IntentMsg, SignedTx)>,
+    /// Of [`Plan::resend`], each intent's earlier transactions on the same nonce
+    /// (replaced; one of them may still be the one included), by sequence number.
+    pub earlier: BTreeMap<u64, Vec<SignedTx>>,
+    /// Watched transactions the node refused with "nonce too low" at start, with no
+    /// receipt yet: the receipt watcher asks again a block later before failing them.
+    pub unsure: Vec<B256>,
 }
 
 #[cfg(test)]
@@ -820,6 +857,111 @@ mod tests {
         assert_eq!(v, U256::from(32_000_000_000_000_000_000u128));
         assert_eq!(input, [0x22, 0x89, 0x51, 0x18, 7]);
         assert_eq!(as_signed_call(&raw[..raw.len() - 1]), None);
+    }
+}
+
+#[cfg(test)]
+mod send_again {
+    //! What a start does with a recovered transaction the node refuses.
+    use super::*;
+
+    fn tx(nonce: u64, generation: u16, h: u8) -> SignedTx {
+        SignedTx {
+            from: Address::repeat_byte(1),
+            nonce,
+            generation,
+            purpose: if generation == 0 {
+                TxPurpose::Intent
+            } else {
+                TxPurpose::Replacement
+            },
+            max_fee: 0,
+            tip: 0,
+            tx_hash: B256::repeat_byte(h),
+            route: Route::Public,
+            urgent: false,
+            public_fallback: false,
+            raw: vec![h],
+        }
+    }
+
+    fn plan_for(seq: u64, latest: SignedTx, earlier: Vec<SignedTx>) -> Plan {
+        let msg = IntentMsg {
+            seq,
+            ..IntentMsg::default()
+        };
+        let mut p = Plan::default();
+        p.live.push((msg, Vec::new(), latest.clone()));
+        p.resend.push((msg, latest));
+        if !earlier.is_empty() {
+            p.earlier.insert(seq, earlier);
+        }
+        p
+    }
+
+    fn mined(h: B256) -> venues::ReceiptSummary {
+        venues::ReceiptSummary {
+            tx_hash: h,
+            block_number: 9,
+            block_hash: B256::repeat_byte(9),
+            success: true,
+            gas_used: 21_000,
+            from: Address::repeat_byte(1),
+            to: None,
+            deposits: venues::DepositLogs::default(),
+        }
+    }
+
+    #[test]
+    fn a_replacement_refused_because_its_original_was_mined_is_included() {
+        let original = tx(4, 0, 0xa0);
+        let mut p = plan_for(7, tx(4, 1, 0xa1), vec![original.clone()]);
+        p.send_again(
+            |_| Err("nonce too low".into()),
+            |h| Ok((h == original.tx_hash).then(|| mined(h))),
+        )
+        .unwrap();
+        assert!(p.fail.is_empty(), "{:?}", p.fail);
+        assert_eq!(p.included.len(), 1);
+        assert_eq!(p.included[0].tx.tx_hash, original.tx_hash);
+    }
+
+    #[test]
+    fn nonce_too_low_without_a_receipt_yet_is_watched_not_failed() {
+        let original = tx(4, 0, 0xb0);
+        let latest = tx(4, 1, 0xb1);
+        let mut p = plan_for(8, latest.clone(), vec![original.clone()]);
+        p.send_again(|_| Err("nonce too low: next nonce 5".into()), |_| Ok(None))
+            .unwrap();
+        assert!(p.fail.is_empty(), "{:?}", p.fail);
+        assert_eq!(p.unsure, vec![latest.tx_hash]);
+        // Both transactions on the nonce are watched, the newest last (it is the one
+        // the watcher keeps to send again).
+        let watched: Vec<B256> = p.watch.iter().map(|(_, t)| t.tx_hash).collect();
+        assert_eq!(watched, vec![original.tx_hash, latest.tx_hash]);
+        assert_eq!(p.live.len(), 1);
+    }
+
+    #[test]
+    fn any_other_refusal_without_a_receipt_fails_with_the_nodes_words() {
+        let mut p = plan_for(9, tx(4, 0, 0xc0), Vec::new());
+        p.send_again(|_| Err("insufficient funds for gas".into()), |_| Ok(None))
+            .unwrap();
+        assert_eq!(p.fail.len(), 1);
+        assert!(p.fail[0].2.contains("insufficient funds"), "{:?}", p.fail);
+        assert!(p.watch.is_empty() && p.unsure.is_empty() && p.live.is_empty());
+    }
+
+    #[test]
+    fn taken_or_already_known_is_watched_with_its_earlier_transactions() {
+        let original = tx(4, 0, 0xd0);
+        let latest = tx(4, 1, 0xd1);
+        let mut p = plan_for(10, latest.clone(), vec![original.clone()]);
+        p.send_again(|_| Err("already known".into()), |_| Ok(None))
+            .unwrap();
+        let watched: Vec<B256> = p.watch.iter().map(|(_, t)| t.tx_hash).collect();
+        assert_eq!(watched, vec![original.tx_hash, latest.tx_hash]);
+        assert!(p.fail.is_empty() && p.unsure.is_empty());
     }
 }
 

@@ -16,6 +16,13 @@
 //!   stage (a node that still has it answers "already known", which counts as accepted);
 //!   its next inclusion is reported as usual. The raw bytes of every transaction are kept
 //!   here until it is confirmed, for exactly that.
+//! - **"nonce too low" for one of its transactions.** The transaction may be the one that
+//!   used the nonce (sent before a restart, or mined while a resend was on its way), and a
+//!   node can refuse the nonce a moment before that block's receipts are readable. So it
+//!   is asked for by hash, and counted as not on chain (the intent failed, its nonce taken
+//!   by another transaction) only when the answer was asked at a head after the one of
+//!   the refusal; an intent with another transaction watched on that nonce does not fail
+//!   on it.
 //! - **A private send that the relays did not include** by its last block: sent again on
 //!   the public path if the intent allows a public fall-back, else privately again with a
 //!   new window.
@@ -89,6 +96,28 @@ struct Included {
     block_hash: B256,
 }
 
+/// A transaction a node answered "nonce too low" for, whose receipt was not there yet.
+/// A node can refuse the nonce a moment before the block that used it is readable, so
+/// "not on chain" counts only when asked at a head after the one of the refusal.
+#[derive(Clone, Copy, Debug)]
+struct Verifying {
+    /// Head when the refusal was seen (0: before any head; set by the first one).
+    since: u64,
+    /// Head its receipt was last asked at; `None`: to ask at the next head after `since`.
+    asked: Option<u64>,
+}
+
+/// What the lookup thread found for a hash.
+#[derive(Clone, Copy, Debug)]
+enum Looked {
+    /// Its receipt.
+    Found(ReceiptSummary),
+    /// The node has no receipt for it.
+    Absent,
+    /// No provider answered.
+    Unknown,
+}
+
 /// What is needed to send a transaction again, kept until it is confirmed.
 #[derive(Debug)]
 struct Kept {
@@ -144,7 +173,7 @@ pub struct ReceiptsStage {
     /// Intents with more than one transaction watched (replaced on the same nonce).
     replaced: std::collections::HashSet<u64>,
     /// Transactions a node answered "nonce too low" for, asked about by hash.
-    verifying: std::collections::HashSet<B256>,
+    verifying: HashMap<B256, Verifying>,
     /// Reverted transactions whose `included` waits for the revert reason.
     reverting: HashMap<B256, (Watch, ReceiptSummary)>,
     /// Asks a node why a transaction reverted, off this thread.
@@ -201,7 +230,7 @@ impl ReceiptsStage {
             lookup,
             stuck_blocks: 0,
             replaced: std::collections::HashSet::with_capacity(64),
-            verifying: std::collections::HashSet::with_capacity(64),
+            verifying: HashMap::with_capacity(64),
             reverting: HashMap::with_capacity(64),
             reasons,
         })
@@ -324,6 +353,7 @@ impl ReceiptsStage {
     }
 
     fn include(&mut self, w: Watch, r: &ReceiptSummary) {
+        self.verifying.remove(&r.tx_hash);
         // One transaction of the intent is in: its other ones (same nonce) never will be.
         if self.replaced.remove(&w.seq) {
             self.watching.retain(|_, x| x.seq != w.seq);
@@ -550,29 +580,22 @@ impl ReceiptsStage {
         let mut stuck: Vec<u64> = Vec::new();
         while let Ok((seq, hash, found)) = self.lookup.answers.try_recv() {
             n += 1;
-            match found {
-                Some(r) => {
+            match (found, self.verifying.get(&hash).copied()) {
+                (Looked::Found(r), _) => {
                     self.verifying.remove(&hash);
                     if let Some(w) = self.watching.remove(&hash) {
                         self.include(w, &r);
                     }
                 }
-                None if self.verifying.remove(&hash) => {
-                    // Not on chain, yet its nonce is: another transaction took it.
-                    if let Some(w) = self.watching.remove(&hash) {
-                        self.kept.remove(&w.seq);
-                        self.notify(NonceNotice::Behind { seq: w.seq });
-                        self.status.send(StatusMsg::refusal(
-                            w.seq,
-                            w.origin,
-                            State::Failed,
-                            crate::msg::Reason::NodeRejected,
-                            "nonce too low: the account's nonce was used by another transaction",
-                            now_raw(),
-                        ));
-                    }
+                (Looked::Absent, Some(v)) if v.asked.is_some_and(|a| a > v.since) => {
+                    self.verifying.remove(&hash);
+                    self.nonce_taken(hash);
                 }
-                None => {
+                (_, Some(v)) => {
+                    // Asked too early to tell, or not answered: again at a later head.
+                    self.verifying.insert(hash, Verifying { asked: None, ..v });
+                }
+                (_, None) => {
                     if self.watching.values().any(|w| w.seq == seq) && !stuck.contains(&seq) {
                         stuck.push(seq);
                     }
@@ -583,6 +606,70 @@ impl ReceiptsStage {
             self.notify(NonceNotice::Stuck { seq });
         }
         n
+    }
+
+    /// `hash` is not on chain, asked a block after its nonce was refused: another
+    /// transaction took the nonce. The intent fails, unless it has another transaction
+    /// watched on that nonce (a replacement's original may be the one included; it is
+    /// found by its receipt or, when stuck, by the lookup).
+    fn nonce_taken(&mut self, hash: B256) {
+        let Some(w) = self.watching.get(&hash).copied() else {
+            return;
+        };
+        if self.replaced.contains(&w.seq)
+            && self
+                .watching
+                .iter()
+                .any(|(h, x)| x.seq == w.seq && *h != hash)
+        {
+            self.watching.remove(&hash);
+            return;
+        }
+        self.watching.remove(&hash);
+        self.kept.remove(&w.seq);
+        self.notify(NonceNotice::Behind { seq: w.seq });
+        self.status.send(StatusMsg::refusal(
+            w.seq,
+            w.origin,
+            State::Failed,
+            crate::msg::Reason::NodeRejected,
+            "nonce too low: the account's nonce was used by another transaction",
+            now_raw(),
+        ));
+    }
+
+    /// At each new head: "nonce too low" transactions not settled yet are asked about
+    /// again, once the head is past the one of their refusal.
+    fn reverify(&mut self, head: u64) {
+        if self.verifying.is_empty() {
+            return;
+        }
+        let watching = &self.watching;
+        self.verifying.retain(|h, _| watching.contains_key(h));
+        for (hash, v) in self.verifying.iter_mut() {
+            if v.since == 0 {
+                v.since = head;
+            } else if v.asked.is_none() && head > v.since {
+                let seq = self.watching.get(hash).map_or(0, |w| w.seq);
+                if self.lookup.ask.send((seq, *hash)).is_ok() {
+                    v.asked = Some(head);
+                }
+            }
+        }
+    }
+
+    /// Recovery: a transaction sent again at the start that the node refused with "nonce
+    /// too low", and whose receipt was not found: watched (see [`Self::recover_watch`])
+    /// and settled by the same rule as a refusal seen while running. Before the stage
+    /// starts.
+    pub fn recover_verify(&mut self, tx_hash: B256) {
+        self.verifying.insert(
+            tx_hash,
+            Verifying {
+                since: 0,
+                asked: None,
+            },
+        );
     }
 
     /// Private sends whose window passed without inclusion go again.
@@ -617,6 +704,7 @@ impl ReceiptsStage {
                 self.stats.head.store(self.head, Ordering::Relaxed);
                 self.private_windows(number);
                 self.stuck(number);
+                self.reverify(number);
                 self.confirm();
             }
             HeadEvent::BlockReceipts {
@@ -756,7 +844,7 @@ fn replay(
 #[derive(Debug)]
 struct Lookup {
     ask: Sender<(u64, B256)>,
-    answers: Receiver<(u64, B256, Option<ReceiptSummary>)>,
+    answers: Receiver<(u64, B256, Looked)>,
 }
 
 impl Lookup {
@@ -770,14 +858,14 @@ impl Lookup {
                 let mut rpc: Option<venues::RpcClient> = None;
                 let mut next = 0usize;
                 while let Ok((seq, hash)) = asked.recv() {
-                    let mut found = None;
+                    let mut found = Looked::Unknown;
                     for _ in 0..urls.len() {
                         if rpc.is_none() {
                             rpc = venues::RpcClient::connect(&urls[next % urls.len()]).ok();
                         }
                         match rpc.as_mut().map(|r| r.receipt(hash)) {
                             Some(Ok(r)) => {
-                                found = r;
+                                found = r.map_or(Looked::Absent, Looked::Found);
                                 break;
                             }
                             Some(Err(e)) => {
@@ -903,8 +991,14 @@ impl Stage for ReceiptsStage {
         }
         if msg.verify && !self.recent.contains_key(&msg.tx_hash) {
             // "nonce too low": on chain already, or the nonce went to another transaction.
-            self.verifying.insert(msg.tx_hash);
-            let _ = self.lookup.ask.send((msg.seq, msg.tx_hash));
+            let asked = self.lookup.ask.send((msg.seq, msg.tx_hash)).is_ok();
+            self.verifying.insert(
+                msg.tx_hash,
+                Verifying {
+                    since: self.head,
+                    asked: asked.then_some(self.head),
+                },
+            );
         }
         if let Some(r) = self.recent.get(&msg.tx_hash).copied() {
             self.include(w, &r);
