@@ -19,7 +19,7 @@ use crate::config::{Config, Layout, WaitChoice};
 use crate::custody::Custody;
 use crate::error::EngineError;
 use crate::journal::{Journal, JournalConfig, SyncPolicy};
-use crate::msg::{IntentMsg, StatusMsg, TxMsg};
+use crate::msg::{AccountIdx, IntentMsg, StatusMsg, TxMsg};
 use crate::recovery::{Plan, Recovered};
 use crate::risk::audit::{AuditStats, StatusAudit};
 use crate::risk::staking::{RequestFees, StakingNet};
@@ -446,6 +446,23 @@ impl Engine {
             intake.recover(plan.keys.iter().copied(), *next_seq);
             for (seq, principal, id, last) in &plan.known {
                 status_stage.recover(*seq, *principal, *id, *last);
+            }
+            // The audit trail names a recovered intent's later records as a live one's:
+            // every unfinished one by id, and with its account where the plan has it.
+            let none = alloy_primitives::B256::ZERO;
+            for (seq, principal, id, last) in &plan.known {
+                if !last.as_ref().is_some_and(|(m, _)| m.state.is_terminal()) {
+                    status_stage.recover_audit(*seq, *id, *principal, AccountIdx::UNKNOWN, none);
+                }
+            }
+            let recovered = plan
+                .live
+                .iter()
+                .map(|(m, _, s)| (m, s.tx_hash))
+                .chain(plan.included.iter().map(|i| (&i.msg, i.receipt.tx_hash)))
+                .chain(plan.reinject.iter().map(|(m, _)| (m, none)));
+            for (m, tx) in recovered {
+                status_stage.recover_audit(m.seq, m.id, m.origin.principal, m.account, tx);
             }
             for (msg, data, s) in &plan.live {
                 let mut m = *msg;

@@ -481,6 +481,20 @@ fn killed_at_random_moments_nothing_acked_is_lost_or_sent_twice() {
         strangers, 0,
         "unexplained transfers from the engine's accounts"
     );
+    // The audit trail names the intent of every record it makes about one, those
+    // recovered after a kill included.
+    let unnamed: Vec<&str> = e_log
+        .lines()
+        .filter(|l| l.contains("audit"))
+        .filter_map(|l| l.find("{\"").map(|i| &l[i..]))
+        .filter(|j| j.contains("\"kind\":") && j.contains("\"seq\":") && !j.contains("\"intent\":"))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "{} audit records without their intent's id, e.g. {:?}",
+        unnamed.len(),
+        &unnamed[..unnamed.len().min(3)]
+    );
     assert!(dups > 0, "no resubmission was answered as a duplicate");
     assert!(
         acked.len() > points,

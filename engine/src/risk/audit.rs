@@ -777,6 +777,33 @@ impl StatusAudit {
         }
     }
 
+    /// An unfinished intent recovered from the journal at a start: its later records
+    /// (`signed`, `included`, `confirmed`, ...) name it and its account as a live one's
+    /// do. `account`: its account, if known; `tx_hash`: its newest transaction, if it was
+    /// signed. Before the stage starts.
+    pub fn recover(
+        &mut self,
+        seq: u64,
+        id: IntentId,
+        principal: u32,
+        account: crate::msg::AccountIdx,
+        tx_hash: B256,
+    ) {
+        self.intents.insert(
+            seq,
+            Known {
+                id,
+                principal,
+                account: if account == crate::msg::AccountIdx::UNKNOWN {
+                    NO_ACCOUNT
+                } else {
+                    account.0
+                },
+                tx_hash,
+            },
+        );
+    }
+
     /// Audits `m` if it is of a kind audited.
     pub fn on_status(&mut self, m: &StatusMsg) {
         let kind = match (m.kind, m.state) {

@@ -183,6 +183,21 @@ impl StatusStage {
         self.journal = Some(j);
     }
 
+    /// An unfinished intent from before a restart, for the audit trail (after
+    /// [`Self::set_audit`]; see [`crate::risk::audit::StatusAudit::recover`]).
+    pub fn recover_audit(
+        &mut self,
+        seq: u64,
+        id: IntentId,
+        principal: u32,
+        account: crate::msg::AccountIdx,
+        tx_hash: alloy_primitives::B256,
+    ) {
+        if let Some(a) = &mut self.audit {
+            a.recover(seq, id, principal, account, tx_hash);
+        }
+    }
+
     /// Knows an intent from before a restart: `latest` is its last recorded event (if any),
     /// rendered with its recorded time. Its events go to no connection (the desk that sent
     /// it is gone); `status` and a resubmission of the id answer from here.
