@@ -444,13 +444,11 @@ impl Engine {
             });
             signing.set_journal(signing_lane);
             intake.recover(plan.keys.iter().copied(), *next_seq);
-            for (seq, principal, id, last) in &plan.known {
-                status_stage.recover(*seq, *principal, *id, *last);
-            }
             // The audit trail names a recovered intent's later records as a live one's:
             // every unfinished one by id, and with its account where the plan has it.
             let none = alloy_primitives::B256::ZERO;
             for (seq, principal, id, last) in &plan.known {
+                status_stage.recover(*seq, *principal, *id, *last);
                 if !last.as_ref().is_some_and(|(m, _)| m.state.is_terminal()) {
                     status_stage.recover_audit(*seq, *id, *principal, AccountIdx::UNKNOWN, none);
                 }

@@ -322,10 +322,7 @@ impl Recovered {
                                 .find(|(at, idx, _)| *at > i && *idx == r.principal)
                                 .map(|(_, _, name)| (*name).to_owned())
                         })
-                        .unwrap_or_else(|| {
-                            out.unnamed += 1;
-                            String::new()
-                        });
+                        .unwrap_or_default();
                     let id = IntentId::new(r.id()).unwrap_or_default();
                     let from = Address::from(r.account);
                     let msg = IntentMsg {
@@ -402,6 +399,11 @@ impl Recovered {
                 _ => {}
             }
         }
+        out.unnamed = out
+            .entries
+            .values()
+            .filter(|e| e.principal.is_empty())
+            .count();
         for (_, rec) in replay
             .lane("base")
             .iter()
@@ -750,45 +752,44 @@ impl Plan {
                 }
             };
             let earlier = self.earlier.remove(&msg.seq).unwrap_or_default();
-            let Some(e) = refusal else {
-                self.watch.extend(earlier.into_iter().map(|t| (msg, t)));
-                self.watch.push((msg, s));
-                continue;
-            };
-            let mut found = None;
-            for t in std::iter::once(&s).chain(earlier.iter().rev()) {
-                if let Some(r) = receipt(t.tx_hash)? {
-                    found = Some((t.clone(), r));
-                    break;
+            if let Some(e) = refusal {
+                let mut found = None;
+                for t in std::iter::once(&s).chain(earlier.iter().rev()) {
+                    if let Some(r) = receipt(t.tx_hash)? {
+                        found = Some((t.clone(), r));
+                        break;
+                    }
                 }
-            }
-            if let Some((tx, r)) = found {
-                self.included.push(RecoveredInclusion {
-                    msg,
-                    tx,
-                    receipt: r,
-                    announce: true,
-                });
-                continue;
-            }
-            if e.to_ascii_lowercase().contains("nonce too low") {
+                if let Some((tx, r)) = found {
+                    // Settled: the signing stage has nothing left to replace.
+                    self.live.retain(|(m, _, _)| m.seq != msg.seq);
+                    self.included.push(RecoveredInclusion {
+                        msg,
+                        tx,
+                        receipt: r,
+                        announce: true,
+                    });
+                    continue;
+                }
+                if !e.to_ascii_lowercase().contains("nonce too low") {
+                    tracing::error!(seq = msg.seq, nonce = s.nonce, error = %e, "a recovered transaction was refused by the node");
+                    self.live.retain(|(m, _, _)| m.seq != msg.seq);
+                    self.fail.push((
+                        msg.seq,
+                        msg.origin,
+                        format!("sent again after a restart, the node refused it: {e}"),
+                    ));
+                    continue;
+                }
                 tracing::warn!(
                     seq = msg.seq,
                     nonce = s.nonce,
                     "a recovered transaction's nonce is used and its receipt is not there yet; the receipt watcher decides"
                 );
                 self.unsure.push(s.tx_hash);
-                self.watch.extend(earlier.into_iter().map(|t| (msg, t)));
-                self.watch.push((msg, s));
-                continue;
             }
-            tracing::error!(seq = msg.seq, nonce = s.nonce, error = %e, "a recovered transaction was refused by the node");
-            self.live.retain(|(m, _, _)| m.seq != msg.seq);
-            self.fail.push((
-                msg.seq,
-                msg.origin,
-                format!("sent again after a restart, the node refused it: {e}"),
-            ));
+            self.watch.extend(earlier.into_iter().map(|t| (msg, t)));
+            self.watch.push((msg, s));
         }
         self.included
             .sort_by_key(|i| (i.receipt.block_number, i.msg.seq));
@@ -924,6 +925,10 @@ mod send_again {
         assert!(p.fail.is_empty(), "{:?}", p.fail);
         assert_eq!(p.included.len(), 1);
         assert_eq!(p.included[0].tx.tx_hash, original.tx_hash);
+        assert!(
+            p.live.is_empty(),
+            "an included intent is not the signing stage's"
+        );
     }
 
     #[test]

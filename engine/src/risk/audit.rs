@@ -126,6 +126,8 @@ impl AuditKind {
 
 /// Account index of a record whose account is not known.
 pub const NO_ACCOUNT: u16 = u16::MAX;
+// An intent's unknown account index is the audit's "no account" as it is.
+const _: () = assert!(NO_ACCOUNT == crate::msg::AccountIdx::UNKNOWN.0);
 
 /// One audit record (fixed size, `Copy`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -794,11 +796,7 @@ impl StatusAudit {
             Known {
                 id,
                 principal,
-                account: if account == crate::msg::AccountIdx::UNKNOWN {
-                    NO_ACCOUNT
-                } else {
-                    account.0
-                },
+                account: account.0,
                 tx_hash,
             },
         );
@@ -813,11 +811,7 @@ impl StatusAudit {
                     Known {
                         id: m.id,
                         principal: m.origin.principal,
-                        account: if m.account == crate::msg::AccountIdx::UNKNOWN {
-                            NO_ACCOUNT
-                        } else {
-                            m.account.0
-                        },
+                        account: m.account.0,
                         tx_hash: B256::ZERO,
                     },
                 );

@@ -613,19 +613,12 @@ impl ReceiptsStage {
     /// watched on that nonce (a replacement's original may be the one included; it is
     /// found by its receipt or, when stuck, by the lookup).
     fn nonce_taken(&mut self, hash: B256) {
-        let Some(w) = self.watching.get(&hash).copied() else {
+        let Some(w) = self.watching.remove(&hash) else {
             return;
         };
-        if self.replaced.contains(&w.seq)
-            && self
-                .watching
-                .iter()
-                .any(|(h, x)| x.seq == w.seq && *h != hash)
-        {
-            self.watching.remove(&hash);
+        if self.replaced.contains(&w.seq) && self.watching.values().any(|x| x.seq == w.seq) {
             return;
         }
-        self.watching.remove(&hash);
         self.kept.remove(&w.seq);
         self.notify(NonceNotice::Behind { seq: w.seq });
         self.status.send(StatusMsg::refusal(
